@@ -1,0 +1,61 @@
+"""The `megatron-puzzle` command.
+
+Each stage module registers its own subcommand through `register(subparsers)`;
+this file only lists them. Errors the user can fix (`UserError`) print one line and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that define `register(subparsers)`; each adds one or more subcommands.
+COMMAND_MODULES = [
+    "megatron_puzzle.convert.cli",
+]
+
+
+class UserError(Exception):
+    """Bad input the user can fix; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-puzzle",
+        description="Compress an LLM into a faster heterogeneous child with the Puzzle method.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"megatron-puzzle {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        # Input problems surfaced by lower layers (bad paths, malformed configs).
+        if args.verbose:
+            raise
+        print(f"megatron-puzzle {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
