@@ -1,0 +1,148 @@
+"""Canonical (HF DeciLM-named, unsharded) tensors <-> Megatron-Core GPTModel parameters.
+
+Megatron-Core's local layer specs store:
+- `linear_qkv` as one matrix, interleaved per KV group: [q_g0 (heads/kv rows of head_dim), k_g0, v_g0, q_g1, ...];
+  tensor parallelism splits it evenly along rows (also when kv < tp: Megatron-Core then
+  all-gathers and picks its group at run time);
+- `linear_fc1` as [gate; up]; each TP rank holds [gate_shard; up_shard];
+- column-parallel weights (qkv, fc1, linear replacements, embeddings, output layer) split on
+  dim 0, row-parallel weights (linear_proj, linear_fc2) on dim 1; norms are replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..arch import ModelConfig
+
+P = "decoder.layers.{i}."
+
+
+def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    if t.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split over tensor-parallel size {size}")
+    return t.chunk(size, dim=dim)[rank].clone()
+
+
+def _qkv_full(cfg: ModelConfig, q, k, v) -> torch.Tensor:
+    kv, d, h = k.shape[0] // cfg.head_dim, cfg.head_dim, q.shape[1]
+    g = cfg.num_attention_heads // kv
+    return torch.cat([q.view(kv, g * d, h), k.view(kv, d, h), v.view(kv, d, h)], dim=1).reshape(-1, h)
+
+
+def _qkv_split(cfg: ModelConfig, qkv: torch.Tensor, kv: int):
+    d, h = cfg.head_dim, qkv.shape[1]
+    g = cfg.num_attention_heads // kv
+    t = qkv.view(kv, (g + 2) * d, h)
+    q, k, v = t[:, : g * d], t[:, g * d : (g + 1) * d], t[:, (g + 1) * d :]
+    return q.reshape(-1, h).clone(), k.reshape(-1, h).clone(), v.reshape(-1, h).clone()
+
+
+def to_megatron(cfg: ModelConfig, tensors: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
+    """Canonical tensors -> this TP rank's Megatron-Core state dict (no `_extra_state` entries)."""
+    col = lambda t: _split(t, 0, tp_rank, tp_size)  # noqa: E731
+    row = lambda t: _split(t, 1, tp_rank, tp_size)  # noqa: E731
+    out = {"embedding.word_embeddings.weight": col(tensors["model.embed_tokens.weight"]),
+           "decoder.final_layernorm.weight": tensors["model.norm.weight"].clone()}
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = col(tensors["lm_head.weight"])
+    for i, b in enumerate(cfg.blocks):
+        hf, mc = f"model.layers.{i}.", P.format(i=i)
+        if b.attention.kind != "no_op":
+            out[mc + "input_layernorm.weight"] = tensors[hf + "input_layernorm.weight"].clone()
+        if b.attention.kind == "full":
+            qkv = _qkv_full(cfg, *(tensors[hf + f"self_attn.{n}_proj.weight"] for n in "qkv"))
+            out[mc + "self_attention.linear_qkv.weight"] = col(qkv)
+            out[mc + "self_attention.linear_proj.weight"] = row(tensors[hf + "self_attn.o_proj.weight"])
+        elif b.attention.kind == "linear":
+            out[mc + "self_attention.weight"] = col(tensors[hf + "self_attn.linear_attn.weight"])
+        if b.ffn.kind != "no_op":
+            out[mc + "pre_mlp_layernorm.weight"] = tensors[hf + "post_attention_layernorm.weight"].clone()
+        if b.ffn.kind == "full":
+            gate, up = col(tensors[hf + "mlp.gate_proj.weight"]), col(tensors[hf + "mlp.up_proj.weight"])
+            out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+            out[mc + "mlp.linear_fc2.weight"] = row(tensors[hf + "mlp.down_proj.weight"])
+        elif b.ffn.kind == "linear":
+            out[mc + "mlp.weight"] = col(tensors[hf + "mlp.linear_mlp.weight"])
+    return out
+
+
+def from_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full (TP 1 or gathered) Megatron-Core state dict -> canonical tensors."""
+    s = {k: v.detach().float().cpu() if v.is_floating_point() else v for k, v in state.items() if not k.endswith("_extra_state")}
+    out = {"model.embed_tokens.weight": s["embedding.word_embeddings.weight"].clone(),
+           "model.norm.weight": s["decoder.final_layernorm.weight"].clone()}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = s["output_layer.weight"].clone()
+    for i, b in enumerate(cfg.blocks):
+        hf, mc = f"model.layers.{i}.", P.format(i=i)
+        out.update(block_from_megatron(cfg, i, {k[len(mc):]: v for k, v in s.items() if k.startswith(mc)}))
+    return out
+
+
+def block_from_megatron(cfg: ModelConfig, i: int, layer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's full Megatron-Core tensors (names relative to the layer) -> canonical tensors."""
+    b, hf, s, out = cfg.blocks[i], f"model.layers.{i}.", layer_state, {}
+    if b.attention.kind != "no_op":
+        out[hf + "input_layernorm.weight"] = s["input_layernorm.weight"].clone()
+    if b.attention.kind == "full":
+        q, k, v = _qkv_split(cfg, s["self_attention.linear_qkv.weight"], b.attention.num_kv_heads)
+        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
+                    hf + "self_attn.v_proj.weight": v,
+                    hf + "self_attn.o_proj.weight": s["self_attention.linear_proj.weight"].clone()})
+    elif b.attention.kind == "linear":
+        out[hf + "self_attn.linear_attn.weight"] = s["self_attention.weight"].clone()
+    if b.ffn.kind != "no_op":
+        out[hf + "post_attention_layernorm.weight"] = s["pre_mlp_layernorm.weight"].clone()
+    if b.ffn.kind == "full":
+        gate, up = s["mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out.update({hf + "mlp.gate_proj.weight": gate.clone(), hf + "mlp.up_proj.weight": up.clone(),
+                    hf + "mlp.down_proj.weight": s["mlp.linear_fc2.weight"].clone()})
+    elif b.ffn.kind == "linear":
+        out[hf + "mlp.linear_mlp.weight"] = s["mlp.weight"].clone()
+    return out
+
+
+def load_canonical(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy canonical tensors into a built model on the current TP rank (strict: every parameter is set)."""
+    from megatron.core import parallel_state
+
+    cfg = model.puzzle_config
+    sd = to_megatron(cfg, tensors, parallel_state.get_tensor_model_parallel_rank(),
+                     parallel_state.get_tensor_model_parallel_world_size())
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(sd))
+    unexpected = sorted(set(sd) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != sd[name].shape:
+                raise ValueError(f"{name}: model expects {tuple(p.shape)}, weights have {tuple(sd[name].shape)}")
+            p.copy_(sd[name].to(p.dtype))
+
+
+def _gather_param(p: torch.Tensor, name: str) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if size == 1 or not getattr(p, "tensor_model_parallel", False):
+        return p.detach()
+    dim = p.partition_dim
+    parts = [torch.empty_like(p) for _ in range(size)]
+    dist.all_gather(parts, p.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    if name.endswith("mlp.linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+        gates, ups = zip(*(t.chunk(2, dim=0) for t in parts))
+        return torch.cat(list(gates) + list(ups), dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """The model's parameters unsharded (all-gathered over TP), Megatron-named, on every rank."""
+    return {n: _gather_param(p, n) for n, p in model.named_parameters()}
+
+
+def canonical_state(model) -> dict[str, torch.Tensor]:
+    """The model's weights as canonical tensors (fp32, CPU), at any TP size."""
+    return from_megatron(model.puzzle_config, full_state(model))

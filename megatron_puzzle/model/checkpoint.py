@@ -1,0 +1,119 @@
+"""Model checkpoints: Megatron-Core distributed checkpoints plus the model config.
+
+A checkpoint directory holds Megatron-Core's sharded tensors (loadable at any
+tensor-parallel size), `model_config.json` (the `ModelConfig`, block configs
+included) and a `done` marker. All ranks write into `.<name>.tmp`; rank 0 renames it
+into place once every rank has finished, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from ..arch import ModelConfig
+from ..utils.io import DONE_MARKER, atomic_write_json, is_done
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "model_config.json"
+EXTRA_NAME = "extra.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(model, path: str | Path, extra: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None) -> Path:
+    """Save `model` (and optional sharded extra state, e.g. an optimizer's) to `path` atomically.
+
+    `extra` is small JSON metadata (step, tokens seen, ...).
+    `extra_state` is a dict of ShardedTensors / plain objects merged into the
+    sharded state dict under the key `extra.` (e.g. optimizer state via Megatron-Core).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    sharded = model.sharded_state_dict()
+    if extra_state:
+        sharded.update({f"extra.{k}": v for k, v in extra_state.items()})
+    dist_checkpointing.save(sharded, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        model.puzzle_config.save(tmp / CONFIG_NAME)
+        atomic_write_json(tmp / EXTRA_NAME, extra or {})
+        (tmp / DONE_MARKER).write_text("ok\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    _barrier()
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def check(path: str | Path) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not (path / CONFIG_NAME).exists() or not is_done(path):
+        raise ValueError(
+            f"{path} is not a complete megatron-puzzle checkpoint (no {CONFIG_NAME} or no '{DONE_MARKER}' marker); "
+            "it may be from an interrupted save: rerun the stage that writes it"
+        )
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    check(path)
+    return ModelConfig.load(Path(path) / CONFIG_NAME)
+
+
+def load_extra(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / EXTRA_NAME
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def load_into(model, path: str | Path, extra_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load weights saved by `save` into a built model (any TP size). Returns loaded extra state."""
+    from megatron.core import dist_checkpointing
+
+    check(path)
+    sharded = model.sharded_state_dict()
+    if extra_state:
+        sharded.update({f"extra.{k}": v for k, v in extra_state.items()})
+    state = dist_checkpointing.load(sharded, str(path))
+    extras = {k[len("extra."):]: state.pop(k) for k in list(state) if k.startswith("extra.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return extras
+
+
+def load(path: str | Path, opts=None):
+    """Build the model described by the checkpoint and load its weights (on the current TP group)."""
+    from .gpt import build_model
+
+    cfg = load_config(path)
+    model = build_model(cfg, opts)
+    load_into(model, path)
+    return model

@@ -1,0 +1,140 @@
+"""The heterogeneous GPT: Megatron-Core's GPTModel with one block config per layer.
+
+Built entirely through Megatron-Core's own extension points: a
+`HeterogeneousTransformerConfig` carrying the `block_configs` JSON and the layer
+specs from `get_gpt_heterogeneous_layer_spec` (local torch modules on CPU,
+Transformer Engine modules on GPU). Per-layer KV-head counts, FFN sizes, linear
+and no-op subblocks all come from Megatron-Core's heterogeneous support; nothing
+of Megatron is copied here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..arch import ModelConfig
+from . import cpu_support
+
+
+@dataclass
+class RuntimeOptions:
+    """How to run (not what to run): precision and kernels."""
+
+    dtype: torch.dtype = torch.float32  # params and compute dtype: float32 on CPU, bfloat16 on GPU
+    use_te: bool = False  # Transformer Engine layer specs (GPU only)
+    fp8: str | None = None  # "hybrid" or "e4m3" through Transformer Engine (Hopper GPUs only)
+    sequence_parallel: bool = False
+    recompute: bool = False  # full activation recomputation per layer
+
+
+class GPUOnlyOptionError(RuntimeError):
+    """A GPU-only option (Transformer Engine, FP8, bf16 kernels) was asked for without a GPU."""
+
+
+def check_runtime(opts: RuntimeOptions) -> None:
+    """Fail early, with the fix, when an option needs hardware or packages that are not here."""
+    if opts.use_te or opts.fp8:
+        if not torch.cuda.is_available():
+            raise GPUOnlyOptionError(
+                "Transformer Engine / FP8 need a CUDA GPU, and none is visible; "
+                "drop --use-te/--fp8 (the CPU path uses Megatron-Core's local specs in fp32)"
+            )
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            raise GPUOnlyOptionError(
+                "Transformer Engine is not installed; use the project's Docker image "
+                "(NGC PyTorch base) or `pip install -r requirements-gpu.txt`"
+            ) from None
+    if opts.fp8 and torch.cuda.get_device_capability()[0] < 9:
+        raise GPUOnlyOptionError(f"FP8 needs a Hopper or newer GPU (compute capability >= 9.0), found {torch.cuda.get_device_name()}")
+    if opts.sequence_parallel and not opts.use_te:
+        raise ValueError("sequence parallelism needs Transformer Engine norms; Megatron-Core refuses it with the local (torch) specs")
+
+
+def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
+    """Megatron-Core `HeterogeneousTransformerConfig` for a model config."""
+    from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
+
+    opts = opts or RuntimeOptions()
+    on_gpu = torch.cuda.is_available()
+    fp8_kwargs = {}
+    if opts.fp8:
+        fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,
+                          fp8_amax_compute_algo="max")
+    return HeterogeneousTransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_kv_heads,
+        ffn_hidden_size=cfg.intermediate_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # fused kernels are CUDA-only; keep the plain paths so CPU and GPU agree
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        params_dtype=opts.dtype,
+        bf16=opts.dtype == torch.bfloat16,
+        fp16=opts.dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        sequence_parallel=opts.sequence_parallel,
+        recompute_granularity="full" if opts.recompute else None,
+        recompute_method="uniform" if opts.recompute else None,
+        recompute_num_layers=1 if opts.recompute else None,
+        heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": cfg.block_configs_json()}),
+        **fp8_kwargs,
+    )
+
+
+def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_process: bool = True, post_process: bool = True):
+    """A Megatron-Core GPTModel for `cfg` on the current TP group (call `init_distributed` first).
+
+    Weights are randomly initialised; load real ones with `convert.megatron_layout`
+    or `checkpoint.load`. The same seed gives the same weights at any TP size.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
+
+    opts = opts or RuntimeOptions()
+    check_runtime(opts)
+    cpu_support.apply()
+    tcfg = transformer_config(cfg, opts)
+    spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+    )
+    # Megatron-Core's llama3 RoPE scaling hard-codes three of its four parameters;
+    # set the exact frequencies of this model (computed in float64) instead.
+    if model.rotary_pos_emb is not None:
+        inv = cfg.rope_inv_freq().to(torch.float32)
+        model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
+    model.puzzle_config = cfg  # the arch-level description travels with the module
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
