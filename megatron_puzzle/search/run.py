@@ -1,0 +1,168 @@
+"""The whole search stage over a run directory, and the library-stats variant of it.
+
+`search_run_dir` reads RUN/score/scores.json and RUN/measure/costs.json (or several
+costs files, one per batch size), solves, and writes RUN/search/ atomically:
+solutions.json (docs/formats.md), architecture_K.png, and with a sweep
+pareto.csv + pareto.png; the `done` marker comes last.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..utils.io import atomic_dir, atomic_write_json
+from .constraints import as_constraints
+from .mip import InfeasibleError, Solution, make_solution, parse_objective, solve
+from .plots import plot_architecture, plot_pareto
+from .problem import Problem, SearchError, load_library_stats, load_problem, load_space
+from .sweeps import batch_sweep, infeasible_sweep_message, pareto_sweep, write_pareto_csv
+
+log = logging.getLogger(__name__)
+
+
+def model_shape(run_dir: Path, hidden_size: int | None, num_attention_heads: int | None) -> tuple[int, int]:
+    """hidden_size and num_attention_heads from RUN/parent/model_config.json, else the given ones."""
+    if hidden_size and num_attention_heads:
+        return hidden_size, num_attention_heads
+    path = run_dir / "parent" / "model_config.json"
+    if path.exists():
+        from ..arch import ModelConfig
+
+        cfg = ModelConfig.load(path)
+        return hidden_size or cfg.hidden_size, num_attention_heads or cfg.num_attention_heads
+    raise SearchError(f"{path} does not exist: pass --hidden-size and --num-heads to write block configs")
+
+
+def search_run_dir(
+    run_dir: str | Path,
+    constraints: Sequence[str] = (),
+    objective: str = "kl_div",
+    *,
+    sense: str | None = None,
+    num_solutions: int = 1,
+    min_diff: int = 0,
+    pareto: str | None = None,
+    scores_path: str | Path | None = None,
+    costs_paths: Sequence[str | Path] | None = None,
+    space: Any = None,
+    mode: str = "auto",
+    parent: str | None = None,
+    solver: str = "auto",
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    plots: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Run the search stage; returns the solutions.json content it wrote."""
+    run = Path(run_dir)
+    scores_path = Path(scores_path) if scores_path else run / "score" / "scores.json"
+    costs_paths = [Path(p) for p in costs_paths] if costs_paths else [run / "measure" / "costs.json"]
+    for p in [scores_path, *costs_paths]:
+        if not p.exists():
+            raise SearchError(f"{p} does not exist; run the stage that writes it or pass its path")
+    if space is None and (run / "library" / "space.json").exists():
+        space = run / "library" / "space.json"
+    if isinstance(space, (str, Path)):
+        space = load_space(space)
+    hidden, heads = model_shape(run, hidden_size, num_attention_heads)
+    cons = as_constraints(constraints)
+    problems = [load_problem(scores_path, c, space, mode=mode, parent=parent) for c in costs_paths]
+
+    out: dict[str, Any] = {"objective": objective, "constraints": [c.text for c in cons]}
+    reference = None
+    if len(problems) > 1:
+        sweep = batch_sweep(problems, cons, objective, sense=sense, num_solutions=num_solutions,
+                            min_diff=min_diff, solver=solver)
+        out["batch_sweep"] = [p.summary() for p in sweep.points]
+        out["reference_throughput"] = sweep.reference_throughput
+        if sweep.best is None:
+            raise InfeasibleError(infeasible_sweep_message(sweep))
+        best = sweep.points[sweep.best]
+        problem, solutions = best.problem, best.solutions
+        reference = {"throughput": sweep.reference_throughput} if sweep.reference_throughput else None
+        log.info("best batch size: %d", best.batch_size)
+    else:
+        problem = problems[0]
+        solutions = solve(problem, cons, objective, sense=sense, num_solutions=num_solutions, min_diff=min_diff,
+                          solver=solver)
+    obj = parse_objective(problem, objective, sense)
+    out["objective"] = obj.key
+    out["sense"] = obj.sense
+    out["mode"] = problem.mode
+    out["scenario"] = problem.scenario
+    parent_sol = _parent_solution(problem, obj)
+    if parent_sol is not None:
+        out["parent"] = {"variants": parent_sol.variants, "objective": parent_sol.objective,
+                         "totals": parent_sol.totals}
+    out["solutions"] = [s.to_json(hidden, heads) for s in solutions]
+
+    search_dir = run / "search"
+    with atomic_dir(search_dir, overwrite=True) as tmp:
+        if pareto:
+            points = pareto_sweep(problem, pareto, cons, obj, seed=seed, solver=solver, reference=reference)
+            write_pareto_csv(points, tmp / "pareto.csv", parent_sol)
+            out["pareto"] = "pareto.csv"
+            if plots:
+                x = points[0].target.quantity if points else "throughput"
+                plot_pareto(points, tmp / "pareto.png", parent=parent_sol, objective_name=obj.key,
+                            x="memory" if x == "memory" else "throughput")
+        if plots:
+            for k, s in enumerate(solutions):
+                plot_architecture(s, tmp / f"architecture_{k}.png")
+        atomic_write_json(tmp / "solutions.json", out)
+    return out
+
+
+def _parent_solution(problem: Problem, obj) -> Solution | None:
+    if problem.parent is None:
+        return None
+    return make_solution(problem, problem.parent, obj, "parent", "parent")
+
+
+def search_library_stats(
+    stats_path: str | Path,
+    constraints: Sequence[str] = (),
+    objective: str = "metrics.kl_div",
+    *,
+    sense: str | None = None,
+    out: str | Path | None = None,
+    num_solutions: int = 1,
+    min_diff: int = 0,
+    parent: str | None = None,
+    solver: str = "auto",
+    plot: str | Path | None = None,
+) -> dict:
+    """Search the public Puzzle demo's block-library stats; write the chosen block per layer to `out`."""
+    problem = load_library_stats(stats_path, parent=parent)
+    cons = as_constraints(constraints)
+    solutions = solve(problem, cons, objective, sense=sense, num_solutions=num_solutions, min_diff=min_diff,
+                      solver=solver)
+    obj = parse_objective(problem, objective, sense)
+    result = {
+        "objective": obj.key,
+        "sense": obj.sense,
+        "constraints": [c.text for c in cons],
+        "solutions": [
+            {
+                "chosen": {f"layer_{i}": v[0] for i, v in enumerate(s.variants)},
+                "objective": s.objective,
+                "constrained": {c.quantity: _constrained_total(problem, s, c.quantity) for c in cons},
+                "totals": s.totals,
+                "solver": s.solver,
+            }
+            for s in solutions
+        ],
+    }
+    if out:
+        atomic_write_json(out, result)
+    if plot and solutions:
+        plot_architecture(solutions[0], plot)
+    return result
+
+
+def _constrained_total(problem: Problem, s: Solution, quantity: str) -> float:
+    if quantity == "throughput":
+        return s.totals.get("throughput", float("nan"))
+    return problem.total(quantity, s.choice)
