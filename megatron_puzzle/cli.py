@@ -15,6 +15,7 @@ import sys
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
 COMMAND_MODULES = [
     "megatron_puzzle.convert.cli",
+    "megatron_puzzle.search.cli",
 ]
 
 
