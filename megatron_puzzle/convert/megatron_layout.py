@@ -42,29 +42,44 @@ def _qkv_split(cfg: ModelConfig, qkv: torch.Tensor, kv: int):
 def to_megatron(cfg: ModelConfig, tensors: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """Canonical tensors -> this TP rank's Megatron-Core state dict (no `_extra_state` entries)."""
     col = lambda t: _split(t, 0, tp_rank, tp_size)  # noqa: E731
-    row = lambda t: _split(t, 1, tp_rank, tp_size)  # noqa: E731
     out = {"embedding.word_embeddings.weight": col(tensors["model.embed_tokens.weight"]),
            "decoder.final_layernorm.weight": tensors["model.norm.weight"].clone()}
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = col(tensors["lm_head.weight"])
     for i, b in enumerate(cfg.blocks):
-        hf, mc = f"model.layers.{i}.", P.format(i=i)
+        mc = P.format(i=i)
+        out.update({mc + k: v for k, v in block_to_megatron(cfg, i, b, tensors, tp_rank, tp_size).items()})
+    return out
+
+
+def block_to_megatron(cfg: ModelConfig, i: int, b, tensors: dict[str, torch.Tensor], tp_rank: int = 0,
+                      tp_size: int = 1, subblocks: tuple[str, ...] = ("attention", "ffn")) -> dict[str, torch.Tensor]:
+    """Canonical tensors of layer `i` built as block `b` -> this TP rank's tensors, named relative to the layer.
+
+    `subblocks` restricts the result to the attention and/or FFN part (the block library
+    stores them apart).
+    """
+    col = lambda t: _split(t, 0, tp_rank, tp_size)  # noqa: E731
+    row = lambda t: _split(t, 1, tp_rank, tp_size)  # noqa: E731
+    hf, out = f"model.layers.{i}.", {}
+    if "attention" in subblocks:
         if b.attention.kind != "no_op":
-            out[mc + "input_layernorm.weight"] = tensors[hf + "input_layernorm.weight"].clone()
+            out["input_layernorm.weight"] = tensors[hf + "input_layernorm.weight"].clone()
         if b.attention.kind == "full":
             qkv = _qkv_full(cfg, *(tensors[hf + f"self_attn.{n}_proj.weight"] for n in "qkv"))
-            out[mc + "self_attention.linear_qkv.weight"] = col(qkv)
-            out[mc + "self_attention.linear_proj.weight"] = row(tensors[hf + "self_attn.o_proj.weight"])
+            out["self_attention.linear_qkv.weight"] = col(qkv)
+            out["self_attention.linear_proj.weight"] = row(tensors[hf + "self_attn.o_proj.weight"])
         elif b.attention.kind == "linear":
-            out[mc + "self_attention.weight"] = col(tensors[hf + "self_attn.linear_attn.weight"])
+            out["self_attention.weight"] = col(tensors[hf + "self_attn.linear_attn.weight"])
+    if "ffn" in subblocks:
         if b.ffn.kind != "no_op":
-            out[mc + "pre_mlp_layernorm.weight"] = tensors[hf + "post_attention_layernorm.weight"].clone()
+            out["pre_mlp_layernorm.weight"] = tensors[hf + "post_attention_layernorm.weight"].clone()
         if b.ffn.kind == "full":
             gate, up = col(tensors[hf + "mlp.gate_proj.weight"]), col(tensors[hf + "mlp.up_proj.weight"])
-            out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-            out[mc + "mlp.linear_fc2.weight"] = row(tensors[hf + "mlp.down_proj.weight"])
+            out["mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+            out["mlp.linear_fc2.weight"] = row(tensors[hf + "mlp.down_proj.weight"])
         elif b.ffn.kind == "linear":
-            out[mc + "mlp.weight"] = col(tensors[hf + "mlp.linear_mlp.weight"])
+            out["mlp.weight"] = col(tensors[hf + "mlp.linear_mlp.weight"])
     return out
 
 
@@ -81,25 +96,30 @@ def from_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def block_from_megatron(cfg: ModelConfig, i: int, layer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One layer's full Megatron-Core tensors (names relative to the layer) -> canonical tensors."""
-    b, hf, s, out = cfg.blocks[i], f"model.layers.{i}.", layer_state, {}
-    if b.attention.kind != "no_op":
+def block_from_megatron(cfg: ModelConfig, i: int, layer_state: dict[str, torch.Tensor], b=None) -> dict[str, torch.Tensor]:
+    """One layer's full Megatron-Core tensors (names relative to the layer) -> canonical tensors.
+
+    `b` is the layer's BlockConfig (default: `cfg.blocks[i]`); missing subblock tensors are skipped,
+    so a layer holding only an attention (or FFN) variant converts too.
+    """
+    b = cfg.blocks[i] if b is None else b
+    hf, s, out = f"model.layers.{i}.", layer_state, {}
+    if b.attention.kind != "no_op" and "input_layernorm.weight" in s:
         out[hf + "input_layernorm.weight"] = s["input_layernorm.weight"].clone()
-    if b.attention.kind == "full":
+    if b.attention.kind == "full" and "self_attention.linear_qkv.weight" in s:
         q, k, v = _qkv_split(cfg, s["self_attention.linear_qkv.weight"], b.attention.num_kv_heads)
         out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
                     hf + "self_attn.v_proj.weight": v,
                     hf + "self_attn.o_proj.weight": s["self_attention.linear_proj.weight"].clone()})
-    elif b.attention.kind == "linear":
+    elif b.attention.kind == "linear" and "self_attention.weight" in s:
         out[hf + "self_attn.linear_attn.weight"] = s["self_attention.weight"].clone()
-    if b.ffn.kind != "no_op":
+    if b.ffn.kind != "no_op" and "pre_mlp_layernorm.weight" in s:
         out[hf + "post_attention_layernorm.weight"] = s["pre_mlp_layernorm.weight"].clone()
-    if b.ffn.kind == "full":
+    if b.ffn.kind == "full" and "mlp.linear_fc1.weight" in s:
         gate, up = s["mlp.linear_fc1.weight"].chunk(2, dim=0)
         out.update({hf + "mlp.gate_proj.weight": gate.clone(), hf + "mlp.up_proj.weight": up.clone(),
                     hf + "mlp.down_proj.weight": s["mlp.linear_fc2.weight"].clone()})
-    elif b.ffn.kind == "linear":
+    elif b.ffn.kind == "linear" and "mlp.weight" in s:
         out[hf + "mlp.linear_mlp.weight"] = s["mlp.weight"].clone()
     return out
 
@@ -146,3 +166,35 @@ def full_state(model) -> dict[str, torch.Tensor]:
 def canonical_state(model) -> dict[str, torch.Tensor]:
     """The model's weights as canonical tensors (fp32, CPU), at any TP size."""
     return from_megatron(model.puzzle_config, full_state(model))
+
+
+def load_block(layer, cfg: ModelConfig, i: int, block, tensors: dict[str, torch.Tensor],
+               subblocks: tuple[str, ...] = ("attention", "ffn")) -> None:
+    """Copy canonical tensors of layer `i` into a standalone layer (from `build_layer`) or a GPTModel's layer.
+
+    Only the named subblocks are set; every parameter of those subblocks must be present.
+    """
+    from megatron.core import parallel_state
+
+    sd = block_to_megatron(cfg, i, block, tensors, parallel_state.get_tensor_model_parallel_rank(),
+                           parallel_state.get_tensor_model_parallel_world_size(), subblocks)
+    params = dict(layer.named_parameters())
+    wanted = {n for n in params if any(n.startswith(_SUBBLOCK_PREFIXES[s]) for s in subblocks)}
+    missing = sorted(wanted - set(sd))
+    if missing:
+        raise KeyError(f"layer {i}: weights for {missing[:5]} are missing")
+    with torch.no_grad():
+        for name, t in sd.items():
+            if name not in params:
+                raise KeyError(f"layer {i}: the layer has no parameter {name} (block {block.name})")
+            if params[name].shape != t.shape:
+                raise ValueError(f"layer {i}: {name} expects {tuple(params[name].shape)}, got {tuple(t.shape)}")
+            params[name].copy_(t.to(params[name].dtype))
+
+
+_SUBBLOCK_PREFIXES = {"attention": ("input_layernorm.", "self_attention."), "ffn": ("pre_mlp_layernorm.", "mlp.")}
+
+
+def block_canonical(layer, cfg: ModelConfig, i: int, block) -> dict[str, torch.Tensor]:
+    """A layer's weights (gathered over TP) as canonical tensors of layer `i`."""
+    return block_from_megatron(cfg, i, {k: v.float().cpu() for k, v in full_state(layer).items()}, b=block)

@@ -11,7 +11,7 @@ of Megatron is copied here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +138,32 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     if torch.cuda.is_available():
         model.cuda()
     return model
+
+
+def build_layer(cfg: ModelConfig, block, layer_number: int = 1, opts: RuntimeOptions | None = None):
+    """One standalone Megatron-Core TransformerLayer for `block` (a BlockConfig), shaped like `cfg`'s layers.
+
+    Used where a block is trained or swapped alone (BLD, replace-1-block scoring):
+    the layer takes and returns hidden states [seq, batch, hidden] exactly as the
+    layers inside a GPTModel do (call it as `layer(h, attention_mask=None, rotary_pos_emb=rope)`).
+    """
+    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    opts = opts or RuntimeOptions()
+    check_runtime(opts)
+    cpu_support.apply()
+    one = replace(cfg, num_layers=1, blocks=[block])
+    tcfg = transformer_config(one, opts)
+    spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te).layer_specs[0]
+    layer = build_module(spec, config=tcfg.get_config_for_layer(1), layer_number=layer_number,
+                         pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    if torch.cuda.is_available():
+        layer.cuda()
+    return layer
+
+
+def layer_prefix(layer_index: int) -> str:
+    """Megatron-Core parameter-name prefix of decoder layer `layer_index` inside a GPTModel."""
+    return f"decoder.layers.{layer_index}."

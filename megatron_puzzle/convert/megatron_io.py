@@ -1,0 +1,86 @@
+"""HF checkpoints <-> Megatron-Core distributed checkpoints.
+
+`import_hf`: a Llama-family or DeciLM HF checkpoint (safetensors directory or GGUF
+file) -> a Megatron-Core checkpoint (loadable at any TP size), with the tokenizer
+saved beside it. `export_hf`: a checkpoint -> an HF DeciLM / Nemotron-NAS directory.
+
+Under `torchrun` with N processes and `tp=N`, each rank loads only its shards; in a
+single process the model is built at TP 1 (the checkpoint still loads at any TP).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..model import checkpoint
+from ..model.gpt import RuntimeOptions, build_model
+from ..model.parallel import init_distributed
+from .megatron_layout import canonical_state, load_canonical
+
+log = logging.getLogger(__name__)
+TOKENIZER_DIR = "tokenizer"
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False):
+    """Convert an HF checkpoint to a Megatron-Core checkpoint at `out_dir`; returns the built model."""
+    from .hf_io import load_tokenizer, read_hf_checkpoint
+
+    hf_path, out_dir = Path(hf_path), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output directory")
+    cfg, tensors = read_hf_checkpoint(hf_path)
+    log.info("read %s: %d layers, hidden %d, %d tensors", hf_path, cfg.num_layers, cfg.hidden_size, len(tensors))
+    init_distributed(tp)
+    model = build_model(cfg, RuntimeOptions())
+    load_canonical(model, tensors)
+    del tensors
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(hf_path)
+    except Exception as e:  # a checkpoint without tokenizer files is still convertible
+        log.warning("no tokenizer saved with the checkpoint (%s)", e)
+    checkpoint.save(model, out_dir, extra={"source": str(hf_path)})
+    if tokenizer is not None and _rank0():
+        tmp = out_dir / f".{TOKENIZER_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out_dir / TOKENIZER_DIR)
+    return model
+
+
+def load_checkpoint_tokenizer(ckpt_dir: str | Path):
+    """The tokenizer saved beside a checkpoint by `import_hf`, or None."""
+    from transformers import AutoTokenizer
+
+    p = Path(ckpt_dir) / TOKENIZER_DIR
+    return AutoTokenizer.from_pretrained(p) if p.exists() else None
+
+
+def export_model(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path | None:
+    """Write a built model as an HF DeciLM directory (collective over TP; rank 0 writes)."""
+    from .hf_io import write_decilm_hf
+
+    tensors = canonical_state(model)
+    if _rank0():
+        write_decilm_hf(out_dir, model.puzzle_config, tensors, tokenizer=tokenizer, dtype=dtype)
+        return Path(out_dir)
+    return None
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, dtype: torch.dtype = torch.float32) -> Path:
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    checkpoint.check(ckpt_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output directory")
+    init_distributed(tp)
+    model = checkpoint.load(ckpt_dir)
+    export_model(model, out_dir, tokenizer=load_checkpoint_tokenizer(ckpt_dir), dtype=dtype)
+    return out_dir

@@ -1,0 +1,1 @@
+"""The heterogeneous GPT on Megatron-Core: building, running in pieces, checkpoints, CPU support."""
