@@ -1,0 +1,221 @@
+"""Tokenize a corpus into the train / calibration / held-out token shards of a run.
+
+Documents are read in corpus order and tokenized with the parent's tokenizer, with
+an EOS token after each document. The splits take contiguous document ranges, in the
+order train, calib, heldout: each split fills its token budget exactly, and the
+document that crosses a budget is cut there and its rest discarded, so no document
+contributes to two splits. Held-out text therefore comes from a later part of the
+corpus than training text. The corpus is read only as far as the budgets need.
+
+Layout (`docs/formats.md`): `train.npy`, `calib.npy`, `heldout.npy` (uint32, 1-D),
+`meta.json`, `done`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from megatron_puzzle.data.sources import describe_source, load_corpus
+from megatron_puzzle.utils.io import atomic_dir, atomic_write_json, is_done, read_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "calib", "heldout")
+TOKEN_DTYPE = np.uint32
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+# Defaults sized for a CPU run on the World English Bible (~1.1M tokens with a 49k BPE).
+DEFAULT_BUDGETS = {"train": 524_288, "calib": 32_768, "heldout": 65_536}
+
+
+class CorpusTooSmallError(ValueError):
+    """The corpus ran out before every split reached its token budget."""
+
+
+@dataclass
+class _Split:
+    name: str
+    budget: int
+    array: np.ndarray
+    filled: int = 0
+    first_doc: int | None = None
+    last_doc: int | None = None  # inclusive
+    truncated_last: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        docs = [0, 0] if self.first_doc is None else [self.first_doc, self.last_doc + 1]
+        return {
+            "file": f"{self.name}.npy",
+            "tokens": self.filled,
+            "documents": docs,  # [start, end) in corpus order
+            "truncated_last_document": self.truncated_last,
+        }
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    # No BOS or other special tokens: documents are separated by EOS only.
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenizer_name(tokenizer) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def _check_budgets(budgets: dict[str, int]) -> None:
+    for name, n in budgets.items():
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"{name}_tokens must be a non-negative integer, got {n!r}")
+    if budgets["train"] == 0:
+        raise ValueError("train_tokens must be positive")
+
+
+def _resolve_eos(tokenizer, eos_id: int | None) -> int:
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token or pass eos_id")
+    return int(eos)
+
+
+def build_token_shards(
+    out_dir: str | Path,
+    tokenizer,
+    source: str | Path = "web",
+    train_tokens: int = DEFAULT_BUDGETS["train"],
+    calib_tokens: int = DEFAULT_BUDGETS["calib"],
+    heldout_tokens: int = DEFAULT_BUDGETS["heldout"],
+    seed: int = 0,
+    *,
+    eos_id: int | None = None,
+    overwrite: bool = False,
+    docs_per_batch: int = 64,
+) -> dict[str, Any]:
+    """Write `train.npy`, `calib.npy`, `heldout.npy` and `meta.json` into `out_dir` (atomically, with `done`).
+
+    `tokenizer` is a Hugging Face tokenizer (callable, with `eos_token_id`). The
+    shards depend only on the corpus, the tokenizer and the budgets; `seed` is
+    recorded in meta.json as the default seed of loaders over these shards.
+    If `out_dir` already holds finished shards built with the same settings, they are
+    kept and their meta returned; different settings need `overwrite=True`.
+    Returns the meta dict.
+    """
+    out_dir = Path(out_dir)
+    budgets = {"train": train_tokens, "calib": calib_tokens, "heldout": heldout_tokens}
+    _check_budgets(budgets)
+    eos = _resolve_eos(tokenizer, eos_id)
+    vocab_size = len(tokenizer)
+    if vocab_size > np.iinfo(TOKEN_DTYPE).max:
+        raise ValueError(f"vocabulary of {vocab_size} tokens does not fit {np.dtype(TOKEN_DTYPE).name}")
+    described = describe_source(source)
+    wanted = {"tokenizer": tokenizer_name(tokenizer), "vocab_size": vocab_size, "eos_id": eos,
+              "source": described, "tokens": {k: int(v) for k, v in budgets.items()}}
+
+    if is_done(out_dir) and not overwrite:
+        meta = read_meta(out_dir)
+        if all(meta.get(k) == v for k, v in wanted.items()):
+            log.info("token shards in %s already built; keeping them", out_dir)
+            return meta
+        raise FileExistsError(
+            f"{out_dir} holds token shards built with other settings "
+            f"(tokenizer {meta.get('tokenizer')}, source {meta.get('source')}, tokens {meta.get('tokens')}); "
+            "remove it or rebuild with overwrite"
+        )
+
+    documents = load_corpus(source)  # raises for a missing path before any output is made
+    log.info("tokenizing %s into %s with %s (train %d, calib %d, heldout %d tokens)",
+             described, out_dir, wanted["tokenizer"], train_tokens, calib_tokens, heldout_tokens)
+    start = time.perf_counter()
+    # A directory without `done` is a leftover of a killed run: replace it.
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        splits = [
+            _Split(name, n, np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=TOKEN_DTYPE, shape=(n,)))
+            for name, n in budgets.items()
+        ]
+        n_docs, n_chars = _fill(splits, documents, tokenizer, eos, docs_per_batch)
+        for split in splits:
+            split.array.flush()
+            del split.array
+        meta = {
+            "format_version": FORMAT_VERSION,
+            **wanted,
+            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "seed": int(seed),
+            "splits": {s.name: s.summary() for s in splits},
+            "documents_read": n_docs,
+            "characters_read": n_chars,
+            "wall_s": round(time.perf_counter() - start, 3),
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+    log.info("wrote %s: %s tokens from %d documents in %.1f s", out_dir,
+             ", ".join(f"{s.name} {s.filled}" for s in splits), n_docs, meta["wall_s"])
+    return meta
+
+
+def _fill(splits: list[_Split], documents: Iterable[str], tokenizer, eos: int, docs_per_batch: int) -> tuple[int, int]:
+    """Copy document tokens into the splits in order; return (documents read, characters read)."""
+    pending = [s for s in splits if s.budget > 0]
+    total = sum(s.budget for s in splits)
+    n_docs = n_chars = 0
+    with tqdm(total=total, unit="tok", desc="tokenize", disable=None) as bar:
+        for texts in _batched(documents, docs_per_batch):
+            for text, ids in zip(texts, _encode_batch(tokenizer, texts)):
+                if not pending:
+                    return n_docs, n_chars
+                doc_index = n_docs
+                n_docs += 1
+                n_chars += len(text)
+                split = pending[0]
+                tokens = np.asarray(ids + [eos], dtype=TOKEN_DTYPE)
+                take = min(len(tokens), split.budget - split.filled)
+                split.array[split.filled : split.filled + take] = tokens[:take]
+                split.filled += take
+                if split.first_doc is None:
+                    split.first_doc = doc_index
+                split.last_doc = doc_index
+                bar.update(take)
+                if split.filled == split.budget:
+                    split.truncated_last = take < len(tokens)
+                    pending.pop(0)
+            if not pending:
+                return n_docs, n_chars
+    if pending:
+        got = sum(s.filled for s in splits)
+        raise CorpusTooSmallError(
+            f"the corpus ran out after {n_docs} documents: {got} of the {total} tokens asked "
+            f"({', '.join(f'{s.name} {s.budget}' for s in splits)}) were filled; "
+            "lower --train-tokens/--calib-tokens/--heldout-tokens or use a larger corpus"
+        )
+    return n_docs, n_chars
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of finished shards; a clear error if the data stage has not finished."""
+    data_dir = Path(data_dir)
+    if not is_done(data_dir):
+        raise FileNotFoundError(f"no finished token shards in {data_dir}; run `megatron-puzzle data` first")
+    return read_json(data_dir / META_FILE)
+
+
+def load_split(data_dir: str | Path, split: str) -> np.ndarray:
+    """The tokens of one split, memory-mapped (read-only uint32)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    meta = read_meta(data_dir)
+    return np.load(Path(data_dir) / meta["splits"][split]["file"], mmap_mode="r")
