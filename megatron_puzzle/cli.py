@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "megatron_puzzle.convert.cli",
     "megatron_puzzle.search.cli",
+    "megatron_puzzle.data.cli",
 ]
 
 
