@@ -164,8 +164,8 @@ def solve_gurobi(model: MilpModel, time_limit: float | None = None) -> MilpResul
         return MilpResult(out, xv, float(model.c @ xv), "gurobi")
     except gp.GurobiError as e:
         # 10009: no licence; 10010: model too large for the size-limited licence.
-        raise SolverUnavailable(f"Gurobi refused the model (GurobiError {getattr(e, 'errno', '?')}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise SolverUnavailable(f"GurobiError {getattr(e, 'errno', '?')}: {first_line}") from None
 
 
 BACKENDS = {"gurobi": solve_gurobi, "highs": solve_highs, "scipy": solve_scipy}
@@ -194,7 +194,7 @@ class SolverChain:
                 if name == "gurobi" and "not installed" in str(e):
                     log.debug("gurobipy not importable; using %s", nxt)
                 else:
-                    log.info("%s unavailable (%s); falling back to %s", name, e, nxt)
+                    log.info("%s cannot solve this model (%s); falling back to %s", name, e, nxt)
         raise SearchError("no MILP solver available: install highspy (pip install highspy) or scipy>=1.9")
 
 
