@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "megatron_puzzle.convert.cli",
     "megatron_puzzle.search.cli",
     "megatron_puzzle.data.cli",
+    "megatron_puzzle.distill.bld_cli",
 ]
 
 

@@ -1,0 +1,46 @@
+"""`megatron-puzzle init` and `megatron-puzzle bld`: the block library of a run.
+
+    megatron-puzzle init --run-dir RUN [--config FILE]     training-free initial weights (RUN/init)
+    megatron-puzzle bld  --run-dir RUN [--config FILE]     init (if needed) + BLD (RUN/library)
+    torchrun --nproc-per-node 2 $(which megatron-puzzle) bld --run-dir RUN    variants spread over 2 ranks
+
+The config is YAML with sections `search_space`, `init` and `bld` (docs/bld.md);
+without --config, RUN/config.yaml is read when present. A killed run resumes when
+the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run(args: argparse.Namespace, init_only: bool) -> int:
+    from ..cli import UserError
+    from ..library import LibraryError
+    from .bld_run import build_library, load_run_config
+
+    try:
+        rc = load_run_config(args.run_dir, args.config)
+        if args.no_progress:
+            rc.bld.progress = False
+        report = build_library(args.run_dir, rc, init_only=init_only)
+    except (LibraryError, ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    if report is not None:
+        t = report.throughput()
+        print(f"bld: {report.entries_written} entries written, {report.steps_run} steps, "
+              f"{t['tokens_per_s']:.0f} tokens/s, {t['variant_tokens_per_s']:.0f} variant-tokens/s, "
+              f"parent forward {100 * t['parent_forward_share']:.0f}% of the time")
+    return 0
+
+
+def register(sub) -> None:
+    for name, init_only, help_ in (
+        ("init", True, "training-free initial weights of every search-space variant (RUN/init)"),
+        ("bld", False, "blockwise local distillation: train the block library (RUN/library)"),
+    ):
+        p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--run-dir", required=True, help="run directory with parent/ and data/")
+        p.add_argument("--config", help="YAML run config (sections search_space, init, bld)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=lambda a, _i=init_only: _run(a, _i))

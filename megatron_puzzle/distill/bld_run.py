@@ -1,0 +1,97 @@
+"""The init and BLD stages over a run directory: RUN/parent + RUN/data -> RUN/init, RUN/library.
+
+The run config (YAML; `--config FILE`, else RUN/config.yaml when present) may hold
+three sections, each optional: `search_space` (`arch.search_space.SearchSpaceConfig`),
+`init` (`init.InitConfig`) and `bld` (`distill.bld.BLDConfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..arch.search_space import SearchSpaceConfig, configured_search_space
+from ..init.stage import run_init
+from ..init.variants import InitConfig
+from ..library import Library
+from .bld import BLDConfig, BLDReport, run_bld
+
+log = logging.getLogger(__name__)
+SECTIONS = ("search_space", "init", "bld")
+
+
+@dataclass
+class RunConfig:
+    space: SearchSpaceConfig
+    init: InitConfig
+    bld: BLDConfig
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RunConfig":
+        d = d or {}
+        return cls(SearchSpaceConfig.from_dict(d.get("search_space")), InitConfig.from_dict(d.get("init")),
+                   BLDConfig.from_dict(d.get("bld")))
+
+
+def load_run_config(run_dir: str | Path, config: str | Path | None = None) -> RunConfig:
+    """Read the BLD-related sections of a YAML run config; other sections are left to their stages."""
+    import yaml
+
+    path = Path(config) if config else Path(run_dir) / "config.yaml"
+    if config and not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if not path.exists():
+        return RunConfig.from_dict({})
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping with sections {SECTIONS}")
+    return RunConfig.from_dict({k: data.get(k) for k in SECTIONS})
+
+
+def _load_parent(run: Path, tp: int):
+    from ..convert.megatron_layout import canonical_state
+    from ..model import checkpoint
+    from ..model.parallel import init_distributed
+
+    init_distributed(tensor_parallel=tp)
+    model = checkpoint.load(run / "parent")
+    model.eval()
+    return model, canonical_state(model)
+
+
+def _batches(run: Path, split: str, cfg: BLDConfig, shuffle: bool):
+    from ..data import TokenBatches
+
+    # rank 0 of a world of one on every rank: the data order does not depend on the rank count
+    return TokenBatches(run / "data", cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=shuffle, split=split,
+                        epochs=None)
+
+
+def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = None, *, init_only: bool = False,
+                  **hooks) -> BLDReport | None:
+    """The init stage (RUN/init) then BLD (RUN/library). Resumes whatever a killed run left."""
+    run = Path(run_dir)
+    rc = config if isinstance(config, RunConfig) else load_run_config(run, config)
+    for need in ("parent", "data"):
+        if not (run / need / "done").exists():
+            raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
+                                    f"`{'import' if need == 'parent' else 'data'}` stage first")
+    model, tensors = _load_parent(run, rc.bld.tensor_parallel)
+    space = configured_search_space(model.puzzle_config, rc.space)
+    calib = _batches(run, "calib", rc.bld, shuffle=False)
+    calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
+    with torch.no_grad():
+        init_dir = run_init(model, tensors, run / "init", space, rc.init, calib_tokens, seed=rc.bld.seed,
+                            progress=rc.bld.progress)
+    if init_only:
+        return None
+    train = _batches(run, "train", rc.bld, shuffle=True)
+    held = _batches(run, "heldout", rc.bld, shuffle=False)
+    eval_tokens = [held.batch(i) for i in range(min(rc.bld.eval_batches, held.batches_per_epoch))]
+    report = run_bld(model, tensors, run / "library", space, rc.bld, rc.init, train.batch, eval_tokens,
+                     Library(init_dir), **hooks)
+    log.info("BLD: %s", report.throughput())
+    return report

@@ -1,0 +1,73 @@
+"""The `init` stage: training-free initial weights of every (layer, variant), written as a library.
+
+Calibration statistics are gathered once (every rank runs the same calibration
+batches through the parent), then the entries are dealt round-robin over all ranks.
+The output has the block-library layout (docs/formats.md), so BLD and tools read it
+with `Library`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..library import write_entry, write_non_block, write_space
+from ..library.store import entry_dir
+from ..model import parallel
+from ..utils.io import DONE_MARKER, atomic_write_text
+from .calibration import collect_calibration
+from .variants import InitConfig, init_variant
+
+log = logging.getLogger(__name__)
+
+
+def init_settings(init: InitConfig, seed: int) -> str:
+    return hashlib.sha256(json.dumps({"init": init.to_dict(), "seed": seed}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_init(parent_model, parent_tensors: dict[str, torch.Tensor], init_dir: str | Path, space: Sequence[Sequence[str]],
+             init: InitConfig, calib_batches: Iterable[torch.Tensor], seed: int = 0, progress: bool = True) -> Path:
+    """Write the initial weights of every variant of `space` into `init_dir` (skips finished entries)."""
+    cfg = parent_model.puzzle_config
+    root = Path(init_dir)
+    settings = init_settings(init, seed)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if (root / DONE_MARKER).exists():
+        meta = json.loads((root / "space.json").read_text())
+        if meta.get("settings", {}).get("settings") == settings and meta["layers"] == [list(n) for n in space]:
+            log.info("init: %s is complete; keeping it", root)
+            return root
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / DONE_MARKER).unlink(missing_ok=True)
+        write_space(root, [list(n) for n in space], [[] for _ in space], cfg,
+                    {"init": init.to_dict(), "seed": seed, "settings": settings})
+        write_non_block(root, cfg, parent_tensors)
+    parallel.barrier()
+    entries = [(i, n) for i, names in enumerate(space) for n in names]
+    need_channels, need_lstsq = init.needs()
+    stats = None
+    if need_channels or need_lstsq:
+        stats = collect_calibration(parent_model, parent_tensors, calib_batches,
+                                    need_channels=need_channels, need_lstsq=need_lstsq, progress=progress)
+    for k, (i, name) in enumerate(entries):
+        if k % world != rank:
+            continue
+        path = entry_dir(root, i, name)
+        if (path / DONE_MARKER).exists() and json.loads((path / "stats.json").read_text()).get("settings") == settings:
+            continue
+        tensors, method = init_variant(cfg, parent_tensors, i, name, init, stats, seed)
+        write_entry(root, i, name, tensors, {"init": method, "settings": settings,
+                                            "calib_tokens": stats.tokens if stats else 0})
+    parallel.barrier()
+    if rank == 0:
+        atomic_write_text(root / DONE_MARKER, "ok\n")
+    log.info("init: %d entries in %s", len(entries), root)
+    return root
