@@ -292,7 +292,7 @@ def test_shard_errors(tmp_path):
     corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
     tok = make_tokenizer(docs)
     out = tmp_path / "data"
-    with pytest.raises(CorpusTooSmallError, match="ran out after 20 documents.*lower --train-tokens"):
+    with pytest.raises(CorpusTooSmallError, match="docs.jsonl ran out after 20 documents.*lower --train-tokens"):
         build_token_shards(out, tok, source=corpus, train_tokens=10_000, calib_tokens=10, heldout_tokens=10)
     assert not out.exists()  # nothing half-written left behind
     with pytest.raises(FileNotFoundError, match="nowhere.txt does not exist"):
@@ -301,6 +301,9 @@ def test_shard_errors(tmp_path):
         build_token_shards(out, tok, source=corpus, train_tokens=10, calib_tokens=-1)
     with pytest.raises(FileNotFoundError, match="megatron-puzzle data"):
         read_meta(tmp_path)
+    with pytest.raises(FileExistsError, match="not token shards.*docs.jsonl"):  # never clobber other files
+        build_token_shards(tmp_path, tok, source=corpus, train_tokens=10)
+    assert corpus.exists()
 
 
 # ---------------------------------------------------------------- loader

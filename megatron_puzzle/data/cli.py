@@ -43,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
             calib_tokens=args.calib_tokens,
             heldout_tokens=args.heldout_tokens,
             seed=args.seed,
+            tokenizer_label=str(args.tokenizer),
             overwrite=args.overwrite,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from megatron_puzzle.data.sources import describe_source, load_corpus
-from megatron_puzzle.utils.io import atomic_dir, atomic_write_json, is_done, read_json
+from megatron_puzzle.utils.io import DONE_MARKER, atomic_dir, atomic_write_json, is_done, read_json
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ META_FILE = "meta.json"
 FORMAT_VERSION = 1
 # Defaults sized for a CPU run on the World English Bible (~1.1M tokens with a 49k BPE).
 DEFAULT_BUDGETS = {"train": 524_288, "calib": 32_768, "heldout": 65_536}
+_OWN_FILES = {f"{name}.npy" for name in SPLITS} | {META_FILE, DONE_MARKER}
 
 
 class CorpusTooSmallError(ValueError):
@@ -104,6 +105,7 @@ def build_token_shards(
     seed: int = 0,
     *,
     eos_id: int | None = None,
+    tokenizer_label: str | None = None,
     overwrite: bool = False,
     docs_per_batch: int = 64,
 ) -> dict[str, Any]:
@@ -112,6 +114,7 @@ def build_token_shards(
     `tokenizer` is a Hugging Face tokenizer (callable, with `eos_token_id`). The
     shards depend only on the corpus, the tokenizer and the budgets; `seed` is
     recorded in meta.json as the default seed of loaders over these shards.
+    `tokenizer_label` (default: the tokenizer's `name_or_path`) names it in meta.json.
     If `out_dir` already holds finished shards built with the same settings, they are
     kept and their meta returned; different settings need `overwrite=True`.
     Returns the meta dict.
@@ -124,7 +127,7 @@ def build_token_shards(
     if vocab_size > np.iinfo(TOKEN_DTYPE).max:
         raise ValueError(f"vocabulary of {vocab_size} tokens does not fit {np.dtype(TOKEN_DTYPE).name}")
     described = describe_source(source)
-    wanted = {"tokenizer": tokenizer_name(tokenizer), "vocab_size": vocab_size, "eos_id": eos,
+    wanted = {"tokenizer": tokenizer_label or tokenizer_name(tokenizer), "vocab_size": vocab_size, "eos_id": eos,
               "source": described, "tokens": {k: int(v) for k, v in budgets.items()}}
 
     if is_done(out_dir) and not overwrite:
@@ -138,17 +141,21 @@ def build_token_shards(
             "remove it or rebuild with overwrite"
         )
 
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES) if out_dir.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"{out_dir} holds files that are not token shards ({', '.join(foreign[:5])}); "
+                              "choose an empty or new output directory")
     documents = load_corpus(source)  # raises for a missing path before any output is made
     log.info("tokenizing %s into %s with %s (train %d, calib %d, heldout %d tokens)",
              described, out_dir, wanted["tokenizer"], train_tokens, calib_tokens, heldout_tokens)
     start = time.perf_counter()
-    # A directory without `done` is a leftover of a killed run: replace it.
+    # Only our own files are there (a leftover of a killed run, or overwrite): replace them.
     with atomic_dir(out_dir, overwrite=True) as tmp:
         splits = [
             _Split(name, n, np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=TOKEN_DTYPE, shape=(n,)))
             for name, n in budgets.items()
         ]
-        n_docs, n_chars = _fill(splits, documents, tokenizer, eos, docs_per_batch)
+        n_docs, n_chars = _fill(splits, documents, tokenizer, eos, docs_per_batch, described)
         for split in splits:
             split.array.flush()
             del split.array
@@ -168,7 +175,9 @@ def build_token_shards(
     return meta
 
 
-def _fill(splits: list[_Split], documents: Iterable[str], tokenizer, eos: int, docs_per_batch: int) -> tuple[int, int]:
+def _fill(
+    splits: list[_Split], documents: Iterable[str], tokenizer, eos: int, docs_per_batch: int, source: str
+) -> tuple[int, int]:
     """Copy document tokens into the splits in order; return (documents read, characters read)."""
     pending = [s for s in splits if s.budget > 0]
     total = sum(s.budget for s in splits)
@@ -198,7 +207,7 @@ def _fill(splits: list[_Split], documents: Iterable[str], tokenizer, eos: int, d
     if pending:
         got = sum(s.filled for s in splits)
         raise CorpusTooSmallError(
-            f"the corpus ran out after {n_docs} documents: {got} of the {total} tokens asked "
+            f"the corpus {source} ran out after {n_docs} documents: {got} of the {total} tokens asked "
             f"({', '.join(f'{s.name} {s.budget}' for s in splits)}) were filled; "
             "lower --train-tokens/--calib-tokens/--heldout-tokens or use a larger corpus"
         )
