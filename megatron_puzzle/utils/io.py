@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 DONE_MARKER = "done"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,6 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
     try:
         yield tmp
         os.replace(tmp, path)
@@ -75,6 +78,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists and is not empty; choose another output directory or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
         (tmp / DONE_MARKER).write_text("ok\n")
