@@ -1,0 +1,67 @@
+"""`megatron-puzzle score`: replace-1-block scores of every library variant (RUN/score/scores.json)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..cli import UserError
+from .metrics import ALL_METRICS, METRICS
+
+log = logging.getLogger(__name__)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..model import checkpoint, parallel
+    from ..utils.io import is_done
+    from . import library as lib
+    from .stage import Settings, heldout_batches, run_score
+
+    run = Path(args.run_dir)
+    for sub, stage in (("parent", "import"), ("data", "data"), ("library", "bld")):
+        if not is_done(run / sub):
+            raise UserError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")
+    try:
+        space = lib.read_space(run / "library")
+        batches = heldout_batches(run / "data", args.tokens, args.seq_len, args.batch_size)
+    except (lib.LibraryError, ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=args.seq_len, batch_size=args.batch_size)
+    parallel.init_distributed(tensor_parallel=args.tensor_parallel)
+    try:
+        parent = checkpoint.load(run / "parent")
+        scores = run_score(parent, lib.library_weights(run / "library"), space, batches, run / "score",
+                           settings=settings, metrics=args.metric, coupled=args.coupled, only=args.variants,
+                           library_dir=run / "library", max_candidates=args.max_candidates, force=args.force)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    finally:
+        parallel.shutdown()
+    if scores is not None:
+        n = sum(len(layer) for layer in scores["layers"])
+        print(f"scored {n} (layer, variant) items on {scores['tokens']} held-out tokens: {run / 'score' / 'scores.json'}")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("score", help="replace-1-block scores of the block library (RUN/score/scores.json)")
+    p.add_argument("--run-dir", required=True, help="run directory with parent/, data/ and library/")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to score on (default 16384)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--metric", nargs="+", default=list(METRICS), choices=ALL_METRICS,
+                   help=f"metrics written to scores.json (default: {' '.join(METRICS)}; kl_div is the search default)")
+    p.add_argument("--coupled", action="store_true",
+                   help="score attention+FFN pairs of each layer together (keys like attn_kv1+ffn_768)")
+    p.add_argument("--variants", type=_names, default=None, metavar="A,B,...",
+                   help="score only these variant names (a reduced set, e.g. for --coupled)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
+    p.add_argument("--max-candidates", type=int, default=64,
+                   help="candidate layers kept in memory at once (one parent pass per batch per group)")
+    p.add_argument("--force", action="store_true", help="score again even what is cached")
+    p.set_defaults(func=_run)

@@ -1,0 +1,73 @@
+"""Whole-model evaluation against the parent: the same metrics as replace-1-block scoring.
+
+GKD and the final report score whole architectures with `evaluate_model`; the
+additivity benchmark compares `score_architecture` with summed 1-block scores.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from ..arch import ModelConfig
+from ..model import forward
+from .library import VariantWeights
+from .metrics import ALL_METRICS, MetricSums, Reference
+from .replace import replace_subblock, split_batch
+
+
+@torch.no_grad()
+def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """KL(parent || model), LM loss, top-1 agreement with the parent and next-token accuracy.
+
+    `batches` yields held-out windows [batch, seq + 1]; both models run on the same
+    TP group and return vocab-parallel logits. Token-weighted means, plus "tokens".
+    """
+    was_training = model.training, parent_model.training
+    model.eval(), parent_model.eval()
+    sums = MetricSums()
+    try:
+        for window in batches:
+            tokens, targets = split_batch(window)
+            ref = Reference.from_logits(forward.logits(parent_model, tokens), targets)
+            sums.add(forward.logits(model, tokens), ref)
+    finally:
+        model.train(was_training[0]), parent_model.train(was_training[1])
+    return dict(sums.means(ALL_METRICS), tokens=sums.tokens)
+
+
+def assemble(parent_cfg: ModelConfig, parent_tensors: Mapping[str, torch.Tensor], child_cfg: ModelConfig,
+             variant_weights: VariantWeights) -> dict[str, torch.Tensor]:
+    """Canonical tensors of a child: non-block weights and unchanged subblocks from the parent,
+    every other subblock from `variant_weights(layer, name)` (which may return None for the
+    parent's own variant of a layer, meaning the parent's weights)."""
+    out = {k: v for k, v in parent_tensors.items() if not k.startswith("model.layers.")}
+    for i, block in enumerate(child_cfg.blocks):
+        prefix = f"model.layers.{i}."
+        layer = {k: v for k, v in parent_tensors.items() if k.startswith(prefix)}
+        own = parent_cfg.blocks[i]
+        for v, parent_v in ((block.attention, own.attention), (block.ffn, own.ffn)):
+            w = variant_weights(i, v.name)
+            if w is None and v != parent_v:
+                raise ValueError(f"no weights for layer {i} variant {v.name}: the library lacks that entry")
+            if w is not None:
+                layer = replace_subblock(child_cfg, i, layer, v.name, w)
+        out.update(layer)
+    return out
+
+
+def score_architecture(parent, child_cfg: ModelConfig, weights, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Build the child (`weights`: its full canonical tensors, or a `variant_weights` callable
+    applied over the parent's), and evaluate it against `parent` on `batches`."""
+    from ..convert.megatron_layout import canonical_state, load_canonical
+    from ..model.gpt import build_model
+
+    if callable(weights):
+        weights = assemble(parent.puzzle_config, canonical_state(parent), child_cfg, weights)
+    child = build_model(child_cfg)
+    load_canonical(child, weights)
+    try:
+        return evaluate_model(child, parent, batches)
+    finally:
+        del child

@@ -1,0 +1,180 @@
+"""The `score` stage over a run directory: spread, cache, merge.
+
+(layer, variant) items are dealt round-robin over data-parallel ranks; the ranks of
+one tensor-parallel group score the same items together. Each finished item is
+cached in `RUN/score/cache/layer_NNN__<variant>.json` (atomically, by TP rank 0), so
+a rerun skips what is scored. A cached score is reused only when it was made with
+the same held-out settings and after its library entry was last written. Rank 0
+then merges every item into `RUN/score/scores.json` (docs/formats.md) and writes `done`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, read_json
+from . import library as lib
+from .metrics import METRICS, ALL_METRICS
+from .replace import Item, ReplaceScorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a cached score depends on besides the library entry."""
+
+    tokens: int
+    seq_len: int
+    batch_size: int
+    split: str = "heldout"
+
+
+def cache_path(score_dir: Path, item: Item) -> Path:
+    layer, name = item
+    return score_dir / "cache" / f"layer_{layer:03d}__{name}.json"
+
+
+def parent_cache_path(score_dir: Path) -> Path:
+    return score_dir / "cache" / "parent.json"
+
+
+def read_cached(path: Path, settings: Settings, newer_than: float | None = None) -> dict | None:
+    """The cached metrics at `path` if they were made with `settings` (and after `newer_than`), else None."""
+    if not path.exists():
+        return None
+    try:
+        entry = read_json(path)
+    except ValueError:
+        return None
+    if entry.get("settings") != asdict(settings):
+        return None
+    if newer_than is not None and path.stat().st_mtime < newer_than:
+        return None
+    return entry["metrics"]
+
+
+def write_cached(path: Path, settings: Settings, metrics: dict, **extra) -> None:
+    atomic_write_json(path, {"settings": asdict(settings), "metrics": metrics, **extra})
+
+
+def items_of(space: Sequence[Sequence[str]], coupled: bool = False, only: Sequence[str] | None = None) -> list[Item]:
+    """Every (layer, variant) of the space in layer order; with `coupled`, every (attention, FFN) pair.
+
+    `only` keeps the named variants (and, coupled, pairs whose two parts are both named).
+    """
+    keep = None if only is None else set(only)
+    out: list[Item] = []
+    for layer, names in enumerate(space):
+        names = [n for n in names if keep is None or n in keep]
+        if coupled:
+            attn = [n for n in names if lib.is_attention(n)]
+            ffn = [n for n in names if not lib.is_attention(n)]
+            out.extend((layer, f"{a}+{f}") for a in attn for f in ffn)
+        else:
+            out.extend((layer, n) for n in names)
+    return out
+
+
+def merge(score_dir: Path, items: Sequence[Item], num_layers: int, settings: Settings,
+          metrics: Sequence[str] = METRICS) -> dict:
+    """scores.json content from the cache (every item must be there)."""
+    layers: list[dict] = [{} for _ in range(num_layers)]
+    missing = []
+    for item in items:
+        m = read_cached(cache_path(score_dir, item), settings)
+        if m is None:
+            missing.append(item)
+            continue
+        layers[item[0]][item[1]] = {k: m[k] for k in metrics}
+    parent = read_cached(parent_cache_path(score_dir), settings)
+    if missing or parent is None:
+        raise RuntimeError(f"scores missing from {score_dir / 'cache'} for {missing[:5]} (parent: {parent is not None}); "
+                           "rerun `megatron-puzzle score` to fill them in")
+    return {"metrics": list(metrics), "parent": {k: parent[k] for k in metrics}, "tokens": settings.tokens,
+            "layers": layers}
+
+
+def heldout_batches(data_dir: Path, tokens: int, seq_len: int, batch_size: int) -> list:
+    """The first `tokens` held-out positions as windows [batch, seq + 1], in shard order (every rank the same)."""
+    from ..data import TokenBatches
+
+    loader = TokenBatches(data_dir, seq_len, batch_size, shuffle=False, targets=True, split="heldout")
+    n = tokens // (seq_len * batch_size)
+    if n < 1:
+        raise ValueError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}); raise it or "
+                         "lower --batch-size/--seq-len")
+    if n > loader.batches_per_epoch:
+        log.warning("held-out split holds %d batches of %d x %d; scoring on those instead of %d tokens",
+                    loader.batches_per_epoch, batch_size, seq_len, tokens)
+        n = loader.batches_per_epoch
+    return [loader.batch(i) for i in range(n)]
+
+
+def run_score(parent, variant_weights, space: Sequence[Sequence[str]], batches: list, score_dir: Path, *,
+              settings: Settings, metrics: Sequence[str] = METRICS, coupled: bool = False,
+              only: Sequence[str] | None = None, library_dir: Path | None = None, max_candidates: int = 64,
+              force: bool = False, progress: bool = True) -> dict | None:
+    """Score every item of `space` not yet cached; rank 0 writes scores.json and returns it.
+
+    Call on every rank (after `init_distributed`); `parent` is the loaded parent model.
+    """
+    from ..model import parallel
+
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(ALL_METRICS)}")
+    cfg = parent.puzzle_config
+    if len(space) != cfg.num_layers:
+        raise ValueError(f"the search space lists {len(space)} layers but the parent has {cfg.num_layers}")
+    score_dir = Path(score_dir)
+    items = items_of(space, coupled, only)
+    dp_rank, dp_size, writer = parallel.dp_rank(), parallel.dp_size(), parallel.tp_rank() == 0
+
+    def fresh(item: Item) -> bool:
+        if force:
+            return False
+        stamp = None
+        if library_dir is not None:
+            stamps = [lib.weights_mtime(library_dir, item[0], p) for p in item[1].split("+")]
+            stamp = max((s for s in stamps if s is not None), default=None)
+        return read_cached(cache_path(score_dir, item), settings, stamp) is not None
+
+    mine = items[dp_rank::dp_size]
+    pending = [it for it in mine if not fresh(it)]
+    need_parent = dp_rank == 0 and (force or read_cached(parent_cache_path(score_dir), settings) is None)
+    log.info("rank %d: %d of its %d items to score (%d cached)", dp_rank, len(pending), len(mine),
+             len(mine) - len(pending))
+    if _global_rank() == 0:  # scores.json is stale until this run merges a new one
+        (score_dir / DONE_MARKER).unlink(missing_ok=True)
+    parallel.barrier()  # every rank has decided what to score before any cache file changes
+
+    start = time.perf_counter()
+
+    def on_done(item: Item, m: dict) -> None:
+        if writer:
+            write_cached(cache_path(score_dir, item), settings, m, layer=item[0], variant=item[1])
+
+    if pending or need_parent:
+        scorer = ReplaceScorer(parent, variant_weights, max_candidates=max_candidates)
+        _, parent_m = scorer.score(pending, batches, parent_metrics=need_parent, on_done=on_done, progress=progress)
+        if need_parent and writer:
+            write_cached(parent_cache_path(score_dir), settings, parent_m)
+    log.info("rank %d scored %d items in %.1f s", dp_rank, len(pending), time.perf_counter() - start)
+    parallel.barrier()
+    if _global_rank() != 0:
+        return None
+    scores = merge(score_dir, items, cfg.num_layers, settings, metrics)
+    atomic_write_json(score_dir / "scores.json", scores)
+    atomic_write_text(score_dir / DONE_MARKER, "ok\n")
+    return scores
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
