@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "megatron_puzzle.search.cli",
     "megatron_puzzle.data.cli",
     "megatron_puzzle.distill.bld_cli",
+    "megatron_puzzle.score.cli",
 ]
 
 
