@@ -53,7 +53,7 @@ FINAL_DIR = "final"
 TRAINER_STATE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 # Fields that may change between a killed run and its resume without changing the curve.
-_RESUME_FREE = {"save_interval", "progress", "log_every"}
+_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints"}
 
 
 @dataclass
@@ -70,6 +70,7 @@ class GKDConfig:
     loss: dict = field(default_factory=lambda: {"cosine": 1.0, "kl": 1.0, "lm": 0.0})
     temperature: float = 1.0
     save_interval: int = 50  # steps between checkpoints; 0: only the final model
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     eval_tokens: int = 16384  # held-out tokens for the before/after evaluation; 0 skips it
     tp: int = 1
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
@@ -88,7 +89,7 @@ class GKDConfig:
         for name in ("batch_size", "seq_len", "tp"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"gkd {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup", "save_interval", "eval_tokens"):
+        for name in ("steps", "warmup", "save_interval", "eval_tokens", "keep_checkpoints"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"gkd {name} must be >= 0, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
@@ -327,6 +328,13 @@ def save_training_checkpoint(ckpt_root: Path, student, optimizer, state: dict[st
     return final
 
 
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints (rank 0)."""
+    done = sorted((p for p in ckpt_root.iterdir() if _STEP_RE.match(p.name) and is_done(p)), key=lambda p: p.name)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def load_training_checkpoint(path: Path, student, optimizer, world: int, tp: int) -> dict[str, Any]:
     state = read_json(path / TRAINER_STATE)
     if state.get("world_size") != world or state.get("tp") != tp:
@@ -457,6 +465,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         if cfg.save_interval and state["step"] % cfg.save_interval == 0 and state["step"] < total:
             save_training_checkpoint(ckpt_root, student, optimizer, state)
             if _rank() == 0:
+                prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
                 _write_log_csv(out / "log.csv", state["history"])
         if on_step is not None:
             on_step(state["step"], record)

@@ -1,0 +1,1 @@
+"""Distillation: block-level (BLD) and global (GKD) knowledge distillation from the parent."""

@@ -1,0 +1,216 @@
+"""GKD: loss terms against float64 references (vocab-parallel at TP 2 included), TP 2 = TP 1,
+exact resume after a crash, clear FP8-on-CPU error, and a child that gets closer to its parent."""
+
+import csv
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _models import REPO, torchrun
+
+sys.path.insert(0, str(REPO / "tests" / "workers"))
+from gkd_worker import VOCAB, fixed_logits, make_run  # noqa: E402
+
+from megatron_puzzle.distill import losses, train_utils  # noqa: E402
+from megatron_puzzle.distill.gkd import GKDConfig, latest_checkpoint, run_gkd  # noqa: E402
+
+WORKER = REPO / "tests" / "workers" / "gkd_worker.py"
+# Small and fast: 4-layer hidden-64 parent, 4 x 32-token sequences per step.
+TINY = dict(batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup=2, eval_tokens=512, progress=False)
+
+
+# --------------------------------------------------------------------------- float64 references
+
+def ref_kl(t, s, temperature=1.0):
+    p = F.softmax(t.double() / temperature, -1)
+    return (p * (p.log() - F.log_softmax(s / temperature, -1))).sum(-1).mean() * temperature ** 2
+
+
+def ref_ce(s, targets):
+    return -F.log_softmax(s, -1).gather(-1, targets.unsqueeze(-1)).mean()
+
+
+def ref_cosine(student, teacher):
+    total = 0.0
+    for s, t in zip(student, teacher):
+        s, t = s.double(), t.double()
+        cos = (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))
+        total = total + (1 - cos).mean()
+    return total
+
+
+def _grad(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    value = fn(x)
+    value.backward()
+    return value.detach(), x.grad
+
+
+def test_loss_terms_match_float64(mcore):
+    t, s, targets = fixed_logits()
+    for temp in (1.0, 2.0):
+        v, g = _grad(lambda x: losses.vocab_parallel_kl(t, x, temperature=temp), s)
+        rv, rg = _grad(lambda x: ref_kl(t, x, temp), s.double())
+        assert abs(v.item() - rv.item()) < 1e-5 and (g.double() - rg).abs().max() < 1e-6
+    v, g = _grad(lambda x: losses.vocab_parallel_cross_entropy(x, targets), s)
+    rv, rg = _grad(lambda x: ref_ce(x, targets), s.double())
+    assert abs(v.item() - rv.item()) < 1e-5 and (g.double() - rg).abs().max() < 1e-6
+    assert torch.equal(losses.vocab_parallel_argmax(s), s.argmax(-1))
+
+    g = torch.Generator().manual_seed(1)
+    hs = [torch.randn(5, 2, 16, generator=g) for _ in range(3)]
+    ht = [h + 0.5 * torch.randn(5, 2, 16, generator=g) for h in hs]
+    ht[2] = hs[2].clone()  # an identical layer (e.g. both no-op) contributes 0
+    value = losses.cosine_term(hs, ht)
+    assert abs(value.item() - ref_cosine(hs, ht).item()) < 1e-6
+    x = [h.clone().requires_grad_(True) for h in hs]
+    losses.cosine_term(x, ht).backward()
+    xr = [h.double().requires_grad_(True) for h in hs]
+    ref_cosine(xr, ht).backward()
+    assert max((a.grad.double() - b.grad).abs().max().item() for a, b in zip(x, xr)) < 1e-6
+
+    # the weighted sum uses only the terms with a weight
+    w = losses.LossWeights(cosine=0.5, kl=2.0, lm=0.25)
+    total, terms = losses.gkd_loss(s, t, hs, ht, targets, w)
+    expect = 0.5 * ref_cosine(hs, ht) + 2.0 * ref_kl(t, s.double()) + 0.25 * ref_ce(s.double(), targets)
+    assert abs(total.item() - expect.item()) < 1e-5 and set(terms) == {"cosine", "kl", "lm"}
+    with pytest.raises(ValueError, match="all loss weights are 0"):
+        losses.LossWeights(0, 0, 0)
+
+
+def test_clip_and_schedule_match_torch(mcore):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8)
+    for m in (model, ref):
+        (m(x) ** 2).sum().backward()
+    norm = train_utils.clip_grad_norm(model, 0.1)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    assert abs(norm - ref_norm.item()) < 1e-5
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+    lr = lambda s: train_utils.lr_at(s, lr=1.0, min_lr=0.1, warmup=4, total=20)  # noqa: E731
+    assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert abs(lr(12) - (0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 16)))) < 1e-12
+    assert abs(lr(20) - 0.1) < 1e-12 and abs(lr(30) - 0.1) < 1e-12
+
+
+# --------------------------------------------------------------------------- training runs
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, mcore):
+    return make_run(tmp_path_factory.mktemp("gkd") / "base")
+
+
+def _copy_run(base, dest):
+    for name in ("parent", "child", "data"):
+        shutil.copytree(base / name, dest / name)
+    return dest
+
+
+def _log(run):
+    with open(run / "gkd" / "log.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_resume_continues_the_same_curve_and_gkd_lowers_kl(base_run, tmp_path):
+    cfg = GKDConfig(steps=6, save_interval=3, **TINY)
+    straight = _copy_run(base_run, tmp_path / "straight")
+    result = run_gkd(straight, cfg)
+    # the child ends closer to its parent on held-out tokens
+    assert result["after"]["kl_div"] < 0.9 * result["before"]["kl_div"]
+    assert result["after"]["top1_agreement"] > result["before"]["top1_agreement"]
+
+    crashed = _copy_run(base_run, tmp_path / "crashed")
+
+    def crash(step, record):
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill after step 3")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_gkd(crashed, cfg, on_step=crash)
+    assert latest_checkpoint(crashed / "gkd" / "ckpt").name == "step_0000003"
+    # another config on a partial run is refused, naming what changed
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        run_gkd(crashed, GKDConfig(steps=6, save_interval=3, **{**TINY, "lr": 1e-3}))
+    # a half-written later checkpoint (no done marker) is ignored on resume
+    (crashed / "gkd" / "ckpt" / "step_0000004").mkdir()
+    resumed = run_gkd(crashed, cfg)
+
+    a, b = _log(straight), _log(crashed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "cosine", "kl", "grad_norm", "lr"):
+            assert abs(ra[key] - rb[key]) <= 1e-6, (ra["step"], key, ra[key], rb[key])
+    assert abs(resumed["after"]["kl_div"] - result["after"]["kl_div"]) <= 1e-6
+    assert resumed["before"] == result["before"]
+
+    # a finished stage is kept
+    assert run_gkd(crashed, cfg) == resumed
+
+
+def test_tp2_matches_tp1_and_vocab_parallel_losses(base_run, tmp_path):
+    cfg = GKDConfig(steps=3, save_interval=0, **{**TINY, "loss": {"cosine": 1.0, "kl": 1.0, "lm": 0.5}})
+    tp1 = _copy_run(base_run, tmp_path / "tp1")
+    run_gkd(tp1, cfg)
+    tp2 = _copy_run(base_run, tmp_path / "tp2")
+    out = tmp_path / "tp2.json"
+    cfg2 = {**cfg.to_dict(), "tp": 2}
+    torchrun(WORKER, 2, "--tp", "2", "--run-dir", str(tp2), "--config", json.dumps(cfg2), "--out", str(out))
+    res = json.loads(out.read_text())
+
+    # vocab-parallel KL / CE / argmax over 2 shards against float64 full-vocabulary math
+    t, s, targets = fixed_logits()
+    rv, rg = _grad(lambda x: ref_kl(t, x, 2.0), s.double())
+    assert abs(res["losses"]["kl"]["value"] - rv.item()) < 1e-5
+    assert (torch.tensor(res["losses"]["kl"]["grad"]).double() - rg).abs().max() < 1e-6
+    rv, rg = _grad(lambda x: ref_ce(x, targets), s.double())
+    assert abs(res["losses"]["ce"]["value"] - rv.item()) < 1e-5
+    assert (torch.tensor(res["losses"]["ce"]["grad"]).double() - rg).abs().max() < 1e-6
+    assert torch.equal(torch.tensor(res["losses"]["argmax"]), s.argmax(-1))
+    assert VOCAB % 2 == 0
+
+    # the first steps' losses of a TP 2 run equal TP 1's
+    a, b = _log(tp1), _log(tp2)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("loss", "cosine", "kl", "lm", "grad_norm"):
+            assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
+
+
+# --------------------------------------------------------------------------- user errors
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp8_on_cpu_fails_at_start(tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    assert main(["gkd", "--run-dir", str(tmp_path / "run"), "--fp8", "hybrid"]) == 2
+    err = capsys.readouterr().err
+    assert "gkd: error:" in err and "GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_bad_settings_are_named(tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    with pytest.raises(ValueError, match="unknown loss term"):
+        GKDConfig(loss={"mse": 1.0})
+    with pytest.raises(ValueError, match="min_lr"):
+        GKDConfig(lr=1e-5, min_lr=1e-4)
+    (tmp_path / "gkd.yaml").write_text("gkd:\n  steps: 7\n  loss: {lm: 1.0}\n")
+    cfg = GKDConfig.from_yaml(tmp_path / "gkd.yaml")
+    assert cfg.steps == 7 and cfg.loss == {"cosine": 1.0, "kl": 1.0, "lm": 1.0}
+    (tmp_path / "bad.yaml").write_text("stpes: 7\n")
+    assert main(["gkd", "--run-dir", str(tmp_path), "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "stpes" in capsys.readouterr().err
+    # missing inputs: the error names the stage to run
+    assert main(["gkd", "--run-dir", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "megatron-puzzle import" in capsys.readouterr().err
