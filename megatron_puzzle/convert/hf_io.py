@@ -52,7 +52,8 @@ def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.T
         cfg, tensors = _read_gguf(path)
     else:
         cfg, tensors = _read_hf_dir(path)
-    return cfg, _canonicalize(cfg, tensors, str(path))
+    tensors = _check_tensors(cfg, tensors, str(path))
+    return cfg, {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
 
 
 def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -114,8 +115,8 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
-def _canonicalize(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Keep exactly the canonical tensors, as fp32; name any missing, unexpected or misshapen one."""
+def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keep exactly the canonical tensors (in canonical order); name any missing, unexpected or misshapen one."""
     expected = canonical_shapes(cfg)
     tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
@@ -129,7 +130,7 @@ def _canonicalize(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: st
     bad = [f"{k} {tuple(tensors[k].shape)} != {shape}" for k, shape in expected.items() if tuple(tensors[k].shape) != shape]
     if bad:
         raise HFCheckpointError(f"{source}: tensors with wrong shapes: {_names(bad)}")
-    return {k: tensors[k].to(torch.float32).contiguous() for k in expected}
+    return {k: tensors[k] for k in expected}
 
 
 def _names(items: list[str], limit: int = 8) -> str:
@@ -184,13 +185,13 @@ def write_decilm_hf(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write a HF DeciLM directory (config, weights, modeling code, tokenizer) atomically; return its path."""
-    tensors = _canonicalize(cfg, dict(tensors), "tensors to export")
+    tensors = _check_tensors(cfg, tensors, "tensors to export")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(decilm_hf_config(cfg, dtype), indent=2) + "\n")
         generation = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _write_weights(tmp, {k: v.to(dtype) for k, v in tensors.items()}, max_shard_bytes)
+        _write_weights(tmp, tensors, dtype, max_shard_bytes)
         for f in MODELING_FILES:
             shutil.copyfile(f, tmp / f.name)
         if tokenizer is not None:
@@ -198,32 +199,34 @@ def write_decilm_hf(
     return out_dir
 
 
-def _write_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+def _write_weights(out: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most `max_shard_bytes` plus model.safetensors.index.json."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    # Plan the shards first (file names carry the count), then copy one shard at a time.
+    plan: list[list[str]] = [[]]
+    size = total = 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        nbytes = t.numel() * dtype.itemsize
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
             size = 0
-        # clone: state-dict tensors may share storage, which safetensors refuses
-        shards[-1][name] = t.detach().contiguous().clone()
+        plan[-1].append(name)
         size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata=meta)
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        total += nbytes
+    files = (
+        ["model.safetensors"] if len(plan) == 1
+        else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    )
+    for fname, names in zip(files, plan):
+        # a fresh copy: state-dict tensors may share storage, which safetensors refuses
+        shard = {n: tensors[n].detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for n in names}
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        del shard
+    if len(plan) > 1:
+        weight_map = {n: fname for fname, names in zip(files, plan) for n in names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- tokenizer and default parent
@@ -240,6 +243,13 @@ def load_tokenizer(path: str | Path):
         if path.suffix != ".gguf":
             raise HFCheckpointError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config_file = path / "config.json"
+    if config_file.exists() and "auto_map" in json.loads(config_file.read_text()):
+        # A model with its own code (e.g. our DeciLM export): take the tokenizer class from
+        # tokenizer_config.json rather than run the model code just to read its config.
+        from transformers import PretrainedConfig
+
+        return AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig())
     return AutoTokenizer.from_pretrained(str(path))
 
 

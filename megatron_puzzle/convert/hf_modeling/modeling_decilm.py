@@ -116,9 +116,9 @@ def build_attention_mask(
     """Additive mask [batch, 1, query, past + query] (0 keep, dtype-min drop), or None if plain causal.
 
     `attention_mask` is the usual 2-D padding mask over past + current tokens (1 keep,
-    0 pad), or None. A 4-D mask is passed through (bool masks become additive). None
-    is returned when no masking is needed (a single query and no padding); the
-    attention then uses its causal fast path when there is no past.
+    0 pad), or None. A 4-D mask is passed through (bool masks become additive).
+    Without padding, None is returned for a single query (it sees every key) and for
+    a prompt with no past (the attention then uses SDPA's causal fast path).
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype == torch.bool:
