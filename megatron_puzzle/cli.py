@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "megatron_puzzle.data.cli",
     "megatron_puzzle.distill.bld_cli",
     "megatron_puzzle.score.cli",
+    "megatron_puzzle.distill.gkd_cli",
 ]
 
 
