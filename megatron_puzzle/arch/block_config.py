@@ -129,6 +129,10 @@ def variant_from_name(name: str) -> AttentionVariant | FFNVariant:
 
 _ATTN_KEYS = {"no_op", "replace_with_linear", "n_heads_in_group", "num_query_groups"}
 _FFN_KEYS = {"no_op", "replace_with_linear", "ffn_mult", "ffn_hidden_size", "intermediate_size"}
+# Keys published Nemotron-NAS configs carry for features this project does not model
+# (sliding windows, sink tokens, sparsity). Accepted only when unset (null/false).
+_INERT_KEYS = {"sparsify", "window_length", "num_sink_tokens", "use_prefill_window_in_sink_attention",
+               "unshifted_sink", "llama4", "weights_precision"}
 
 
 def block_to_dict(block: BlockConfig, hidden_size: int, num_attention_heads: int) -> dict[str, Any]:
@@ -185,9 +189,13 @@ def block_from_dict(
     for sub, d, keys in (("attention", attn, _ATTN_KEYS), ("ffn", ffn, _FFN_KEYS)):
         if not isinstance(d, dict):
             raise BlockConfigError(f"{where}.{sub} must be an object")
-        bad = set(d) - keys
+        bad = set(d) - keys - _INERT_KEYS
         if bad:
             raise BlockConfigError(f"{where}.{sub} has unknown keys {sorted(bad)} (allowed: {sorted(keys)})")
+        used = sorted(k for k in set(d) & _INERT_KEYS if d[k] not in (None, False) and k != "weights_precision")
+        if used:
+            raise BlockConfigError(f"{where}.{sub} sets {used}, a feature this project does not support; "
+                                   "only plain, GQA, linear and no-op subblocks can be imported")
 
     # attention
     w = f"{where}.attention"

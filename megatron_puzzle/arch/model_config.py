@@ -81,7 +81,8 @@ class ModelConfig:
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
             factor = rs["factor"]
             lo, hi = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-            old = rs.get("original_max_position_embeddings", 8192)
+            # transformers falls back to max_position_embeddings when the field is absent
+            old = rs.get("original_max_position_embeddings", self.max_position_embeddings)
             wavelen = 2 * math.pi / inv
             scaled = torch.where(wavelen > old / lo, inv / factor, inv)
             smooth = (old / wavelen - lo) / (hi - lo)
