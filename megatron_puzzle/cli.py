@@ -19,7 +19,9 @@ COMMAND_MODULES = [
     "megatron_puzzle.data.cli",
     "megatron_puzzle.distill.bld_cli",
     "megatron_puzzle.score.cli",
+    "megatron_puzzle.cost.cli",
     "megatron_puzzle.distill.gkd_cli",
+    "megatron_puzzle.pipeline.cli",
 ]
 
 
