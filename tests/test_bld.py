@@ -1,0 +1,206 @@
+"""BLD: parent activations, loss decrease, resume after a kill, rank-count independence, library checks."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _models import REPO, tiny_parent, torchrun
+from megatron_puzzle.arch import AttentionVariant, BlockConfig, FFNVariant
+from megatron_puzzle.arch.search_space import SearchSpaceConfig, configured_search_space
+from megatron_puzzle.arch.shapes import random_canonical
+from megatron_puzzle.init import methods
+from megatron_puzzle.init.stage import run_init
+from megatron_puzzle.init.variants import InitConfig
+from megatron_puzzle.library import Library, LibraryError
+
+WORKER = REPO / "tests" / "workers" / "bld_worker.py"
+SPACE = SearchSpaceConfig(ffn_fractions=[1.0, 0.5], round_to=16)
+BLD = dict(steps=8, batch_size=2, seq_len=16, lr=5e-4, checkpoint_every=3, eval_batches=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def parent(mcore):
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.model.gpt import build_model
+
+    cfg = tiny_parent(num_layers=2)
+    tensors = random_canonical(cfg, seed=1, std=0.1)
+    model = build_model(cfg)
+    load_canonical(model, tensors)
+    model.eval()
+    return model, tensors
+
+
+def _tokens(cfg, n=40, seed=0):
+    return torch.randint(0, cfg.vocab_size, (n, 2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _build(parent, root, bld=None, **hooks):
+    from megatron_puzzle.distill.bld import BLDConfig, run_bld
+
+    model, tensors = parent
+    cfg = model.puzzle_config
+    toks = _tokens(cfg)
+    space = configured_search_space(cfg, SPACE)
+    init = InitConfig(calib_batches=3)
+    init_dir = run_init(model, tensors, root / "init", space, init, [toks[i] for i in range(3)], progress=False)
+    bld = BLDConfig(**{**BLD, **(bld or {})})
+    return run_bld(model, tensors, root / "library", space, bld, init, lambda s: toks[5 + s], [toks[38], toks[39]],
+                   Library(init_dir), **hooks)
+
+
+def _library_tensors(path):
+    lib = Library(path)
+    return {(i, n): lib.load(i, n) for i, n in lib.entries()}
+
+
+def _assert_same(a, b, tol):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].keys() == b[key].keys(), key
+        for t in a[key]:
+            assert torch.allclose(a[key][t], b[key][t], atol=tol, rtol=0), (key, t)
+
+
+@pytest.fixture(scope="module")
+def built(parent, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bld")
+    _build(parent, root, {"coupled_pairs": ["attn_kv1+ffn_48"]})
+    return root
+
+
+def test_parent_activations_reproduce_each_block(parent):
+    from megatron_puzzle.convert.megatron_layout import load_block
+    from megatron_puzzle.distill.activations import parent_activations
+    from megatron_puzzle.model.gpt import build_layer
+
+    model, tensors = parent
+    cfg = model.puzzle_config
+    acts = parent_activations(model, _tokens(cfg)[0])
+    for i in range(cfg.num_layers):  # the FFN alone on h_mid gives the block's output
+        ffn_block = BlockConfig(AttentionVariant("no_op"), cfg.parent_block().ffn)
+        layer = build_layer(cfg, ffn_block, i + 1)
+        load_block(layer, cfg, i, ffn_block, tensors, subblocks=("ffn",))
+        out, _ = layer(acts.h_mid[i], attention_mask=None, rotary_pos_emb=acts.rope)
+        assert torch.allclose(out, acts.h_in[i + 1], atol=1e-5)
+
+
+def test_linear_attention_init_equals_attention_on_one_token(parent):
+    """With a single token, attention attends only to itself: the linear init must reproduce it."""
+    from megatron_puzzle.convert.megatron_layout import load_block
+    from megatron_puzzle.model.gpt import build_layer
+
+    model, tensors = parent
+    cfg = model.puzzle_config
+    p = "model.layers.0."
+    lin = dict(tensors)
+    lin[p + "self_attn.linear_attn.weight"] = methods.linear_attention_from_vo(
+        tensors[p + "self_attn.v_proj.weight"], tensors[p + "self_attn.o_proj.weight"], cfg.num_attention_heads, cfg.head_dim)
+    outs = []
+    for block, t in ((cfg.parent_block(), tensors), (BlockConfig(AttentionVariant("linear"), cfg.parent_block().ffn), lin)):
+        layer = build_layer(cfg, block, 1)
+        load_block(layer, cfg, 0, block, t)
+        h = torch.randn(1, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+        outs.append(layer(h, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(1))[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_bld_improves_every_trainable_variant_and_library_is_complete(built, parent):
+    lib = Library(built / "library")
+    lib.validate()
+    assert (built / "library" / "done").exists()
+    for i, name in lib.entries():
+        s = lib.stats(i, name)
+        if s["init"] in ("parent", "no_op"):
+            assert s["final_loss"] == s["init_loss"] and s["tokens"] == 0
+            if s["init"] == "parent":
+                assert s["final_loss"] < 1e-10, (i, name)
+        else:
+            assert s["final_loss"] < s["init_loss"], (i, name, s)
+            assert s["tokens"] == BLD["steps"] * BLD["batch_size"] * BLD["seq_len"]
+    assert lib.pairs == [["attn_kv1+ffn_48"], ["attn_kv1+ffn_48"]]
+    # a child assembled from the library holds its blocks' entries and the parent's embeddings
+    cfg = parent[0].puzzle_config
+    child = cfg.with_blocks([BlockConfig(AttentionVariant("linear"), cfg.parent_block().ffn),
+                             BlockConfig(AttentionVariant("full", 1), FFNVariant("full", 48))])
+    tensors = lib.assemble(child)
+    assert torch.equal(tensors["model.embed_tokens.weight"], parent[1]["model.embed_tokens.weight"])
+    assert torch.equal(tensors["model.layers.1.mlp.down_proj.weight"], lib.load(1, "attn_kv1+ffn_48")["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(tensors["model.layers.0.self_attn.linear_attn.weight"],
+                       lib.load(0, "attn_linear")["model.layers.0.self_attn.linear_attn.weight"])
+
+
+def test_killed_run_resumes_to_the_same_library(parent, built, tmp_path):
+    from megatron_puzzle.distill.bld import Interrupted
+
+    pairs = {"coupled_pairs": ["attn_kv1+ffn_48"]}
+    with pytest.raises(Interrupted):
+        _build(parent, tmp_path, pairs, stop_after_steps=4)  # partial checkpoints at step 3
+    assert not (tmp_path / "library" / "done").exists()
+    with pytest.raises(Interrupted):
+        _build(parent, tmp_path, pairs, stop_after_entries=3)  # killed while writing entries
+    report = _build(parent, tmp_path, pairs)
+    assert report.entries_written < len(Library(tmp_path / "library").entries())  # finished ones were skipped
+    _assert_same(_library_tensors(built / "library"), _library_tensors(tmp_path / "library"), 1e-6)
+
+
+def test_corrupt_or_mismatched_entries_are_reported_by_name(built, tmp_path, parent):
+    lib_dir = tmp_path / "library"
+    shutil.copytree(built / "library", lib_dir)
+    w = lib_dir / "layer_001" / "ffn_48" / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-8:] = b"\x00" * 8
+    w.write_bytes(bytes(data))
+    with pytest.raises(LibraryError, match="layer_001/ffn_48"):
+        Library(lib_dir).validate()
+    w.write_bytes(b"garbage")
+    with pytest.raises(LibraryError, match="layer_001/ffn_48"):
+        Library(lib_dir).load(1, "ffn_48")
+    # an entry whose tensors belong to another variant
+    shutil.copy(lib_dir / "layer_001" / "ffn_96" / "weights.safetensors", w)
+    with pytest.raises(LibraryError, match="layer_001/ffn_48"):
+        Library(lib_dir).load(1, "ffn_48")
+    # a finished library rerun with other settings is refused, not retrained
+    shutil.rmtree(lib_dir)
+    shutil.copytree(built / "library", lib_dir)
+    shutil.copytree(built / "init", tmp_path / "init")
+    with pytest.raises(LibraryError, match="layer_000/attn_kv2"):
+        _build(parent, tmp_path, {"lr": 1e-2, "coupled_pairs": ["attn_kv1+ffn_48"]})
+
+
+def _prepare_run(run, parent):
+    from megatron_puzzle.model import checkpoint
+
+    model, _ = parent
+    checkpoint.save(model, run / "parent")
+    data = run / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2000), ("calib", 400), ("heldout", 400)):
+        np.save(data / f"{split}.npy", rng.integers(0, model.puzzle_config.vocab_size, n).astype(np.uint32))
+    splits = {s: {"file": f"{s}.npy"} for s in ("train", "calib", "heldout")}
+    (data / "meta.json").write_text(json.dumps({"seed": 0, "splits": splits}))
+    (data / "done").write_text("ok\n")
+    (run / "config.yaml").write_text(
+        "search_space: {ffn_fractions: [1.0, 0.5], round_to: 16, kv_heads: [2, 1], attention_no_op: false}\n"
+        "init: {calib_batches: 2}\n"
+        "bld: {steps: 4, batch_size: 2, seq_len: 16, lr: 0.0005, checkpoint_every: 2, eval_batches: 1}\n")
+
+
+def test_library_does_not_depend_on_rank_count(parent, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run in (one, two):
+        run.mkdir()
+    _prepare_run(one, parent)
+    shutil.copytree(one / "parent", two / "parent")
+    shutil.copytree(one / "data", two / "data")
+    shutil.copy(one / "config.yaml", two / "config.yaml")
+    torchrun(WORKER, 1, str(one), str(one / "config.yaml"))
+    torchrun(WORKER, 2, str(two), str(two / "config.yaml"))
+    _assert_same(_library_tensors(one / "library"), _library_tensors(two / "library"), 1e-5)
+    assert load_file(one / "library" / "non_block.safetensors").keys() == {"model.embed_tokens.weight",
+                                                                          "model.norm.weight", "lm_head.weight"}
