@@ -218,10 +218,11 @@ class BLDReport:
     parent_forward_s: float = 0.0
     variant_s: float = 0.0
     wall_s: float = 0.0
+    train_s: float = 0.0  # the training loop alone (no init/final evaluation, no layer building)
     entries_written: int = 0
 
     def throughput(self) -> dict:
-        t = max(self.wall_s, 1e-9)
+        t = max(self.train_s or self.wall_s, 1e-9)
         return {"tokens_per_s": self.tokens / t, "variant_tokens_per_s": self.variant_tokens / t,
                 "parent_forward_share": self.parent_forward_s / t}
 
@@ -375,6 +376,7 @@ def run_bld(parent_model, parent_tensors: dict[str, torch.Tensor], library_dir: 
     start = min((u.step for u in training), default=bld.steps)
     tokens_per_step = bld.batch_size * bld.seq_len
     bar = tqdm(range(start, bld.steps), desc=f"BLD rank {dp_rank}", disable=not bld.progress or world_rank != 0)
+    t_loop = time.perf_counter()
     for step in bar:
         active = [u for u in training if u.step == step]
         if not active:
@@ -403,6 +405,7 @@ def run_bld(parent_model, parent_tensors: dict[str, torch.Tensor], library_dir: 
         if stop_after_steps is not None and report.steps_run >= stop_after_steps:
             raise Interrupted(f"stopped after {report.steps_run} steps (test hook)")
 
+    report.train_s = time.perf_counter() - t_loop
     if training:
         finals = _evaluate(training, parent_model, eval_tokens, report)
         for u in training:
