@@ -1,7 +1,8 @@
 """The examples/ launch templates run real jobs: torchrun scripts on 2 CPU processes, SLURM templates rendered.
 
 The torchrun test imports a tiny Llama (saved here with transformers) at TP 2 through the example
-script; the checkpoint, loaded back at TP 1, must hold exactly the original weights. The SLURM
+script and exports it with tools/export_megatron_to_hf.py; the exported weights must be exactly the
+original ones. The SLURM
 templates run with stand-in `srun`/`scontrol`/`sbatch` commands that record what they were asked to do.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from _models import REPO
 
@@ -56,17 +58,19 @@ def _tiny_llama(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_torchrun_script_imports_at_tp2(mcore, tmp_path):
-    """import_hf.sh with 2 processes (TP 2); the checkpoint, loaded here at TP 1, holds the original weights."""
-    from megatron_puzzle.convert.megatron_layout import canonical_state
-    from megatron_puzzle.model import checkpoint
-
+def test_torchrun_script_imports_at_tp2_and_tool_exports(tmp_path):
+    """import_hf.sh with 2 processes (TP 2), then tools/export_megatron_to_hf.py in one process (TP 1):
+    the exported HF weights are exactly the original ones."""
     reference = _tiny_llama(tmp_path / "hf")
-    _run(["bash", str(TORCHRUN_DIR / "import_hf.sh"), str(tmp_path / "hf"), str(tmp_path / "ckpt"), "2"], _env(tmp_path))
+    env = _env(tmp_path)
+    _run(["bash", str(TORCHRUN_DIR / "import_hf.sh"), str(tmp_path / "hf"), str(tmp_path / "ckpt"), "2"], env)
     assert (tmp_path / "ckpt" / "done").exists()
-    loaded = canonical_state(checkpoint.load(tmp_path / "ckpt"))
-    assert set(loaded) == set(reference)
+    _run([sys.executable, str(REPO / "tools" / "export_megatron_to_hf.py"), str(tmp_path / "ckpt"), str(tmp_path / "out")], env)
+    exported = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        exported.update(load_file(f))
+    assert set(exported) == set(reference)
     for name, t in reference.items():
-        torch.testing.assert_close(loaded[name], t.float(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(exported[name].float(), t.float(), rtol=0, atol=0, msg=name)
     logs = list((tmp_path / "logs").glob("import-hf-*.log"))
     assert logs and "TP 2" in logs[0].read_text(), "the launcher keeps one log per launch, with every rank's output"
