@@ -27,13 +27,13 @@ SCRIPTS = sorted(TORCHRUN_DIR.glob("*.sh")) + sorted(SLURM_DIR.glob("*.sh")) + s
 
 
 def _env(tmp_path: Path, **extra) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-                TORCHRUN=f"{shlex.quote(sys.executable)} -m torch.distributed.run", LOG_DIR=str(tmp_path / "logs"),
-                **extra)
+    base = dict(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
+                TORCHRUN=f"{shlex.quote(sys.executable)} -m torch.distributed.run", LOG_DIR=str(tmp_path / "logs"))
+    return {**os.environ, **base, **extra}
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+def _run(cmd: list[str], env: dict[str, str], timeout: int = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -74,3 +74,89 @@ def test_torchrun_script_imports_at_tp2_and_tool_exports(tmp_path):
         torch.testing.assert_close(exported[name].float(), t.float(), rtol=0, atol=0, msg=name)
     logs = list((tmp_path / "logs").glob("import-hf-*.log"))
     assert logs and "TP 2" in logs[0].read_text(), "the launcher keeps one log per launch, with every rank's output"
+
+
+# --------------------------------------------------------------------------- SLURM templates
+
+def _fake_bin(tmp_path: Path, srun_body: str) -> Path:
+    """Stand-ins for srun / scontrol / sbatch that log their arguments (one per line) under tmp_path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "scontrol": 'echo "$@" >> "$FAKE_LOG/scontrol"\n[[ "$1 $2" == "show hostnames" ]] && printf "%s\\n" $FAKE_HOSTS\n',
+        "srun": 'printf "%s\\n" "$@" > "$FAKE_LOG/srun"\n' + srun_body,
+        "sbatch": 'n=$(( $(ls "$FAKE_LOG" | grep -c "^sbatch" || true) + 1 ))\nprintf "%s\\n" "$@" > "$FAKE_LOG/sbatch.$n"\n'
+                  'echo "$((100 + n));cluster"\n',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\nset -eu\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _slurm_env(tmp_path: Path, srun_body: str = "", **extra) -> dict[str, str]:
+    (tmp_path / "fake").mkdir()
+    env = _env(tmp_path, FAKE_LOG=str(tmp_path / "fake"), SLURM_SUBMIT_DIR=str(REPO), **extra)
+    env["PATH"] = f"{_fake_bin(tmp_path, srun_body)}:{env['PATH']}"
+    return env
+
+
+def test_sbatch_renders_a_multi_node_torchrun(tmp_path):
+    env = _slurm_env(tmp_path, FAKE_HOSTS="gpu-a01 gpu-a02", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+                     SLURM_JOB_NODELIST="gpu-a[01-02]", GPUS_PER_NODE="8", TORCHRUN="torchrun",
+                     CONTAINER_IMAGE="/images/puzzle.sqsh", CONTAINER_MOUNTS="/shared:/shared")
+    out = _run(["bash", str(SLURM_DIR / "puzzle.sbatch"), "bld", "--run-dir", "/shared/run", "--config", "c.yaml"], env)
+    argv = (tmp_path / "fake" / "srun").read_text().splitlines()
+    assert "--ntasks-per-node=1" in argv and "--container-image=/images/puzzle.sqsh" in argv
+    assert "--container-mounts=/shared:/shared" in argv
+    launch = argv[argv.index("torchrun"):]
+    port = 20000 + 4242 % 20000
+    for flag in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-id=4242", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=gpu-a01:{port}"):
+        assert flag in launch, (flag, launch)
+    assert launch[launch.index("-m"):] == ["-m", "megatron_puzzle.cli", "bld", "--run-dir", "/shared/run", "--config", "c.yaml"]
+    assert "2 node(s) x 8 GPU(s)" in out.stdout
+    # the directives a multi-node, resumable job needs
+    header = [line for line in (SLURM_DIR / "puzzle.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    for d in ("--ntasks-per-node=1", "--requeue", "--signal=B:USR1@", "--open-mode=append", "--output=logs/slurm/"):
+        assert any(d in line for line in header), d
+
+
+def test_sbatch_runs_a_two_process_cpu_job(tmp_path):
+    """srun stand-in that runs its command: the rendered torchrun rendezvous really starts 2 ranks."""
+    run_body = 'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n'  # drop srun's own options, run the rest
+    env = _slurm_env(tmp_path, run_body, FAKE_HOSTS="127.0.0.1", SLURM_JOB_ID="77", SLURM_NNODES="1",
+                     SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()))
+    out = _run(["bash", str(SLURM_DIR / "puzzle.sbatch"), "search", "--help"], env)
+    assert out.stdout.count("usage: megatron-puzzle search") == 2, out.stdout[-2000:]
+
+
+def _free_port() -> int:
+    from _models import free_port
+
+    return free_port()
+
+
+def test_submit_pipeline_chains_stages_with_dependencies(tmp_path):
+    env = _slurm_env(tmp_path, SBATCH_ARGS="--account=abc")
+    run_dir = tmp_path / "run"
+    out = _run(["bash", str(SLURM_DIR / "submit_pipeline.sh"), "cfg.yaml", str(run_dir), "/m/llama", "/m/llama", "3"], env, cwd=tmp_path)
+    calls = [(tmp_path / "fake" / f"sbatch.{i}").read_text().splitlines() for i in range(1, 6)]
+    assert not (tmp_path / "fake" / "sbatch.6").exists()
+    names = [c[c.index("-J") + 1] for c in calls]
+    assert names == ["puzzle-import", "puzzle-data", "puzzle-bld", "puzzle-score", "puzzle-finish"]
+    for i, c in enumerate(calls):
+        assert "--account=abc" in c and c[c.index("--nodes") + 1] == ("3" if names[i] in ("puzzle-bld", "puzzle-score", "puzzle-finish") else "1")
+        deps = [a for a in c if a.startswith("--dependency=")]
+        assert deps == ([] if i == 0 else [f"--dependency=afterok:{100 + i}"]), c
+    assert calls[2][calls[2].index(str(SLURM_DIR / "puzzle.sbatch")) + 1:] == ["bld", "--run-dir", str(run_dir), "--config", "cfg.yaml"]
+    assert "bld: job 103 (3 node(s))" in out.stdout
+    # a resubmission skips the finished import
+    (run_dir / "parent").mkdir(parents=True)
+    (run_dir / "parent" / "done").write_text("ok\n")
+    for f in (tmp_path / "fake").glob("sbatch.*"):
+        f.unlink()
+    out = _run(["bash", str(SLURM_DIR / "submit_pipeline.sh"), "cfg.yaml", str(run_dir), "/m/llama", "/m/llama"], env, cwd=tmp_path)
+    assert "import: " in out.stdout and "not submitted" in out.stdout
+    first = (tmp_path / "fake" / "sbatch.1").read_text().splitlines()
+    assert first[first.index("-J") + 1] == "puzzle-data" and not any(a.startswith("--dependency") for a in first)
