@@ -139,24 +139,24 @@ def _free_port() -> int:
 
 def test_submit_pipeline_chains_stages_with_dependencies(tmp_path):
     env = _slurm_env(tmp_path, SBATCH_ARGS="--account=abc")
-    run_dir = tmp_path / "run"
-    out = _run(["bash", str(SLURM_DIR / "submit_pipeline.sh"), "cfg.yaml", str(run_dir), "/m/llama", "/m/llama", "3"], env, cwd=tmp_path)
-    calls = [(tmp_path / "fake" / f"sbatch.{i}").read_text().splitlines() for i in range(1, 6)]
-    assert not (tmp_path / "fake" / "sbatch.6").exists()
+    run_dir = str(tmp_path / "run")
+    out = _run(["bash", str(SLURM_DIR / "submit_pipeline.sh"), "cfg.yaml", run_dir, "3"], env, cwd=tmp_path)
+    calls = [(tmp_path / "fake" / f"sbatch.{i}").read_text().splitlines() for i in range(1, 5)]
+    assert not (tmp_path / "fake" / "sbatch.5").exists()
+    assert (tmp_path / "logs" / "slurm").is_dir(), "the --output directory must exist before sbatch"
     names = [c[c.index("-J") + 1] for c in calls]
-    assert names == ["puzzle-import", "puzzle-data", "puzzle-bld", "puzzle-score", "puzzle-finish"]
+    assert names == ["puzzle-prepare", "puzzle-bld", "puzzle-score", "puzzle-finish"]
+    nodes = [c[c.index("--nodes") + 1] for c in calls]
+    assert nodes == ["1", "3", "3", "3"]
+    untils = []
     for i, c in enumerate(calls):
-        assert "--account=abc" in c and c[c.index("--nodes") + 1] == ("3" if names[i] in ("puzzle-bld", "puzzle-score", "puzzle-finish") else "1")
-        deps = [a for a in c if a.startswith("--dependency=")]
-        assert deps == ([] if i == 0 else [f"--dependency=afterok:{100 + i}"]), c
-    assert calls[2][calls[2].index(str(SLURM_DIR / "puzzle.sbatch")) + 1:] == ["bld", "--run-dir", str(run_dir), "--config", "cfg.yaml"]
-    assert "bld: job 103 (3 node(s))" in out.stdout
-    # a resubmission skips the finished import
-    (run_dir / "parent").mkdir(parents=True)
-    (run_dir / "parent" / "done").write_text("ok\n")
-    for f in (tmp_path / "fake").glob("sbatch.*"):
-        f.unlink()
-    out = _run(["bash", str(SLURM_DIR / "submit_pipeline.sh"), "cfg.yaml", str(run_dir), "/m/llama", "/m/llama"], env, cwd=tmp_path)
-    assert "import: " in out.stdout and "not submitted" in out.stdout
-    first = (tmp_path / "fake" / "sbatch.1").read_text().splitlines()
-    assert first[first.index("-J") + 1] == "puzzle-data" and not any(a.startswith("--dependency") for a in first)
+        assert "--account=abc" in c
+        assert [a for a in c if a.startswith("--dependency=")] == ([] if i == 0 else [f"--dependency=afterok:{100 + i}"])
+        cmd = c[c.index(str(SLURM_DIR / "puzzle.sbatch")) + 1:]
+        assert cmd[:5] == ["run", "--config", "cfg.yaml", "--run-dir", run_dir], cmd
+        untils.append(cmd[cmd.index("--until") + 1] if "--until" in cmd else None)
+    assert untils == ["data", "bld", "score", None]
+    from megatron_puzzle.pipeline.config import STAGES
+
+    assert all(u in STAGES for u in untils if u), "the chain names the pipeline's real stages"
+    assert "bld: job 102 (3 node(s))" in out.stdout
