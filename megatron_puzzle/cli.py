@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "megatron_puzzle.cost.cli",
     "megatron_puzzle.distill.gkd_cli",
     "megatron_puzzle.pipeline.cli",
+    "megatron_puzzle.report.cli",
 ]
 
 

@@ -1,0 +1,60 @@
+"""`megatron-puzzle run` (the whole pipeline) and `megatron-puzzle realize`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import UserError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import config as run_config
+    from .run import run_pipeline, summary
+
+    try:
+        cfg = run_config.load(args.config, quick=args.quick)
+    except run_config.ConfigError as e:
+        raise UserError(str(e)) from None
+    run_dir = Path(args.run_dir or ("runs/quick" if args.quick else "runs/default"))
+    try:
+        run_pipeline(run_dir, cfg, from_stage=args.from_stage, until=args.until)
+    except run_config.ConfigError as e:
+        raise UserError(str(e)) from None
+    print(summary(run_dir))
+    return 0
+
+
+def _realize(args: argparse.Namespace) -> int:
+    from .realize import RealizeError, realize
+
+    try:
+        r = realize(args.run_dir, args.solution, force=args.force)
+    except RealizeError as e:
+        raise UserError(str(e)) from None
+    m = r.get("measured", {})
+    print(f"realized solution {args.solution} into {Path(args.run_dir) / 'child'}"
+          + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent)" if m else ""))
+    return 0
+
+
+def register(sub) -> None:
+    from .config import STAGES
+
+    p = sub.add_parser("run", help="the whole pipeline: parent -> faster child, with a report",
+                       description="Run import -> data -> init -> bld -> score -> measure -> search -> realize -> "
+                                   "gkd -> export -> eval over one run directory. Finished stages are skipped, so a "
+                                   "killed run resumes with the same command.")
+    p.add_argument("--config", help="YAML run config (see examples/configs/); default: the built-in default run")
+    p.add_argument("--run-dir", help="run directory (default: runs/default, or runs/quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="a few-minute profile on a 4-layer cut of the parent")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one "
+                   "(earlier outputs are moved to RUN/previous/, not deleted)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("realize", help="assemble a searched child from the block library into RUN/child")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--solution", type=int, default=0, help="which solution of RUN/search/solutions.json")
+    p.add_argument("--force", action="store_true", help="realize again even if RUN/child exists")
+    p.set_defaults(func=_realize)

