@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (medians are taken over them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="CPU timer; 'process' (with --threads 1) resists other load on a shared machine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
     args = ap.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     archs = {"parent": list(cfg.blocks)}
     archs.update({f"child{i}": random_child(cfg, rng) for i in range(args.children)})
 
-    model = MeasuredCostModel(cfg, scenario, threads=args.threads, warmup=1, repeats=args.rounds)
+    model = MeasuredCostModel(cfg, scenario, threads=args.threads, warmup=1, repeats=args.rounds, clock=args.clock)
     rt = model.runtime
     names = sorted({v.name for blocks in archs.values() for b in blocks for v in (b.attention, b.ffn)
                     if v.kind != "no_op"})
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         old = torch.get_num_threads()
         if args.threads:
             torch.set_num_threads(args.threads)
-        t = time_interleaved(jobs, model.device, warmup=1, rounds=args.rounds, flush=model.flush)
+        t = time_interleaved(jobs, model.device, warmup=1, rounds=args.rounds, flush=model.flush, clock=args.clock)
         torch.set_num_threads(old)
 
     rows = []
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
 
     lines = [
         f"Scenario: batch {args.batch}, prefill {args.prefill}, decode {args.decode}, float32, CPU "
-        f"({model.device_info()['name']}, {args.threads or torch.get_num_threads()} threads), "
+        f"({model.device_info()['name']}, {args.threads or torch.get_num_threads()} threads, {args.clock} clock), "
         f"torch {torch.__version__}; {args.rounds} interleaved rounds, median.",
         "",
         "| model | params (M) | prefill predicted (ms) | prefill measured (ms) | error | "

@@ -260,6 +260,9 @@ def test_time_job_and_interleaved_positive_medians():
     t = time_interleaved({"a": job, "b": job}, "cpu", warmup=1, rounds=3, min_sample_s=1e-3,
                          flush=lambda: None)
     assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
+    assert all(v > 0 for v in time_job(job, "cpu", warmup=0, repeats=2, clock="process"))
+    with pytest.raises(ValueError, match="clock"):
+        time_job(job, "cpu", clock="sundial")
 
 
 def test_measured_cost_model_times_each_variant_once():
@@ -366,9 +369,10 @@ def test_cli_measure_on_cpu_with_library_space(tmp_path):
     scen = tmp_path / "s.yaml"
     scen.write_text("name: tiny\nbatch_size: 2\nprefill_len: 8\ndecode_len: 4\n")
     assert measure_cmd(["--run-dir", str(run), "--scenario", str(scen), "--repeats", "2",
-                        "--warmup", "1", "--threads", "1"]) == 0
+                        "--warmup", "1", "--threads", "1", "--clock", "process"]) == 0
     table = load_costs(run / "measure" / "costs.json", space)
     assert table.source == "measured" and [sorted(layer) for layer in table.layers] == [sorted(x) for x in space]
+    assert table.device["clock"] == "process" and table.device["threads"] == 1
     assert table.layers[0]["attn_kv2"].prefill_time_s > 0 and math.isfinite(table.non_block.decode_time_s)
 
 

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default: torch's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing each variant")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (the median is kept)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="CPU timer: wall clock, or this process's CPU time (steadier on a shared machine; "
+                        "use with --threads 1)")
     p.add_argument("--no-telemetry", action="store_true", help="on CUDA, do not sample NVML telemetry")
     p.add_argument("--compute-efficiency", type=float, default=Efficiency.compute,
                    help="analytic: achievable fraction of peak FLOP/s")
@@ -68,6 +71,7 @@ def build_table(cfg, space, scenario: Scenario, source: str, args=None) -> CostT
         model = MeasuredCostModel(
             cfg, scenario, warmup=getattr(args, "warmup", 2), repeats=getattr(args, "repeats", 5),
             threads=getattr(args, "threads", None), telemetry=not getattr(args, "no_telemetry", False),
+            clock=getattr(args, "clock", "wall"),
         )
         with model.session():
             by_name = {}

@@ -40,6 +40,10 @@ from .scenario import Scenario
 log = logging.getLogger(__name__)
 
 PHASES = ("prefill", "decode")
+# CPU clocks: "wall" is what a user waits; "process" (CPU time of this process) is
+# robust to other processes on a shared machine and equals wall time with one thread
+# and no contention. Use "process" only with threads=1.
+CPU_CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 NON_BLOCK = "<non_block>"
 
 
@@ -106,13 +110,18 @@ def time_job(
     repeats: int = 5,
     *,
     flush: Callable[[], None] | None = None,
+    clock: str = "wall",
 ) -> list[float]:
     """Seconds of each of `repeats` timed runs of `job`, after `warmup` untimed ones.
 
-    `flush` runs before each timed run, outside the timed region.
+    `flush` runs before each timed run, outside the timed region; `clock` picks the
+    CPU clock (`CPU_CLOCKS`); CUDA is timed with events.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    if clock not in CPU_CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CPU_CLOCKS)}, got {clock!r}")
+    now = CPU_CLOCKS[clock]
     device = torch.device(device)
     for _ in range(warmup):
         job.run(job.setup())
@@ -131,9 +140,9 @@ def time_job(
             end.synchronize()
             samples.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = now()
             job.run(state)
-            samples.append(time.perf_counter() - t0)
+            samples.append(now() - t0)
         del state
     return samples
 
@@ -150,8 +159,9 @@ def time_interleaved(
     warmup: int = 1,
     rounds: int = 5,
     min_sample_s: float = 0.02,
-    max_inner: int = 50,
+    max_inner: int = 20,
     flush: Callable[[], None] | None = None,
+    clock: str = "wall",
 ) -> dict[Hashable, float]:
     """Median seconds per job, timing all jobs round-robin.
 
@@ -167,12 +177,12 @@ def time_interleaved(
     for key, job in jobs.items():
         for _ in range(warmup):
             job.run(job.setup())
-        t = time_job(job, device, 0, 1, flush=flush)[0]
+        t = time_job(job, device, 0, 1, flush=flush, clock=clock)[0]
         inner[key] = max(1, min(max_inner, math.ceil(min_sample_s / max(t, 1e-9))))
     samples: dict[Hashable, list[float]] = {k: [] for k in jobs}
     for _ in range(rounds):
         for key, job in jobs.items():
-            samples[key].append(statistics.fmean(time_job(job, device, 0, inner[key], flush=flush)))
+            samples[key].append(statistics.fmean(time_job(job, device, 0, inner[key], flush=flush, clock=clock)))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -310,11 +320,15 @@ class MeasuredCostModel:
         telemetry: bool = True,
         min_sample_s: float = 0.02,
         flush_cache: bool = True,
+        clock: str = "wall",
     ):
         self.cfg, self.scenario = cfg, scenario
         self.device = check_local_device(scenario)
         self.warmup, self.repeats, self.threads = warmup, repeats, threads
         self.min_sample_s = min_sample_s
+        if clock not in CPU_CLOCKS:
+            raise MeasureError(f"clock must be one of {sorted(CPU_CLOCKS)}, got {clock!r}")
+        self.clock = clock
         self.flush = cache_flusher(self.device) if flush_cache else None
         self.monitor = NvmlMonitor(self.device.index or 0) if (telemetry and self.device.type == "cuda") else None
         if runtime is None:
@@ -337,7 +351,7 @@ class MeasuredCostModel:
                                     else self.runtime.subblock_job(key, phase))
         with cpu_threads(self.threads if self.device.type == "cpu" else None):
             t = time_interleaved(jobs, self.device, warmup=self.warmup, rounds=self.repeats,
-                                 min_sample_s=self.min_sample_s, flush=self.flush)
+                                 min_sample_s=self.min_sample_s, flush=self.flush, clock=self.clock)
         for key in keys:
             self._times[key] = (t[key, "prefill"], t[key, "decode"])
             log.debug("%s: prefill %.3g s, decode step %.3g s", key, *self._times[key])
@@ -346,7 +360,7 @@ class MeasuredCostModel:
         """Median seconds of one `job` with this model's timing settings."""
         with cpu_threads(self.threads if self.device.type == "cpu" else None):
             return time_interleaved({0: job}, self.device, warmup=self.warmup, rounds=self.repeats,
-                                    min_sample_s=self.min_sample_s, flush=self.flush)[0]
+                                    min_sample_s=self.min_sample_s, flush=self.flush, clock=self.clock)[0]
 
     def variant_cost(self, variant: str) -> Cost:
         if subblock_params(self.cfg, variant) == 0:  # no-op: nothing runs
@@ -374,7 +388,7 @@ class MeasuredCostModel:
                                 "warmup": self.warmup, "repeats": self.repeats, "min_sample_s": self.min_sample_s,
                                 "cache_flush": self.flush is not None, "statistic": "median"}
         if self.device.type == "cpu":
-            info.update({"name": _cpu_name(),
+            info.update({"name": _cpu_name(), "clock": self.clock,
                          "threads": self.threads or torch.get_num_threads()})
         else:
             info["name"] = torch.cuda.get_device_name(self.device)
