@@ -160,3 +160,27 @@ def test_submit_pipeline_chains_stages_with_dependencies(tmp_path):
 
     assert all(u in STAGES for u in untils if u), "the chain names the pipeline's real stages"
     assert "bld: job 102 (3 node(s))" in out.stdout
+
+
+# --------------------------------------------------------------------------- configs for real targets
+
+CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_configs_resolve_and_document_every_field(path):
+    import yaml
+
+    from megatron_puzzle.cost.scenario import load_scenario
+    from megatron_puzzle.pipeline.config import load
+    from megatron_puzzle.search.constraints import parse_constraint
+
+    cfg = load(path)  # the run command's own validation, every stage section included
+    load_scenario(cfg["scenario"])
+    for c in cfg["search"]["constraints"]:
+        parse_constraint(c)
+    assert cfg["bld"]["tensor_parallel"] == cfg["tensor_parallel"], "BLD and the other stages shard the parent alike"
+    assert set(yaml.safe_load(path.read_text())) == set(load(None)), "every section written out"
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{path.name}: field without a comment: {line!r}"
