@@ -65,5 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m megatron_puzzle.cli`: use the package's module, not a __main__ copy
+    from megatron_puzzle.cli import main as _main
+
+    sys.exit(_main())

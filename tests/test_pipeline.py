@@ -1,0 +1,130 @@
+"""The main job: config resolution, the quick profile end to end, and kill + resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_puzzle.pipeline import config as run_config
+from megatron_puzzle.pipeline.stages import OUTPUTS, is_complete
+
+CLI = [sys.executable, "-m", "megatron_puzzle"]
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+
+
+def test_config_defaults_and_errors(tmp_path):
+    cfg = run_config.resolve({"bld": {"steps": 3}, "search": {"constraints": ["memory<=0.5x"]}})
+    assert cfg["bld"]["steps"] == 3 and cfg["bld"]["seq_len"] == run_config.DEFAULTS["bld"]["seq_len"]
+    assert cfg["search"]["constraints"] == ["memory<=0.5x"]
+    quick = run_config.resolve({}, quick=True)
+    assert quick["parent_layers"] == 4 and quick["data"]["source"] == "sample"
+    with pytest.raises(run_config.ConfigError, match="unknown config section"):
+        run_config.resolve({"bldd": {}})
+    with pytest.raises(run_config.ConfigError, match="section bld"):
+        run_config.resolve({"bld": {"stepz": 3}})
+    with pytest.raises(run_config.ConfigError, match="tensor_parallel"):
+        run_config.resolve({"tensor_parallel": 0})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bld: [1, 2\n")
+    with pytest.raises(run_config.ConfigError, match="not valid YAML"):
+        run_config.load(bad)
+
+
+def test_run_refuses_bad_config_with_exit_code_2(tmp_path):
+    (tmp_path / "c.yaml").write_text("gkd: {loss: {cosine: 1, foo: 2}}\n")
+    p = subprocess.run(CLI + ["run", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and "foo" in p.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted `megatron-puzzle run --quick` (every stage, report included)."""
+    run = tmp_path_factory.mktemp("quick") / "run"
+    p = subprocess.run(CLI + ["run", "--quick", "--run-dir", str(run)], capture_output=True, text=True, env=ENV,
+                       timeout=1500)
+    assert p.returncode == 0, p.stderr[-5000:]
+    return run, p
+
+
+def test_quick_profile_runs_every_stage(quick_run):
+    run, proc = quick_run
+    assert all(is_complete(run, s) for s in run_config.STAGES)
+    report = json.loads((run / "report.json").read_text())
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "next_token_accuracy", "kl_to_parent", "lm_loss"):
+        assert key in report["parent"] and key in report["child"]
+    assert report["child"]["decode_speedup"] > 0
+    assert (run / "report.md").exists() and list(run.glob("*.png"))
+    hf = run / "export" / "config.json"
+    assert json.loads(hf.read_text())["model_type"] == "nemotron-nas"
+    assert "decode speedup" in proc.stdout
+    # a second run finds every stage complete and does no work
+    t0 = time.perf_counter()
+    p = subprocess.run(CLI + ["run", "--quick", "--run-dir", str(run)], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 0 and "running" not in p.stderr and time.perf_counter() - t0 < 60
+
+
+def _tensors(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(path)}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def _checkpoint_tensors(path: Path) -> dict:
+    from megatron_puzzle.convert.megatron_layout import canonical_state
+    from megatron_puzzle.model import checkpoint
+
+    return canonical_state(checkpoint.load(path))
+
+
+def test_killed_run_resumes_to_the_same_result(quick_run, tmp_path, mcore):
+    """Kill `run` in the middle of BLD (SIGKILL), rerun the same command: same library, scores,
+    solution, child and uptrained child as the uninterrupted run."""
+    ref, _ = quick_run
+    run = tmp_path / "run"
+    run.mkdir()
+    # import, data and measured costs are reused (costs are timings: the search must see the same ones)
+    for stage in ("import", "data", "measure"):
+        shutil.copytree(ref / OUTPUTS[stage], run / OUTPUTS[stage])
+    cmd = CLI + ["run", "--quick", "--run-dir", str(run), "--until", "export"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:  # wait until BLD has finished one entry
+        if any((run / "library").glob("layer_*/*/done")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not is_complete(run, "bld")
+
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
+    assert p.returncode == 0, p.stderr[-5000:]
+    a, b = _tensors(ref / "library"), _tensors(run / "library")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    sa, sb = (json.loads((r / "score" / "scores.json").read_text()) for r in (ref, run))
+    assert _close(sa["layers"], sb["layers"])
+    va, vb = (json.loads((r / "search" / "solutions.json").read_text())["solutions"][0]["variants"] for r in (ref, run))
+    assert va == vb
+    for sub in ("child", "gkd/final"):
+        x, y = _checkpoint_tensors(ref / sub), _checkpoint_tensors(run / sub)
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6, rtol=0) for k in x)
+
+
+def _close(a, b, tol=1e-6):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= tol * max(1.0, abs(a))
+    return a == b
