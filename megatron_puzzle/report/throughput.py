@@ -1,0 +1,181 @@
+"""Whole-model prefill and decode throughput of several architectures, timed together.
+
+Every model runs in this process through the same runtime: the project's HF DeciLM
+modeling code (the code an exported child is served with). Timing uses the cost
+stage's round-robin timer (`cost.measure.time_interleaved`): each round times every
+model once, so a burst of background load hits all of them alike; the median over
+rounds is reported.
+
+- prefill tokens/s = batch x prefill_len / time of one forward over the prompts
+  (logits of the last position only, as generation does);
+- decode tokens/s = batch x decode_len / time of decode_len steps. Mode "loop" runs
+  a real greedy generation loop with a KV cache after an (untimed) prefill; mode
+  "step" times one decode step with a cache of the mean context length
+  (prefill_len + decode_len / 2, as costs.json defines) and multiplies by decode_len.
+
+Weights do not change the time; models are built with random weights unless real
+canonical tensors are given (then the same module serves generations too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import torch
+
+from ..arch import ModelConfig
+from ..cost.measure import Job, cpu_threads, time_interleaved
+from ..cost.memory import kv_cache_bytes, non_block_params, non_block_weight_bytes, subblock_params, subblock_weight_bytes
+from ..cost.scenario import Scenario
+
+DECODE_MODES = ("loop", "step")
+
+
+@dataclass
+class ModelSize:
+    params: int
+    weight_bytes: int
+    kv_cache_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes
+
+
+def model_size(cfg: ModelConfig, scenario: Scenario) -> ModelSize:
+    """Parameters, weight bytes and the scenario's KV cache (prompt + generation), from cost/memory.py."""
+    params = non_block_params(cfg)
+    weights = non_block_weight_bytes(cfg, scenario)
+    kv = 0
+    for b in cfg.blocks:
+        for v in (b.attention, b.ffn):
+            params += subblock_params(cfg, v)
+            weights += subblock_weight_bytes(cfg, v, scenario)
+        kv += kv_cache_bytes(cfg, b.attention, scenario)
+    return ModelSize(params, weights, kv)
+
+
+def runtime_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor] | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """A `DeciLMForCausalLM` of `cfg` (canonical tensors loaded when given, else random), in eval mode."""
+    from ..convert.hf_modeling.modeling_decilm import DeciLMForCausalLM
+    from ..cost.decilm_runtime import decilm_config
+
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(decilm_config(cfg))
+    if tensors is not None:
+        missing, unexpected = model.load_state_dict(dict(tensors), strict=False)
+        missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _cache():
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache()
+
+
+def prefill_job(model, cfg: ModelConfig, s: Scenario, device) -> Job:
+    def setup():
+        return torch.randint(0, cfg.vocab_size, (s.batch_size, s.prefill_len), device=device)
+
+    return Job(run=lambda ids: model(input_ids=ids, cache=_cache(), use_cache=True, logits_to_keep=1), setup=setup)
+
+
+def decode_loop_job(model, cfg: ModelConfig, s: Scenario, device) -> Job:
+    """decode_len greedy steps with the KV cache; the prompt's prefill is the untimed setup."""
+
+    def setup():
+        ids = torch.randint(0, cfg.vocab_size, (s.batch_size, s.prefill_len), device=device)
+        cache = _cache()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def run(state):
+        cache, nxt = state
+        for _ in range(s.decode_len):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return nxt
+
+    return Job(run=run, setup=setup)
+
+
+def decode_step_job(model, cfg: ModelConfig, s: Scenario, device, kv_dtype: torch.dtype) -> Job:
+    """One decode step against a cache already holding the mean decode context."""
+    from ..cost.decilm_runtime import fill_kv_cache
+
+    layers = [(i, l.self_attn.num_kv_heads) for i, l in enumerate(model.model.layers) if l.uses_cache]
+
+    def setup():
+        cache = _cache()
+        if layers:
+            fill_kv_cache(cache, [i for i, _ in layers], s.batch_size, s.mean_decode_context, [g for _, g in layers],
+                          cfg.head_dim, kv_dtype, torch.device(device))
+        return torch.randint(0, cfg.vocab_size, (s.batch_size, 1), device=device), cache
+
+    return Job(run=lambda st: model(input_ids=st[0], cache=st[1], use_cache=True, logits_to_keep=1), setup=setup)
+
+
+@dataclass
+class Throughput:
+    prefill_s: float
+    decode_s: float  # all decode_len steps
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    throughput_tokens_per_s: float  # batch x decode_len / (prefill + decode): the search's throughput
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(s: Scenario) -> torch.device:
+    from ..cost.measure import check_local_device
+
+    return check_local_device(s)
+
+
+def measure_throughput(models: Mapping[str, ModelConfig | tuple[ModelConfig, Mapping | None] | torch.nn.Module],
+                       scenario: Scenario, *, decode_mode: str = "loop", warmup: int = 1, repeats: int = 5,
+                       threads: int | None = None, phases=("prefill", "decode")) -> dict[str, Throughput]:
+    """Time every model's prefill and decode at `scenario`, interleaved; tokens/s per model.
+
+    `models` maps a name to a ModelConfig (random weights), a (config, canonical tensors) pair,
+    or a ready `runtime_model`.
+    """
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+    from ..cost.decilm_runtime import TORCH_DTYPES
+
+    device = _device(scenario)
+    dtype, kv_dtype = TORCH_DTYPES[scenario.weight_dtype], TORCH_DTYPES[scenario.kv_dtype]
+    s = scenario
+    jobs: dict[tuple[str, str], Job] = {}
+    for name, spec in models.items():
+        if isinstance(spec, torch.nn.Module):
+            model, cfg = spec, spec.puzzle_config
+        else:
+            cfg, tensors = spec if isinstance(spec, tuple) else (spec, None)
+            model = runtime_model(cfg, tensors, dtype, device)
+            model.puzzle_config = cfg
+        if "prefill" in phases:
+            jobs[name, "prefill"] = prefill_job(model, cfg, s, device)
+        if "decode" in phases:
+            jobs[name, "decode"] = (decode_loop_job(model, cfg, s, device) if decode_mode == "loop"
+                                    else decode_step_job(model, cfg, s, device, kv_dtype))
+    with cpu_threads(threads if device.type == "cpu" else None):
+        t = time_interleaved(jobs, device, warmup=warmup, rounds=repeats, min_sample_s=0.0)
+    out = {}
+    for name in models:
+        pre = t.get((name, "prefill"), float("nan"))
+        dec = t.get((name, "decode"), float("nan"))
+        if decode_mode == "step":
+            dec *= s.decode_len
+        work = s.batch_size * s.decode_len
+        out[name] = Throughput(pre, dec, s.batch_size * s.prefill_len / pre, work / dec, work / (pre + dec))
+    return out
