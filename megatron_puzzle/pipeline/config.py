@@ -101,6 +101,12 @@ def resolve(user: dict | None = None, *, quick: bool = False) -> dict:
         raise ConfigError(f"tensor_parallel must be a positive integer, got {cfg['tensor_parallel']!r}")
     if cfg["parent_layers"] is not None and (not isinstance(cfg["parent_layers"], int) or cfg["parent_layers"] < 1):
         raise ConfigError(f"parent_layers must be a positive integer or null, got {cfg['parent_layers']!r}")
+    # one TP size for every stage: BLD reads its own key, so keep it in step
+    bld_tp = cfg["bld"].get("tensor_parallel", cfg["tensor_parallel"])
+    if bld_tp != cfg["tensor_parallel"]:
+        raise ConfigError(f"bld.tensor_parallel={bld_tp} differs from tensor_parallel={cfg['tensor_parallel']}; "
+                          "set only the top-level tensor_parallel")
+    cfg["bld"]["tensor_parallel"] = cfg["tensor_parallel"]
     # the stages' own config classes validate their sections now, before any work
     from ..arch.search_space import SearchSpaceConfig
     from ..distill.bld import BLDConfig
