@@ -203,3 +203,11 @@ def test_tp2_and_dp2_equal_tp1(tiny, tmp_path):
             assert mine.keys() == theirs.keys()
             for k in mine:
                 assert theirs[k] == pytest.approx(mine[k], abs=2e-5), (other, k)
+
+
+def test_cli_names_the_missing_stage(tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    assert main(["score", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "parent" in err and "megatron-puzzle import" in err

@@ -1,6 +1,6 @@
 """The `score` stage: replace-1-block scores (KL to the parent, LM loss, top-1 agreement)."""
 
-from .evaluate import assemble, evaluate_model, score_architecture
+from .evaluate import assemble, evaluate_model, parent_references, score_architecture
 from .library import LibraryError, library_weights, read_space
 from .metrics import ALL_METRICS, METRICS, MetricSums, Reference
 from .replace import ReplaceScorer, candidate_block, split_batch
@@ -8,6 +8,6 @@ from .stage import Settings, heldout_batches, items_of, run_score
 
 __all__ = [
     "ALL_METRICS", "METRICS", "LibraryError", "MetricSums", "Reference", "ReplaceScorer", "Settings", "assemble",
-    "candidate_block", "evaluate_model", "heldout_batches", "items_of", "library_weights", "read_space", "run_score",
+    "candidate_block", "evaluate_model", "heldout_batches", "items_of", "library_weights", "parent_references", "read_space", "run_score",
     "score_architecture", "split_batch",
 ]

@@ -6,7 +6,7 @@ additivity benchmark compares `score_architecture` with summed 1-block scores.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -18,19 +18,31 @@ from .replace import replace_subblock, split_batch
 
 
 @torch.no_grad()
-def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+def parent_references(parent_model, batches: Iterable[torch.Tensor]) -> list[Reference]:
+    """The parent's side of `evaluate_model` for each batch, to reuse over many children."""
+    parent_model.eval()
+    return [Reference.from_logits(forward.logits(parent_model, split_batch(w)[0]), split_batch(w)[1]) for w in batches]
+
+
+@torch.no_grad()
+def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor],
+                   references: Sequence[Reference] | None = None) -> dict[str, float]:
     """KL(parent || model), LM loss, top-1 agreement with the parent and next-token accuracy.
 
     `batches` yields held-out windows [batch, seq + 1]; both models run on the same
-    TP group and return vocab-parallel logits. Token-weighted means, plus "tokens".
+    TP group and return vocab-parallel logits. `references` (from `parent_references`
+    on the same batches) saves the parent's forwards. Token-weighted means, plus "tokens".
     """
     was_training = model.training, parent_model.training
     model.eval(), parent_model.eval()
     sums = MetricSums()
     try:
-        for window in batches:
+        for i, window in enumerate(batches):
             tokens, targets = split_batch(window)
-            ref = Reference.from_logits(forward.logits(parent_model, tokens), targets)
+            if references is not None:
+                ref = references[i]
+            else:
+                ref = Reference.from_logits(forward.logits(parent_model, tokens), targets)
             sums.add(forward.logits(model, tokens), ref)
     finally:
         model.train(was_training[0]), parent_model.train(was_training[1])
@@ -57,9 +69,10 @@ def assemble(parent_cfg: ModelConfig, parent_tensors: Mapping[str, torch.Tensor]
     return out
 
 
-def score_architecture(parent, child_cfg: ModelConfig, weights, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+def score_architecture(parent, child_cfg: ModelConfig, weights, batches: Iterable[torch.Tensor],
+                       references: Sequence[Reference] | None = None) -> dict[str, float]:
     """Build the child (`weights`: its full canonical tensors, or a `variant_weights` callable
-    applied over the parent's), and evaluate it against `parent` on `batches`."""
+    applied over the parent's), and evaluate it against `parent` on `batches` (see `evaluate_model`)."""
     from ..convert.megatron_layout import canonical_state, load_canonical
     from ..model.gpt import build_model
 
@@ -68,6 +81,6 @@ def score_architecture(parent, child_cfg: ModelConfig, weights, batches: Iterabl
     child = build_model(child_cfg)
     load_canonical(child, weights)
     try:
-        return evaluate_model(child, parent, batches)
+        return evaluate_model(child, parent, batches, references)
     finally:
         del child
