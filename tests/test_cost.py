@@ -285,8 +285,17 @@ def test_measured_cost_model_times_each_variant_once():
 
 def test_measured_with_decilm_runtime_small():
     _decilm()
+    from megatron_puzzle.cost.decilm_runtime import DeciLMRuntime
+
     cfg = tiny_cfg()
-    m = MeasuredCostModel(cfg, Scenario("t", 2, 8, 4), warmup=1, repeats=2, threads=1, min_sample_s=0.0)
+    s = Scenario("t", 2, 8, 4)
+    rt = DeciLMRuntime(cfg, s, "cpu", max_stack=4)
+    assert rt.stack_size("ffn_96") == 4  # tiny weights: as many copies as allowed
+    assert rt.subblock_job("attn_kv1", "decode").units == 4
+    big = DeciLMRuntime(ModelConfig(vocab_size=8, hidden_size=4096, num_layers=1, num_attention_heads=32,
+                                    num_kv_heads=8, intermediate_size=14336), s)
+    assert big.stack_size("ffn_14336") == 1  # 700 MB of weights already exceed any cache
+    m = MeasuredCostModel(cfg, s, rt, warmup=1, repeats=2, threads=1, min_sample_s=0.0)
     for n in ("attn_kv1", "attn_linear", "ffn_96", "ffn_linear"):
         c = m.variant_cost(n)
         assert c.prefill_time_s > 0 and c.decode_time_s > 0

@@ -73,11 +73,10 @@ def build_table(cfg, space, scenario: Scenario, source: str, args=None) -> CostT
             threads=getattr(args, "threads", None), telemetry=not getattr(args, "no_telemetry", False),
             clock=getattr(args, "clock", "wall"),
         )
+        log.info("timing %d variants and the non-block parts on %s", len(names), model.device)
         with model.session():
-            by_name = {}
-            for i, n in enumerate(names):
-                log.info("timing %s (%d/%d)", n, i + 1, len(names))
-                by_name[n] = model.variant_cost(n)
+            model.measure(names)  # all variants interleaved, so background load hits them alike
+            by_name = {n: model.variant_cost(n) for n in names}
             non_block = model.non_block_cost()
         device = model.device_info()
     return CostTable(scenario, source, device, non_block, [{n: by_name[n] for n in layer} for layer in layers])

@@ -1,8 +1,11 @@
 """Timing jobs built from the project's DeciLM modeling code: the runtime that serves the final model.
 
-Each subblock variant is timed as one decoder layer whose other subblock is a no-op,
+Each subblock variant is timed as decoder layers whose other subblock is a no-op,
 through `attention_subblock` / `ffn_subblock` (norm + mixer + residual, exactly what
-the model runs per layer). The non-block parts (embedding, rotary tables, final norm,
+the model runs per layer). A variant runs as a stack of copies whose weights
+together exceed twice the last-level cache, so that, as inside a model, each copy
+reads its weights from memory, not from cache, while the code path stays warm; the
+time is per copy. The non-block parts (embedding, rotary tables, final norm,
 LM head) are a zero-layer `DeciLMForCausalLM`. Prefill keeps logits of the last
 position only (`logits_to_keep=1`, as `generate` does); a decode step runs one token
 per sequence against a KV cache already holding `prefill_len + decode_len // 2` tokens.
@@ -18,8 +21,8 @@ from ..convert.hf_modeling.configuration_decilm import DeciLMConfig
 from ..convert.hf_modeling.modeling_decilm import (
     DeciLMForCausalLM, DeciLMRotaryEmbedding, decilm_layer_modules,
 )
-from .measure import Job
-from .memory import as_variant
+from .measure import Job, last_level_cache_bytes
+from .memory import as_variant, subblock_weight_bytes
 from .scenario import Scenario
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,14 +53,17 @@ def fill_kv_cache(cache, layers: list[int], batch: int, length: int, kv_heads: l
 class DeciLMRuntime:
     """Jobs for `MeasuredCostModel`: subblocks, non-block parts and whole models of `cfg`."""
 
-    def __init__(self, cfg: ModelConfig, scenario: Scenario, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, scenario: Scenario, device: torch.device | str = "cpu",
+                 max_stack: int = 64):
         from transformers.cache_utils import DynamicCache
 
         self.cfg, self.s, self.device = cfg, scenario, torch.device(device)
         self.dtype = TORCH_DTYPES[scenario.weight_dtype]
         self.kv_dtype = TORCH_DTYPES[scenario.kv_dtype]
         self._cache_cls = DynamicCache
-        self._layers: dict[str, torch.nn.Module] = {}  # one module per variant, shared by both phases
+        self.max_stack = max_stack
+        self._stack_bytes = 2 * last_level_cache_bytes(self.device)
+        self._layers: dict[str, list[torch.nn.Module]] = {}  # one stack per variant, shared by both phases
         self._models: dict[tuple | None, torch.nn.Module] = {}
 
     # ------------------------------------------------------------------ inputs
@@ -85,24 +91,42 @@ class DeciLMRuntime:
             block = BlockConfig(v, FFNVariant("no_op"))
         else:
             block = BlockConfig(AttentionVariant("no_op"), v)
-        config = decilm_config(self.cfg, [block])
+        copies = self.stack_size(variant)
+        config = decilm_config(self.cfg, [block] * copies)
         if variant not in self._layers:
-            self._layers[variant] = self._module(decilm_layer_modules(config, 0)[0])
-        layer = self._layers[variant]
-        pos = DeciLMRotaryEmbedding(config)(self._positions(phase), self.dtype)  # shared by all layers: a non-block cost
+            self._layers[variant] = [self._module(decilm_layer_modules(config, i)[0]) for i in range(copies)]
+        stack = self._layers[variant]
+        pos = DeciLMRotaryEmbedding(config)(self._positions(phase), self.dtype)  # per model: non-block
         if isinstance(v, FFNVariant):
             x = self._hidden(phase)
-            return Job(run=lambda _: layer.ffn_subblock(x))
+
+            def run_ffn(_):
+                h = x
+                for layer in stack:
+                    h = layer.ffn_subblock(h)
+                return h
+
+            return Job(run=run_ffn, units=copies)
 
         def setup():
             cache = self._cache_cls()
             if phase == "decode" and v.kind == "full":
-                fill_kv_cache(cache, [0], self.s.batch_size, self._past(phase), [v.num_kv_heads],
-                              self.cfg.head_dim, self.kv_dtype, self.device)
+                fill_kv_cache(cache, list(range(copies)), self.s.batch_size, self._past(phase),
+                              [v.num_kv_heads] * copies, self.cfg.head_dim, self.kv_dtype, self.device)
             return self._hidden(phase), cache
 
-        # No mask: causal fast path in prefill; a single query sees the whole cache in decode.
-        return Job(run=lambda state: layer.attention_subblock(state[0], pos, None, state[1]), setup=setup)
+        def run_attention(state):
+            h, cache = state
+            for layer in stack:  # no mask: causal fast path in prefill; one query sees the whole cache
+                h = layer.attention_subblock(h, pos, None, cache)
+            return h
+
+        return Job(run=run_attention, setup=setup, units=copies)
+
+    def stack_size(self, variant: str) -> int:
+        """Copies of `variant` whose weights together exceed twice the last-level cache."""
+        per_copy = max(1, subblock_weight_bytes(self.cfg, variant, self.s))
+        return max(1, min(self.max_stack, -(-self._stack_bytes // per_copy)))
 
     def non_block_job(self, phase: str) -> Job:
         return self.model_job([], phase)

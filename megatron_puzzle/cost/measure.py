@@ -53,10 +53,12 @@ class MeasureError(RuntimeError):
 
 @dataclass
 class Job:
-    """One thing to time: `run(setup())`; `setup` is not timed."""
+    """One thing to time: `run(setup())`; `setup` is not timed. `units`: how many
+    subblocks one run executes (a stack of copies); times are reported per unit."""
 
     run: Callable[[Any], Any]
     setup: Callable[[], Any] = lambda: None
+    units: int = 1
 
 
 class Runtime(Protocol):
@@ -163,7 +165,7 @@ def time_interleaved(
     flush: Callable[[], None] | None = None,
     clock: str = "wall",
 ) -> dict[Hashable, float]:
-    """Median seconds per job, timing all jobs round-robin.
+    """Median seconds per job (per unit of the job), timing all jobs round-robin.
 
     Each round times every job once, so a burst of background load hits all jobs
     alike instead of one job's every repeat. A round's sample of a short job is the
@@ -182,7 +184,8 @@ def time_interleaved(
     samples: dict[Hashable, list[float]] = {k: [] for k in jobs}
     for _ in range(rounds):
         for key, job in jobs.items():
-            samples[key].append(statistics.fmean(time_job(job, device, 0, inner[key], flush=flush, clock=clock)))
+            run_s = statistics.fmean(time_job(job, device, 0, inner[key], flush=flush, clock=clock))
+            samples[key].append(run_s / job.units)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
