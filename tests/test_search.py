@@ -520,18 +520,43 @@ def test_cli_run_dir(tmp_path, cli_main):
     assert rc == 0
     out = json.loads((run / "search" / "solutions.json").read_text())
     assert (run / "search" / "done").exists()
-    assert out["objective"] == "metrics.kl_div" and out["constraints"] == ["throughput>=1.2x", "memory<=0.9x"]
+    assert out["objective"] == "kl_div" and out["constraints"] == ["throughput>=1.2x", "memory<=0.9x"]
     assert len(out["solutions"]) == 2
     for s in out["solutions"]:
         blocks = blocks_from_json(s["blocks"], num_layers=4, hidden_size=48, num_attention_heads=4,
                                   num_kv_heads=4, intermediate_size=64)
         assert [[b.attention.name, b.ffn.name] for b in blocks] == s["variants"]
         t = raw_totals(scores, costs, [tuple(v) for v in s["variants"]])
-        assert s["objective"] == pytest.approx(t["kl_div"])
+        assert s["objective"] == pytest.approx(t["kl_div"]) == pytest.approx(s["totals"]["kl_div"])
         assert s["totals"]["throughput_vs_parent"] >= 1.2 - 1e-9
+        assert s["totals"]["memory_bytes"] == pytest.approx(t["memory"])
+        parent = raw_totals(scores, costs, [("attn_kv4", "ffn_64")] * 4)
+        assert t["memory"] <= 0.9 * parent["memory"] * (1 + 1e-9)
+        assert t["throughput"] >= 1.2 * parent["throughput"] * (1 - 1e-9)
     for png in ("pareto.png", "architecture_0.png", "architecture_1.png"):
         assert (run / "search" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((run / "search" / "pareto.csv").read_text().splitlines()) == 2 + 3 * 3
+
+
+def test_cli_batch_sizes(tmp_path, cli_main):
+    run, scores, costs = write_run(tmp_path)
+    paths = []
+    for b in (2, 8):
+        c = json.loads(json.dumps(costs))
+        c["scenario"]["batch_size"] = b
+        for layer in c["layers"]:
+            for v in layer.values():
+                v["kv_cache_bytes"] *= b
+        paths += ["--costs", str(tmp_path / f"costs_b{b}.json")]
+        (tmp_path / f"costs_b{b}.json").write_text(json.dumps(c))
+    rc = cli_main(["search", "--run-dir", str(run), "--no-plots", "--hidden-size", "48", "--num-heads", "4",
+                   "--constraint", "throughput>=1.1x", *paths])
+    assert rc == 0
+    out = json.loads((run / "search" / "solutions.json").read_text())
+    assert [p["batch_size"] for p in out["batch_sweep"]] == [2, 8]
+    best = min((p for p in out["batch_sweep"] if p["feasible"]), key=lambda p: p["objective"])
+    assert out["scenario"]["batch_size"] == best["batch_size"]
+    assert out["solutions"][0]["objective"] == pytest.approx(best["objective"])
 
 
 def test_cli_library_stats(tmp_path, cli_main):

@@ -3,6 +3,7 @@
 from .baselines import greedy, random_feasible
 from .constraints import Constraint, parse_constraint
 from .mip import InfeasibleError, Objective, Solution, parse_objective, solve
+from .plots import plot_architecture, plot_pareto
 from .problem import (
     Problem,
     SearchError,
@@ -11,9 +12,12 @@ from .problem import (
     problem_from_dicts,
     problem_from_library_stats,
 )
+from .run import search_library_stats, search_run_dir
+from .sweeps import batch_sweep, pareto_sweep, write_pareto_csv
 
 __all__ = [
-    "Constraint", "InfeasibleError", "Objective", "Problem", "SearchError", "Solution", "greedy",
-    "load_library_stats", "load_problem", "parse_constraint", "parse_objective", "problem_from_dicts",
-    "problem_from_library_stats", "random_feasible", "solve",
+    "Constraint", "InfeasibleError", "Objective", "Problem", "SearchError", "Solution", "batch_sweep", "greedy",
+    "load_library_stats", "load_problem", "pareto_sweep", "parse_constraint", "parse_objective", "plot_architecture",
+    "plot_pareto", "problem_from_dicts", "problem_from_library_stats", "random_feasible", "search_library_stats",
+    "search_run_dir", "solve", "write_pareto_csv",
 ]

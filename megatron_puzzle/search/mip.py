@@ -253,9 +253,16 @@ def solve(
     if d > problem.num_layers:
         raise SearchError(f"min_diff={min_diff} exceeds the {problem.num_layers} layers")
     chain = SolverChain(solver, time_limit)
+    # Diversity on two groups per layer: solve the equivalent one-group (pairs) problem, whose
+    # "layer unchanged" relaxation is tight, and map its choices back.
+    work, work_rows, parts = problem, rows, None
+    if d > 0 and len(problem.groups) > problem.num_layers:
+        work, parts = problem.as_pairs()
+        work_rows = [to_row(work, c, reference) for c in cons]
     found: list[Solution] = []
+    work_choices: list[np.ndarray] = []
     while len(found) < num_solutions:
-        model = build_model(problem, rows, obj, [s.choice for s in found], d)
+        model = build_model(work, work_rows, obj, work_choices, d)
         t0 = time.perf_counter()
         res = chain.solve(model)
         dt = time.perf_counter() - t0
@@ -265,7 +272,10 @@ def solve(
             log.warning("found %d of %d solutions differing in >= %d layers; no further one exists",
                         len(found), num_solutions, d)
             break
-        choice = _choice_from_x(problem, res.x)
+        choice = _choice_from_x(work, res.x)
+        work_choices.append(choice)
+        if parts is not None:
+            choice = np.concatenate([parts[i] for i in choice])
         found.append(make_solution(problem, choice, obj, res.solver, res.status, dt))
         log.debug("solution %d: %s=%.6g (%s, %.2fs)", len(found), obj.key, found[-1].objective, res.solver, dt)
     return found

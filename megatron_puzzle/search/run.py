@@ -88,15 +88,17 @@ def search_run_dir(
         solutions = solve(problem, cons, objective, sense=sense, num_solutions=num_solutions, min_diff=min_diff,
                           solver=solver)
     obj = parse_objective(problem, objective, sense)
-    out["objective"] = obj.key
+    out["objective"] = _bare(obj.key)
     out["sense"] = obj.sense
     out["mode"] = problem.mode
     out["scenario"] = problem.scenario
     parent_sol = _parent_solution(problem, obj)
     if parent_sol is not None:
         out["parent"] = {"variants": parent_sol.variants, "objective": parent_sol.objective,
-                         "totals": parent_sol.totals}
+                         "totals": _bare_keys(parent_sol.totals)}
     out["solutions"] = [s.to_json(hidden, heads) for s in solutions]
+    for s in out["solutions"]:
+        s["totals"] = _bare_keys(s["totals"])
 
     search_dir = run / "search"
     with atomic_dir(search_dir, overwrite=True) as tmp:
@@ -113,6 +115,15 @@ def search_run_dir(
                 plot_architecture(s, tmp / f"architecture_{k}.png")
         atomic_write_json(tmp / "solutions.json", out)
     return out
+
+
+def _bare(key: str) -> str:
+    """scores.json names metrics bare (kl_div); the run-dir outputs keep those names."""
+    return key[len("metrics."):] if key.startswith("metrics.") else key
+
+
+def _bare_keys(totals: dict) -> dict:
+    return {_bare(k): v for k, v in totals.items()}
 
 
 def _parent_solution(problem: Problem, obj) -> Solution | None:
