@@ -83,7 +83,7 @@ def plot_architecture(
     """
     variants = solution.variants if isinstance(solution, Solution) else [list(v) for v in solution]
     if title is None and isinstance(solution, Solution):
-        title = f"{solution.objective_name} = {solution.objective:.4g}"
+        title = f"{solution.objective_name.removeprefix('metrics.')} = {solution.objective:.4g}"
         if "throughput_vs_parent" in solution.totals:
             title += f", throughput {solution.totals['throughput_vs_parent']:.2f}x"
         if "memory_bytes_vs_parent" in solution.totals:

@@ -108,7 +108,7 @@ def search_run_dir(
             out["pareto"] = "pareto.csv"
             if plots:
                 x = points[0].target.quantity if points else "throughput"
-                plot_pareto(points, tmp / "pareto.png", parent=parent_sol, objective_name=obj.key,
+                plot_pareto(points, tmp / "pareto.png", parent=parent_sol, objective_name=_bare(obj.key),
                             x="memory" if x == "memory" else "throughput")
         if plots:
             for k, s in enumerate(solutions):
