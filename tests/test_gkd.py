@@ -214,3 +214,18 @@ def test_bad_settings_are_named(tmp_path, capsys):
     # missing inputs: the error names the stage to run
     assert main(["gkd", "--run-dir", str(tmp_path / "empty"), "--no-progress"]) == 2
     assert "megatron-puzzle import" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dp2_matches_one_process_with_the_global_batch(base_run, tmp_path):
+    """Two data-parallel ranks with 2 sequences each follow one process with 4 (the same windows)."""
+    cfg = GKDConfig(steps=3, save_interval=0, **TINY)
+    one = _copy_run(base_run, tmp_path / "one")
+    run_gkd(one, cfg)
+    dp2 = _copy_run(base_run, tmp_path / "dp2")
+    torchrun(WORKER, 2, "--tp", "1", "--run-dir", str(dp2), "--config",
+             json.dumps({**cfg.to_dict(), "batch_size": 2}), "--out", str(tmp_path / "dp2.json"))
+    for ra, rb in zip(_log(one), _log(dp2)):
+        for key in ("loss", "cosine", "kl", "grad_norm"):
+            assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
+    assert json.loads((dp2 / "gkd" / "eval.json").read_text())["dp"] == 2
