@@ -11,7 +11,7 @@ Variants get training-free weights from `megatron_puzzle.init` (mean-pooled KV
 heads, channel-contribution FFN pruning, least-squares linear FFN), with
 calibration statistics from an earlier part of the text than the held-out part.
 
-    python benchmarks/bench_additivity.py [--archs 24] [--heldout-batches 8] [--seq-len 128] [--out FILE]
+    python benchmarks/bench_additivity.py [--archs 20] [--heldout-batches 1] [--batch-size 4] [--seq-len 128] [--out FILE]
 """
 
 from __future__ import annotations
@@ -74,12 +74,12 @@ def random_architectures(cfg, space, n: int, rng: random.Random):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", type=int, default=24, help="random multi-replacement architectures (>= 20)")
-    ap.add_argument("--heldout-batches", type=int, default=2)
+    ap.add_argument("--archs", type=int, default=20, help="random multi-replacement architectures (>= 20)")
+    ap.add_argument("--heldout-batches", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--calib-batches", type=int, default=2)
-    ap.add_argument("--variants", default="attn_kv1,attn_no_op,ffn_768,ffn_no_op",
+    ap.add_argument("--calib-batches", type=int, default=1)
+    ap.add_argument("--variants", default="attn_kv1,attn_no_op,ffn_768",
                     help="variant names scored at every layer (besides the parent's own)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)

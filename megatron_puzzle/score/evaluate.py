@@ -14,14 +14,16 @@ from ..arch import ModelConfig
 from ..model import forward
 from .library import VariantWeights
 from .metrics import ALL_METRICS, MetricSums, Reference
-from .replace import replace_subblock, split_batch
+from .replace import model_device, replace_subblock, split_batch
 
 
 @torch.no_grad()
 def parent_references(parent_model, batches: Iterable[torch.Tensor]) -> list[Reference]:
     """The parent's side of `evaluate_model` for each batch, to reuse over many children."""
     parent_model.eval()
-    return [Reference.from_logits(forward.logits(parent_model, split_batch(w)[0]), split_batch(w)[1]) for w in batches]
+    device = model_device(parent_model)
+    return [Reference.from_logits(forward.logits(parent_model, split_batch(w, device)[0]), split_batch(w, device)[1])
+            for w in batches]
 
 
 @torch.no_grad()
@@ -38,7 +40,7 @@ def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor],
     sums = MetricSums()
     try:
         for i, window in enumerate(batches):
-            tokens, targets = split_batch(window)
+            tokens, targets = split_batch(window, model_device(model))
             if references is not None:
                 ref = references[i]
             else:

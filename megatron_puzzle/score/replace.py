@@ -27,9 +27,15 @@ Item = tuple[int, str]  # (layer, variant name or "attn_...+ffn_..." pair)
 _OWNED = {"attention": ("input_layernorm.", "self_attn."), "ffn": ("post_attention_layernorm.", "mlp.")}
 
 
-def split_batch(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A held-out window [batch, seq + 1] -> (inputs [batch, seq], next-token targets [batch, seq])."""
+def split_batch(window: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A held-out window [batch, seq + 1] -> (inputs [batch, seq], next-token targets [batch, seq]) on `device`."""
+    if device is not None:
+        window = window.to(device, non_blocking=True)
     return window[:, :-1], window[:, 1:]
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def candidate_block(cfg: ModelConfig, layer: int, name: str) -> BlockConfig:
@@ -157,7 +163,7 @@ class ReplaceScorer:
             modules = {item: self.build_candidate(*item) for item in group}
             sums = {item: MetricSums() for item in group}
             for window in batches:
-                tokens, targets = split_batch(window)
+                tokens, targets = split_batch(window, model_device(self.parent))
                 inputs, rope, parent_logits, ref = self.parent_pass(tokens, targets)
                 if gi == 0 and parent_sums is not None:
                     parent_sums.add(parent_logits, ref)
