@@ -35,14 +35,14 @@ def init_distributed(tensor_parallel: int = 1, seed: int = 1234) -> None:
 
     cpu_support.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # torchrun / srun set the rendezvous
+            dist.init_process_group(backend=backend)
+        else:  # a world of one; nothing is put in os.environ, so child processes start clean
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
         log.debug("process group: %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     world = dist.get_world_size()
     if world % tensor_parallel:
