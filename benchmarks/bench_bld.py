@@ -150,8 +150,8 @@ def table(args):
     for kind, _ in KINDS:
         print(f"| {kind} | " + " | ".join(f"{results[c].get(kind, float('nan')):.4f}" for c in cols) + " |")
     # channel contribution vs truncation, per FFN size
-    print("\nFFN pruning before training, mean over the layers:\n")
-    print("| variant | channel contribution | truncation | random |")
+    print("\nPer variant before training, mean over the layers:\n")
+    print("| variant | training-free (mean-pool / vo / channel contribution / lstsq) | truncation / up-down | random |")
     print("|---|---:|---:|---:|")
     libs = {k: Library(tmp / k.split()[0].replace("/", "") / "0") for k in ("training-free init", "truncation / up-down init",
                                                                             "random init")}
