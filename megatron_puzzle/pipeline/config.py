@@ -32,14 +32,14 @@ DEFAULTS: dict[str, Any] = {
         "kv_heads": None,  # null: the parent's KV heads and every smaller divisor of the query heads
         "attention_linear": True,
         "attention_no_op": True,
-        "ffn_fractions": [1.0, 0.75, 0.5, 0.25, 0.1],
-        "ffn_linear": True,
+        "ffn_fractions": [1.0, 0.75, 0.5, 0.25],  # of the parent's intermediate size
+        "ffn_linear": False,
         "ffn_no_op": True,
-        "round_to": 64,
+        "round_to": 64,  # FFN sizes are multiples of this
     },
     "init": {},  # init.InitConfig: kv mean_pool, ffn_prune channel_contribution, attn_linear vo, ffn_linear lstsq
-    "bld": {"steps": 12, "batch_size": 4, "seq_len": 128, "lr": 5e-4, "checkpoint_every": 6},
-    "score": {"tokens": 4096, "batch_size": 8, "seq_len": 128, "coupled": False},
+    "bld": {"steps": 16, "batch_size": 4, "seq_len": 128, "lr": 3e-4, "checkpoint_every": 8},
+    "score": {"tokens": 1024, "batch_size": 8, "seq_len": 128, "coupled": False},
     "scenario": "cpu-b8",  # a preset name (cpu-b8, h100-fp8-128-1024, ...) or a mapping of Scenario fields
     "measure": {"source": None, "warmup": 2, "repeats": 5},  # source: measured | analytic | a costs.json path
     "search": {
@@ -50,10 +50,12 @@ DEFAULTS: dict[str, Any] = {
         "pareto": "throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
     },
     "realize": {"solution": 0},
-    "gkd": {"steps": 40, "batch_size": 4, "seq_len": 128, "lr": 2e-4, "min_lr": 2e-5, "warmup": 4,
-            "save_interval": 20, "eval_tokens": 4096},
-    "report": {},
-    "baselines": {},
+    "gkd": {"steps": 20, "batch_size": 4, "seq_len": 128, "lr": 2e-4, "min_lr": 2e-5, "warmup": 2,
+            "save_interval": 10, "eval_tokens": 1024},
+    "report": {"eval_tokens": 4096, "eval_seq_len": 128, "eval_batch_size": 8, "gen_tokens": 16,
+               "throughput_repeats": 3},
+    "baselines": {"calib_tokens": 2048, "calib_seq_len": 128, "max_measurements": 4, "repeats": 2,
+                  "random_tries": 3},
 }
 
 # Every stage on a 4-layer cut of the default parent, in a few minutes: CI runs it.
@@ -68,7 +70,8 @@ QUICK: dict[str, Any] = {
     "measure": {"warmup": 1, "repeats": 3},
     "search": {"constraints": ["throughput>=1.3x"], "pareto": "throughput:1.1x:1.6x:3"},
     "gkd": {"steps": 4, "batch_size": 2, "seq_len": 64, "warmup": 1, "save_interval": 2, "eval_tokens": 512},
-    "report": {"quick": True},
+    "report": {"quick": True, "eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8},
+    "baselines": {"calib_tokens": 1024, "calib_seq_len": 64, "max_measurements": 3, "repeats": 2, "random_tries": 2},
 }
 
 

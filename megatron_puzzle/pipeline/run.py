@@ -89,18 +89,20 @@ def summary(run_dir: str | Path) -> str:
         r = read_json(rep)
         p, c = r.get("parent", {}), r.get("child", {})
 
-        def row(name, key, fmt="{:.3f}"):
-            pv, cv = p.get(key), c.get(key)
+        def row(name, key, fmt="{:.3f}", scale=1.0):
+            pv, cv = (v * scale if isinstance(v, (int, float)) else v for v in (p.get(key), c.get(key)))
             f = lambda v: fmt.format(v) if isinstance(v, (int, float)) else "-"  # noqa: E731
             return f"  {name:28s} {f(pv):>12s} {f(cv):>12s}"
 
         lines += [f"  {'':28s} {'parent':>12s} {'child':>12s}",
                   row("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
                   row("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"),
-                  row("parameters (M)", "params_m", "{:.1f}"),
+                  row("parameters (M)", "params", "{:.1f}", 1e-6),
+                  row("memory (MiB)", "memory_bytes", "{:.1f}", 1 / 2**20),
                   row("next-token accuracy", "next_token_accuracy"),
                   row("KL to parent", "kl_to_parent", "{:.4f}"),
-                  row("LM loss", "lm_loss")]
+                  row("LM loss", "lm_loss"),
+                  row("top-1 agreement", "top1_agreement")]
         if "decode_speedup" in c:
             lines.append(f"  decode speedup: {c['decode_speedup']:.2f}x")
         lines.append(f"report: {run / 'report.md'}")
