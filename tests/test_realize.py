@@ -1,0 +1,53 @@
+"""Realize: a searched solution becomes a child checkpoint whose weights are exactly the library's."""
+
+import json
+
+import pytest
+import torch
+
+from _runs import make_tiny_run
+from megatron_puzzle.convert.megatron_layout import canonical_state
+from megatron_puzzle.library import Library
+from megatron_puzzle.model import checkpoint
+from megatron_puzzle.pipeline.realize import RealizeError, realize
+from megatron_puzzle.search.run import search_run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mcore):
+    run = tmp_path_factory.mktemp("realize") / "run"
+    make_tiny_run(run)
+    (run / "child").rename(run / "child_prebuilt")  # realize writes its own
+    search_run_dir(run, ["throughput>=1.3x"], "kl_div", num_solutions=2, min_diff=1, plots=False)
+    return run
+
+
+def test_realized_child_weights_are_the_library_entries(tiny_run):
+    run = tiny_run
+    report = realize(run, 1, eval_tokens=256, seq_len=32, batch_size=4, warmup=0, repeats=1)
+    sol = json.loads((run / "search" / "solutions.json").read_text())["solutions"][1]
+    child = checkpoint.load(run / "child")
+    assert [[b.attention.name, b.ffn.name] for b in child.puzzle_config.blocks] == sol["variants"]
+    weights = canonical_state(child)
+    lib = Library(run / "library")
+    expected = dict(lib.non_block())
+    for i, (attn, ffn) in enumerate(sol["variants"]):
+        expected.update(lib.load(i, attn))
+        expected.update(lib.load(i, ffn))
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    # predicted next to measured
+    assert report["variants"] == sol["variants"]
+    assert report["predicted"]["objective"] == pytest.approx(sol["objective"])
+    assert report["measured"]["throughput"] > 0 and report["measured_parent"]["throughput"] > 0
+    assert 0 <= report["measured_quality"]["kl_div"] and report["measured_quality"]["tokens"] > 0
+    assert json.loads((run / "child" / "realize.json").read_text()) == report
+    # a finished realize is kept
+    assert realize(run, 1) == report
+
+
+def test_realize_names_a_missing_solution(tiny_run, tmp_path):
+    with pytest.raises(RealizeError, match="solution 7 does not exist"):
+        realize(tiny_run, 7, force=True)
+    with pytest.raises(RealizeError, match="run `megatron-puzzle search"):
+        realize(tmp_path, 0)
