@@ -13,15 +13,15 @@ import logging
 import sys
 
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
-COMMAND_MODULES = [
-    "megatron_puzzle.convert.cli",
-    "megatron_puzzle.search.cli",
+COMMAND_MODULES = [  # in pipeline order, as `--help` lists them
+    "megatron_puzzle.pipeline.cli",  # run (every stage), realize
+    "megatron_puzzle.convert.cli",  # import-hf, export-hf
     "megatron_puzzle.data.cli",
-    "megatron_puzzle.distill.bld_cli",
+    "megatron_puzzle.distill.bld_cli",  # init, bld
     "megatron_puzzle.score.cli",
-    "megatron_puzzle.cost.cli",
+    "megatron_puzzle.cost.cli",  # measure
+    "megatron_puzzle.search.cli",
     "megatron_puzzle.distill.gkd_cli",
-    "megatron_puzzle.pipeline.cli",
     "megatron_puzzle.report.cli",
 ]
 
@@ -43,7 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Megatron-Core warnings that say nothing about this project's use of it.
+_NOISE = (
+    "Apex is not installed",  # the local (torch) norms and optimizers are used on purpose
+    "Transformer Engine and Apex are not installed",
+    "full scope is deprecated",  # a default of TransformerConfig, not set by us
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    for text in _NOISE:
+        warnings.filterwarnings("ignore", message=f".*{text}")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

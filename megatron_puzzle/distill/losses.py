@@ -102,21 +102,29 @@ def vocab_parallel_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor
         log_p = vocab_parallel_log_softmax(teacher_logits.detach() / t)
         p = log_p.exp()
     log_q = vocab_parallel_log_softmax(student_logits / t)
-    per_token = _reduce_terms((p * (log_p - log_q)).sum(dim=-1))
-    return _masked_mean(per_token, mask) * (t * t)
+    return _masked_mean(per_token_kl(log_p, log_q, p), mask) * (t * t)
+
+
+def per_token_kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) per position from vocab-parallel log-probabilities (`p` = exp(log_p) if already at hand)."""
+    p = log_p.exp() if p is None else p
+    return _reduce_terms((p * (log_p - log_q)).sum(dim=-1))
+
+
+def per_token_cross_entropy(log_q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log q(target) per position from vocab-parallel log-probabilities; `targets` are global ids."""
+    _, rank = _tp_size_rank()
+    shard = log_q.shape[-1]
+    lo = rank * shard
+    local = (targets >= lo) & (targets < lo + shard)
+    idx = (targets - lo).clamp(0, shard - 1)
+    return -_reduce_terms(log_q.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * local)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross entropy; `targets` [batch, seq] are global vocabulary ids."""
-    size, rank = _tp_size_rank()
-    shard = logits.shape[-1]
-    lo = rank * shard
-    log_q = vocab_parallel_log_softmax(logits)
-    local = (targets >= lo) & (targets < lo + shard)
-    idx = (targets - lo).clamp(0, shard - 1)
-    picked = log_q.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * local
-    return -_masked_mean(_reduce_terms(picked), mask)
+    return _masked_mean(per_token_cross_entropy(vocab_parallel_log_softmax(logits), targets), mask)
 
 
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ of Megatron is copied here.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,6 +19,17 @@ import torch.nn.functional as F
 
 from ..arch import ModelConfig
 from . import cpu_support
+
+
+class _DropUnknownMLPWarning(logging.Filter):
+    """Megatron-Core warns "Unknown MLP type" for every linear / no-op FFN of a heterogeneous
+    model (its own heterogeneous specs build them); the layers are correct, the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_DropUnknownMLPWarning())
 
 
 @dataclass

@@ -17,68 +17,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
+
+from ..distill import losses
 
 METRICS = ("kl_div", "lm_loss", "top1_agreement")
 ALL_METRICS = METRICS + ("accuracy",)
 
 
-def _tp_group():
-    """The tensor-parallel group and its size; (None, 1) outside Megatron-Core's parallel state."""
-    try:
-        from megatron.core import parallel_state
-    except ImportError:  # pragma: no cover - megatron-core is a hard dependency
-        return None, 1
-    if not parallel_state.model_parallel_is_initialized():
-        return None, 1
-    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    group, size = _tp_group()
-    if size > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
-def vocab_offset(local_vocab: int) -> int:
-    """First vocabulary index held by this TP rank."""
-    group, size = _tp_group()
-    return 0 if size == 1 else dist.get_rank(group) * local_vocab
-
-
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the whole (sharded) vocabulary; returns this rank's slice, float32."""
-    x = logits.float()
-    m = _all_reduce(x.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX)
-    s = _all_reduce((x - m).exp().sum(dim=-1, keepdim=True), dist.ReduceOp.SUM)
-    return x - m - s.log()
+# One implementation of the vocab-parallel maths, shared with the distillation losses.
+log_softmax = losses.vocab_parallel_log_softmax  # this rank's slice of log-softmax over the whole vocabulary
+argmax = losses.vocab_parallel_argmax  # global argmax (the lowest id among exact ties, like torch.argmax)
+cross_entropy = losses.per_token_cross_entropy  # per-position -log q(target)
 
 
 def kl_div(parent_logp: torch.Tensor, logp: torch.Tensor, parent_p: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position KL(parent || candidate) from vocab-parallel log-probabilities."""
-    p = parent_logp.exp() if parent_p is None else parent_p
-    return _all_reduce((p * (parent_logp - logp)).sum(dim=-1), dist.ReduceOp.SUM)
-
-
-def cross_entropy(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position -log q(target) from vocab-parallel log-probabilities."""
-    local = logp.shape[-1]
-    idx = targets - vocab_offset(local)
-    here = (idx >= 0) & (idx < local)
-    picked = logp.gather(-1, idx.clamp(0, local - 1).unsqueeze(-1)).squeeze(-1)
-    return -_all_reduce(torch.where(here, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM)
-
-
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Global argmax over the sharded vocabulary (the lowest index among exact ties, like torch.argmax)."""
-    x = logits.float()
-    local_max, local_idx = x.max(dim=-1)
-    best = _all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-    idx = local_idx + vocab_offset(x.shape[-1])
-    big = torch.iinfo(torch.int64).max
-    idx = torch.where(local_max == best, idx, torch.full_like(idx, big))
-    return _all_reduce(idx, dist.ReduceOp.MIN)
+    return losses.per_token_kl(parent_logp, logp, parent_p)
 
 
 @dataclass
