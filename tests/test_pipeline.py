@@ -128,3 +128,9 @@ def _close(a, b, tol=1e-6):
     if isinstance(a, float):
         return abs(a - b) <= tol * max(1.0, abs(a))
     return a == b
+
+
+def test_example_default_config_is_the_built_in_default():
+    from megatron_puzzle.pipeline.config import REPO_EXAMPLE
+
+    assert run_config.load(REPO_EXAMPLE) == run_config.resolve({})

@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+# The commented copy of DEFAULTS users start from (a test keeps the two equal).
+REPO_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "configs" / "default.yaml"
+
 STAGES = ["import", "data", "init", "bld", "score", "measure", "search", "realize", "gkd", "export", "eval"]
 
 # The default run: SmolLM2-135M-Instruct on this CPU, target 2x its decode throughput.
