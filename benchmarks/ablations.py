@@ -18,6 +18,7 @@ ablation prints the paper's direction and whether it held here; all results go t
 OUT/ablations.json. Usage:
 
     python benchmarks/ablations.py --out /tmp/ablations [--layers 6] [--quick]
+    python benchmarks/ablations.py --run-dir runs/default --out /tmp/ablations   # reuse a finished run
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run)")
+    ap.add_argument("--run-dir", help="reuse this run (complete up to search, e.g. the default run of the whole "
+                    "parent) instead of building a small one on a cut of the parent")
+    ap.add_argument("--skip-gkd", action="store_true", help="leave out ablation 4 (GKD loss choices)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -92,11 +96,19 @@ def main() -> None:
     from megatron_puzzle.search import greedy, load_problem, random_feasible, solve
 
     out = Path(args.out)
-    run = out / "run"
-    cfg = base_config(args.layers, args.quick)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_pipeline(run, cfg, until="search")
-    print(f"base run ready in {time.perf_counter() - t0:.0f} s ({run})")
+    if args.run_dir:
+        import yaml
+
+        run = Path(args.run_dir)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        print(f"reusing {run}")
+    else:
+        run = out / "run"
+        cfg = base_config(args.layers, args.quick)
+        run_pipeline(run, cfg, until="search")
+        print(f"base run ready in {time.perf_counter() - t0:.0f} s ({run})")
 
     init_distributed(1)
     parent = checkpoint.load(run / "parent")
@@ -106,8 +118,8 @@ def main() -> None:
     library, init_lib = Library(run / "library"), Library(run / "init")
     constraints = cfg["search"]["constraints"]
     problem = load_problem(run / "score" / "scores.json", run / "measure" / "costs.json", run / "library" / "space.json")
-    results: dict = {"config": {"layers": args.layers, "constraints": constraints, "quick": args.quick,
-                                "eval_tokens": args.eval_tokens, "gkd_steps": args.gkd_steps}}
+    results: dict = {"config": {"run": str(run), "layers": pcfg.num_layers, "constraints": constraints,
+                                "quick": args.quick, "eval_tokens": args.eval_tokens, "gkd_steps": args.gkd_steps}}
 
     def child_metrics(variants, lib=library):
         c = pcfg.with_blocks(blocks_of(variants))
@@ -138,6 +150,11 @@ def main() -> None:
     results["mip_vs_greedy_vs_random"] = verdict(
         "MIP vs greedy vs random (same throughput constraint)", "the MIP child is the best of the three",
         bld_m["kl_to_parent"] <= min(g_m["kl_to_parent"], r_m["kl_to_parent"]), detail)
+
+    if args.skip_gkd:
+        (out / "ablations.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nablations 1-3 in {time.perf_counter() - t0:.0f} s; results in {out / 'ablations.json'}")
+        return
 
     # 4. GKD loss choices on the MIP child
     from megatron_puzzle.convert.megatron_layout import load_canonical

@@ -202,5 +202,14 @@ def test_library_does_not_depend_on_rank_count(parent, tmp_path):
     torchrun(WORKER, 1, str(one), str(one / "config.yaml"))
     torchrun(WORKER, 2, str(two), str(two / "config.yaml"))
     _assert_same(_library_tensors(one / "library"), _library_tensors(two / "library"), 1e-5)
+
+    # tensor parallel 2 (each variant's layer sharded over both processes, 1 KV head included)
+    tp2 = tmp_path / "tp2"
+    tp2.mkdir()
+    for sub in ("parent", "data"):
+        shutil.copytree(one / sub, tp2 / sub)
+    (tp2 / "config.yaml").write_text((one / "config.yaml").read_text().replace("bld: {", "bld: {tensor_parallel: 2, "))
+    torchrun(WORKER, 2, str(tp2), str(tp2 / "config.yaml"))
+    _assert_same(_library_tensors(one / "library"), _library_tensors(tp2 / "library"), 1e-4)
     assert load_file(one / "library" / "non_block.safetensors").keys() == {"model.embed_tokens.weight",
                                                                           "model.norm.weight", "lm_head.weight"}
