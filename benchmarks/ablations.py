@@ -172,7 +172,7 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         for link in ("parent", "data"):
             if not (d / link).exists():
-                os.symlink(run / link, d / link)
+                os.symlink((run / link).resolve(), d / link)
         if not (d / "child" / "done").exists():
             model = build_model(child_cfg)
             load_canonical(model, library.assemble(child_cfg))
