@@ -75,9 +75,12 @@ def pareto_sweep(
     solver: str = "auto",
     reference: dict[str, float] | None = None,
 ) -> list[ParetoPoint]:
-    """Best architecture (and greedy / random baselines) for each target plus `constraints`."""
+    """Best architecture (and greedy / random baselines) for each target plus `constraints`
+    (minus those on the swept quantity, which each target replaces)."""
     targets = parse_sweep(targets) if isinstance(targets, str) else as_constraints(targets)
-    base = as_constraints(constraints)
+    # a swept quantity's own constraint (e.g. the run's throughput>=2x) would clip the sweep
+    swept = {t.quantity for t in targets}
+    base = [c for c in as_constraints(constraints) if c.quantity not in swept]
     points = []
     for t in targets:
         cons = base + [t]
