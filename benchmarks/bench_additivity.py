@@ -17,7 +17,6 @@ calibration statistics from an earlier part of the text than the held-out part.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time

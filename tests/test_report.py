@@ -12,7 +12,7 @@ import torch
 from _models import tiny_parent
 from _runs import make_tiny_run
 
-from megatron_puzzle.arch import AttentionVariant as A, BlockConfig, FFNVariant as F
+from megatron_puzzle.arch import AttentionVariant as A
 from megatron_puzzle.report import baselines as bl
 from megatron_puzzle.report.config import BaselinesConfig, ReportConfig, load_report_config
 

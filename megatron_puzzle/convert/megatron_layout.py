@@ -90,8 +90,8 @@ def from_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
            "model.norm.weight": s["decoder.final_layernorm.weight"].clone()}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = s["output_layer.weight"].clone()
-    for i, b in enumerate(cfg.blocks):
-        hf, mc = f"model.layers.{i}.", P.format(i=i)
+    for i in range(cfg.num_layers):
+        mc = P.format(i=i)
         out.update(block_from_megatron(cfg, i, {k[len(mc):]: v for k, v in s.items() if k.startswith(mc)}))
     return out
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import re
 import shutil

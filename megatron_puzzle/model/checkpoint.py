@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..arch import ModelConfig
-from ..utils.io import DONE_MARKER, atomic_write_json, is_done
+from ..utils.io import DONE_MARKER, atomic_write_json, is_done, move_dir_into_place
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "model_config.json"
@@ -58,14 +57,7 @@ def save(model, path: str | Path, extra: dict[str, Any] | None = None, extra_sta
         model.puzzle_config.save(tmp / CONFIG_NAME)
         atomic_write_json(tmp / EXTRA_NAME, extra or {})
         (tmp / DONE_MARKER).write_text("ok\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_dir_into_place(tmp, path)
     _barrier()
     log.info("saved checkpoint %s", path)
     return path

@@ -82,18 +82,23 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / DONE_MARKER).write_text("ok\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        move_dir_into_place(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_dir_into_place(tmp: Path, path: Path) -> None:
+    """Rename a finished directory onto `path`, replacing any older one (kept aside until the rename)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def is_done(path: str | Path) -> bool:
