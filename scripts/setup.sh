@@ -22,4 +22,4 @@ if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if ! command -v megatron-puzzle >/dev/null 2>&1; then
   echo "setup: note: megatron-puzzle is not on PATH; add $("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH or use: $PY -m megatron_puzzle"
 fi
-echo "setup: done ($("$PY" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'))"
+echo "setup: done ($("$PY" -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'))"
