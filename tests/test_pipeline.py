@@ -134,3 +134,19 @@ def test_example_default_config_is_the_built_in_default():
     from megatron_puzzle.pipeline.config import REPO_EXAMPLE
 
     assert run_config.load(REPO_EXAMPLE) == run_config.resolve({})
+
+
+def test_from_stage_sets_outputs_aside_and_redoes_them(quick_run, tmp_path):
+    ref, _ = quick_run
+    run = tmp_path / "run"
+    for stage in ("import", "data", "init", "bld", "score", "measure", "search", "realize"):
+        shutil.copytree(ref / OUTPUTS[stage], run / OUTPUTS[stage])
+    shutil.copy(ref / "config.yaml", run / "config.yaml")
+    p = subprocess.run(CLI + ["run", "--quick", "--run-dir", str(run), "--from", "search", "--until", "realize"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (aside,) = (run / "previous").iterdir()  # nothing computed is deleted
+    assert (aside / "search" / "solutions.json").exists() and (aside / "child" / "realize.json").exists()
+    old, new = (json.loads((d / "search" / "solutions.json").read_text()) for d in (aside, run))
+    assert new["solutions"][0]["variants"] == old["solutions"][0]["variants"]
+    assert is_complete(run, "realize") and not (run / "gkd").exists()
