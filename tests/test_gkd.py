@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "tests" / "workers"))
 from gkd_worker import VOCAB, fixed_logits, make_run  # noqa: E402
 
 from megatron_puzzle.distill import losses, train_utils  # noqa: E402
+from megatron_puzzle.convert.megatron_layout import canonical_state  # noqa: E402
 from megatron_puzzle.distill.gkd import GKDConfig, latest_checkpoint, run_gkd  # noqa: E402
 
 WORKER = REPO / "tests" / "workers" / "gkd_worker.py"
@@ -229,3 +230,71 @@ def test_dp2_matches_one_process_with_the_global_batch(base_run, tmp_path):
         for key in ("loss", "cosine", "kl", "grad_norm"):
             assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
     assert json.loads((dp2 / "gkd" / "eval.json").read_text())["dp"] == 2
+
+
+def _final_weights(run):
+    from megatron_puzzle.convert.megatron_layout import canonical_state
+    from megatron_puzzle.model import checkpoint
+
+    return canonical_state(checkpoint.load(run / "gkd" / "final"))
+
+
+def test_sharded_optimizer_at_dp2_matches_replicated_and_resumes(base_run, tmp_path):
+    """ZeRO stage 1 over 2 data-parallel ranks follows replicated AdamW step for step; each rank's
+    state file holds only its share; a stopped sharded run resumes on the same curve."""
+    from safetensors.torch import load_file
+
+    from megatron_puzzle.model import checkpoint
+
+    cfg = {**GKDConfig(steps=3, save_interval=0, **{**TINY, "batch_size": 2, "eval_tokens": 128}).to_dict()}
+    sharded_cfg = {**cfg, "shard_optimizer": True}
+    full, sharded, resumed = (_copy_run(base_run, tmp_path / n) for n in ("full", "sharded", "resumed"))
+    torchrun(WORKER, 2, "--tp", "1", "--run-dir", str(full), "--config", json.dumps(cfg),
+             "--out", str(tmp_path / "dp2.json"), "--also", json.dumps([
+                 {"run_dir": str(sharded), "config": sharded_cfg},
+                 {"run_dir": str(resumed), "config": {**sharded_cfg, "save_interval": 2}, "stop_after": 2}]))
+
+    ref = _log(full)
+    assert len(ref) == 3
+    for other in (sharded, resumed):
+        rows = _log(other)
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        for ra, rb in zip(ref, rows):
+            for key in ("loss", "cosine", "kl", "grad_norm"):
+                assert abs(ra[key] - rb[key]) <= 1e-6, (other.name, ra["step"], key, ra[key], rb[key])
+    ref_w = _final_weights(full)
+    child_w = canonical_state(checkpoint.load(base_run / "child"))
+    assert max((ref_w[k] - child_w[k]).abs().max().item() for k in ref_w) > 1e-4  # training moved the weights
+    for other in (sharded, resumed):
+        w = _final_weights(other)
+        assert w.keys() == ref_w.keys()
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-6, other.name
+
+    # the two ranks' AdamW moments cover the child's parameters exactly once, about half each
+    total = sum(v.numel() for v in child_w.values())
+    ckpt = resumed / "gkd" / "ckpt" / "step_0000002"
+    held = [sum(v.numel() for k, v in load_file(str(ckpt / f"rank_{r:05d}.safetensors")).items()
+                if k.endswith(".exp_avg")) for r in (0, 1)]
+    assert sum(held) == total and max(held) < 0.75 * total, (held, total)
+
+
+def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
+    from megatron_puzzle.distill.gkd import teacher_outputs
+    from megatron_puzzle.model import checkpoint
+
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = GKDConfig(teacher_dtype=dtype, **TINY)
+        teacher = checkpoint.load(base_run / "parent", cfg.teacher_runtime())
+        # the matrices (all but a few norm vectors, which Megatron-Core's CPU norm keeps in fp32)
+        assert {p.dtype for p in teacher.parameters() if p.ndim > 1} == {getattr(torch, dtype)}
+        with torch.no_grad():
+            out[dtype] = teacher_outputs(teacher, tokens, cfg, hidden=True)
+    (lf, hf), (lb, hb) = out["float32"], out["bfloat16"]
+    assert lb.dtype == torch.float32 and all(h.dtype == torch.float32 for h in hb)
+    # bf16 keeps ~3 significant digits: the KL between the two is tiny next to the logits' spread
+    assert losses.vocab_parallel_kl(lf, lb).item() < 1e-3
+    assert (lb - lf).abs().max().item() < 0.05 * lf.abs().max().item()
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        GKDConfig(teacher_dtype="float16")

@@ -7,10 +7,11 @@ the LM loss and every weight are selectable for ablations (`losses.LossWeights`)
 
 Runs on Megatron-Core's tensor-parallel model (vocab-parallel logits, never gathered
 for the loss) with data parallelism over the remaining ranks, AdamW with linear
-warm-up and cosine decay, global-norm clipping. Precision: fp32 on CPU; with
+warm-up and cosine decay, global-norm clipping; with `shard_optimizer` each DP rank
+keeps AdamW state only for the parameters it owns (ZeRO stage 1). Precision: fp32 on CPU; with
 `dtype: bfloat16` the forward runs under autocast (bf16 matmuls) while weights and
 AdamW states stay fp32 (they are the master weights); FP8 adds Transformer Engine's
-fp8 autocast on Hopper GPUs.
+fp8 autocast on Hopper GPUs. `teacher_dtype: bfloat16` holds the frozen parent in bf16.
 
 Outputs (RUN/gkd/):
   ckpt/step_XXXXXXX/   model/ (distributed checkpoint), rank_XXXXX.safetensors (optimizer + RNG
@@ -32,7 +33,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,6 +75,8 @@ class GKDConfig:
     tp: int = 1
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     fp8: str | None = None  # None, "hybrid" or "e4m3" (Transformer Engine, Hopper GPUs)
+    shard_optimizer: bool = False  # each data-parallel rank keeps AdamW state for ~1/DP of the parameters
+    teacher_dtype: str = "float32"  # the frozen parent's parameters: float32 or bfloat16 (half the memory)
     seed: int = 1234
     data_seed: int | None = None  # None: the seed recorded with the token shards
     progress: bool = True
@@ -99,6 +102,8 @@ class GKDConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.teacher_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"teacher_dtype must be float32 or bfloat16, got {self.teacher_dtype!r}")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ValueError(f"fp8 must be hybrid or e4m3 (or unset), got {self.fp8!r}")
 
@@ -119,6 +124,10 @@ class GKDConfig:
     def runtime(self) -> RuntimeOptions:
         """Model build options: fp32 parameters always (master weights); TE specs when FP8 is asked for."""
         return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8)
+
+    def teacher_runtime(self) -> RuntimeOptions:
+        """The frozen parent needs no master weights: it may hold bf16 parameters."""
+        return replace(self.runtime(), dtype=getattr(torch, self.teacher_dtype))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +210,14 @@ def model_outputs(model, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, 
     return out, outs
 
 
+def teacher_outputs(teacher, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, logits: bool = True):
+    """The parent's outputs in fp32 (a bf16 teacher's included), so the loss math is the same either way."""
+    out, outs = model_outputs(teacher, tokens, cfg, hidden=hidden, logits=logits)
+    if cfg.teacher_dtype == "float32":
+        return out, outs
+    return (out.float() if out is not None else None), ([h.float() for h in outs] if outs is not None else None)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def _all_reduce_dp(values: torch.Tensor) -> torch.Tensor:
@@ -227,7 +244,7 @@ def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> d
         batch = batch.to(dev)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         s_logits, _ = model_outputs(student, tokens, cfg, hidden=False)
-        t_logits, _ = model_outputs(teacher, tokens, cfg, hidden=False)
+        t_logits, _ = teacher_outputs(teacher, tokens, cfg, hidden=False)
         n = targets.numel()
         s_top, t_top = losses.vocab_parallel_argmax(s_logits), losses.vocab_parallel_argmax(t_logits)
         sums += torch.tensor([
@@ -255,16 +272,21 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig, lr: float) -> dict[str, float]:
-    """One optimizer step on this rank's batch [batch, seq_len + 1]; returns the DP-averaged loss terms."""
+def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig, lr: float,
+               owners: dict[str, int] | None = None) -> dict[str, float]:
+    """One optimizer step on this rank's batch [batch, seq_len + 1]; returns the DP-averaged loss terms.
+
+    `owners` (shard_optimizer): this rank's optimizer steps only its own parameters; the
+    updated values are then broadcast from each parameter's owner over the DP group.
+    """
     weights = cfg.weights
     batch = batch.to(_device())
     tokens, targets = batch[:, :-1], batch[:, 1:]
     t_logits = t_hidden = None
     if weights.cosine or weights.kl:
         with torch.no_grad():
-            t_logits, t_hidden = model_outputs(teacher, tokens, cfg, hidden=bool(weights.cosine),
-                                               logits=bool(weights.kl))
+            t_logits, t_hidden = teacher_outputs(teacher, tokens, cfg, hidden=bool(weights.cosine),
+                                                 logits=bool(weights.kl))
     s_logits, s_hidden = model_outputs(student, tokens, cfg, hidden=bool(weights.cosine))
     loss, terms = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, weights, cfg.temperature)
     loss.backward()
@@ -272,7 +294,10 @@ def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig,
     grad_norm = train_utils.clip_grad_norm(student, cfg.clip)
     train_utils.set_lr(optimizer, lr)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if owners is not None:
+        train_utils.broadcast_from_owners(student, owners)
+    # the model, not the optimizer: a sharded optimizer would leave the others' gradients behind
+    student.zero_grad(set_to_none=True)
     names = ["loss", *terms]
     values = torch.tensor([float(loss.detach()), *terms.values()], dtype=torch.float64, device=_device())
     from ..model.parallel import dp_size
@@ -387,7 +412,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     unless `overwrite`. `on_step(step, record)` runs after each step (tests use it to
     simulate a crash).
     """
-    from ..model.parallel import barrier, dp_size, init_distributed
+    from ..model.parallel import barrier, dp_rank, dp_size, init_distributed
 
     cfg = config or GKDConfig()
     opts = cfg.runtime()
@@ -404,7 +429,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     barrier()
     torch.manual_seed(cfg.seed)
 
-    teacher = checkpoint.load(run / "parent", opts)
+    teacher = checkpoint.load(run / "parent", cfg.teacher_runtime())
     teacher.requires_grad_(False)
     teacher.eval()
     student = checkpoint.load(run / "child", opts)
@@ -412,7 +437,11 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     if student.puzzle_config.num_layers != teacher.puzzle_config.num_layers and cfg.weights.cosine:
         raise ValueError(f"child has {student.puzzle_config.num_layers} layers, parent "
                          f"{teacher.puzzle_config.num_layers}: the cosine term needs equal counts; set loss.cosine: 0")
-    optimizer = train_utils.build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    owners = None
+    if cfg.shard_optimizer and dp_size() > 1:
+        owners = train_utils.shard_owners(student, dp_size())
+    owned = None if owners is None else {n for n, r in owners.items() if r == dp_rank()}
+    optimizer = train_utils.build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, owned=owned)
     total = cfg.total_steps(dp_size())
     tokens_per_step = cfg.batch_size * cfg.seq_len * dp_size()
     cfg_dict = cfg.to_dict()
@@ -448,7 +477,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         step = state["step"]
         lr = train_utils.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=total)
         t0 = time.perf_counter()
-        record = train_step(student, teacher, optimizer, next(batches), cfg, lr)
+        record = train_step(student, teacher, optimizer, next(batches), cfg, lr, owners)
         dt = time.perf_counter() - t0
         state["step"] = step + 1
         state["tokens"] += tokens_per_step

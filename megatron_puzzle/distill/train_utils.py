@@ -1,5 +1,6 @@
 """Training helpers for distillation: LR schedule, data-parallel gradient averaging,
-global-norm clipping over tensor-parallel shards, optimizer/RNG state files.
+global-norm clipping over tensor-parallel shards, optimizer state sharded over
+data-parallel ranks (ZeRO stage 1), optimizer/RNG state files.
 
 Plain `torch.optim.AdamW` over the model's parameters: Megatron-Core's distributed
 optimizer and its `clip_grad_norm_fp32` assume CUDA tensors, and these few lines
@@ -34,13 +35,38 @@ def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
         group["lr"] = value
 
 
+def shard_owners(model: torch.nn.Module, size: int) -> dict[str, int]:
+    """Owner data-parallel rank of each trainable parameter, for sharding AdamW state (ZeRO stage 1).
+
+    Whole tensors, largest first (ties by name), each to the least-loaded rank so far:
+    every rank computes the same assignment from the same model, with no communication.
+    """
+    params = sorted(((n, p.numel()) for n, p in model.named_parameters() if p.requires_grad),
+                    key=lambda item: (-item[1], item[0]))
+    if len(params) < size:
+        raise ValueError(f"cannot shard {len(params)} parameter tensors over {size} data-parallel ranks; "
+                         "set shard_optimizer: false")
+    load = [0] * size
+    owners = {}
+    for name, numel in params:
+        rank = min(range(size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += numel
+    return owners
+
+
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
-                    betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with no weight decay on 1-D parameters (norm weights), the usual LLM recipe."""
+                    betas=(0.9, 0.95), eps: float = 1e-8, owned: set[str] | None = None) -> torch.optim.AdamW:
+    """AdamW with no weight decay on 1-D parameters (norm weights), the usual LLM recipe.
+
+    `owned`: names of the only parameters this optimizer updates (and holds state for);
+    None: all trainable parameters.
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+    for name, p in model.named_parameters():
+        if p.requires_grad and (owned is None or name in owned):
             (no_decay if p.ndim < 2 else decay).append(p)
+    # both groups always exist (possibly empty) so saved state lines up group by group
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False keeps CPU and GPU on the same per-tensor arithmetic
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
@@ -66,6 +92,23 @@ def average_gradients_dp(model: torch.nn.Module) -> None:
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+def broadcast_from_owners(model: torch.nn.Module, owners: dict[str, int]) -> None:
+    """After each rank stepped its own parameters, send every parameter from its owner to the DP group."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    named = dict(model.named_parameters())
+    for owner in sorted(set(owners.values())):
+        params = [named[n] for n in sorted(owners) if owners[n] == owner]
+        # one flat buffer per owner: N collectives per step instead of one per tensor
+        flat = torch.cat([p.data.reshape(-1) for p in params])
+        dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
+        offset = 0
+        for p in params:
+            p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -3,6 +3,8 @@
 `make_run(run_dir)` builds a tiny run directory (parent, child, token shards) in code.
 As a script (under torchrun) it checks the vocab-parallel losses on fixed logits and
 runs a few GKD steps at the given TP size, writing both to a JSON file (rank 0).
+`--also` runs more GKD stages in the same process group afterwards, each optionally
+stopped after a step and resumed (to check resume under data parallelism cheaply).
 """
 
 import argparse
@@ -92,12 +94,23 @@ def check_losses(out: dict) -> None:
     out["losses"] = results
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop(step: int, at: int) -> None:
+    if step == at:
+        raise _Stopped(f"simulated kill after step {at}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--config", required=True, help="GKDConfig as JSON")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--also", default="[]",
+                    help='JSON list of {"run_dir", "config", "stop_after" (optional step)}')
     a = ap.parse_args()
 
     from megatron_puzzle.distill.gkd import GKDConfig, run_gkd
@@ -108,6 +121,15 @@ def main():
     check_losses(out)
     result = run_gkd(a.run_dir, GKDConfig.from_dict(json.loads(a.config)))
     out["eval"] = result
+    for extra in json.loads(a.also):
+        cfg = GKDConfig.from_dict(extra["config"])
+        stop = extra.get("stop_after")
+        if stop is not None:
+            try:
+                run_gkd(extra["run_dir"], cfg, on_step=lambda step, _: _stop(step, stop))
+            except _Stopped:
+                pass
+        run_gkd(extra["run_dir"], cfg)
     if torch.distributed.get_rank() == 0:
         Path(a.out).write_text(json.dumps(out))
     shutdown()
