@@ -72,18 +72,30 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
 
 
-def average_gradients_dp(model: torch.nn.Module) -> None:
-    """All-reduce gradients over the data-parallel group and divide by its size."""
+def average_gradients_dp(model: torch.nn.Module, bucket_bytes: int = 256 * 2**20) -> None:
+    """All-reduce gradients over the data-parallel group and divide by its size.
+
+    Gradients are packed into flat buckets of at most `bucket_bytes` (a parameter larger
+    than that goes alone): few collectives, and never a second copy of every gradient.
+    """
     from megatron.core import parallel_state
 
     if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
         return
     group = parallel_state.get_data_parallel_group()
     size = dist.get_world_size(group)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    # one flat buffer: one collective instead of one per parameter
+    bucket, nbytes = [], 0
+    for g in (p.grad for p in model.parameters() if p.grad is not None):
+        if bucket and nbytes + g.numel() * 4 > bucket_bytes:
+            _all_reduce_mean(bucket, group, size)
+            bucket, nbytes = [], 0
+        bucket.append(g)
+        nbytes += g.numel() * 4
+    if bucket:
+        _all_reduce_mean(bucket, group, size)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], group, size: int) -> None:
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat, group=group)
     flat /= size
