@@ -115,14 +115,13 @@ def stage_score(run: Path, cfg: dict) -> None:
 
 
 def stage_measure(run: Path, cfg: dict) -> None:
-    import json
-
     from ..cli import main
+    from ..utils.io import atomic_write_json
 
     m, scenario = cfg["measure"], cfg["scenario"]
     if isinstance(scenario, dict):  # the measure command takes a preset or a file
         path = run / "scenario.json"
-        path.write_text(json.dumps(scenario))
+        atomic_write_json(path, scenario)
         scenario = str(path)
     argv = ["measure", "--run-dir", str(run), "--scenario", str(scenario),
             "--warmup", str(m.get("warmup", 2)), "--repeats", str(m.get("repeats", 5))]
