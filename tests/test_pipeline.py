@@ -109,6 +109,8 @@ def test_killed_run_resumes_to_the_same_result(quick_run, tmp_path, mcore):
 
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
     assert p.returncode == 0, p.stderr[-5000:]
+    # the kill may land inside a write: its temporaries are swept, never read as results
+    assert not [f for f in run.rglob("*") if f.name.startswith(".") and f.name.endswith(".tmp")]
     a, b = _tensors(ref / "library"), _tensors(run / "library")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     sa, sb = (json.loads((r / "score" / "scores.json").read_text()) for r in (ref, run))

@@ -17,8 +17,10 @@ import argparse
 def _run(args: argparse.Namespace, init_only: bool) -> int:
     from ..cli import UserError
     from ..library import LibraryError
+    from ..utils.io import sweep_before_start
     from .bld_run import build_library, load_run_config
 
+    sweep_before_start(args.run_dir)
     try:
         rc = load_run_config(args.run_dir, args.config)
         if args.no_progress:

@@ -8,6 +8,7 @@ Settings come from GKDConfig defaults, then a YAML file (`--config`, flat or und
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 _FLAGS = {  # flag -> (GKDConfig field, type, help)
     "--steps": ("steps", int, "optimizer steps"),
@@ -54,13 +55,15 @@ def _config(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from ..model.gpt import GPUOnlyOptionError, check_runtime
-    from .gkd import run_gkd
+    from ..utils.io import sweep_before_start
+    from .gkd import STAGE_DIR, run_gkd
 
     cfg = _config(args)
     try:
         check_runtime(cfg.runtime())  # before any model is loaded
     except GPUOnlyOptionError as e:
         raise UserError(str(e)) from None
+    sweep_before_start(Path(args.run_dir) / STAGE_DIR)
     result = run_gkd(args.run_dir, cfg, overwrite=args.overwrite)
     before, after = result.get("before") or {}, result.get("after") or {}
     if after:

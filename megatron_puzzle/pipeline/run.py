@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..utils.io import atomic_write_text, read_json
+from ..utils.io import atomic_write_text, read_json, sweep_before_start
 from . import config as run_config
 from .stages import RUNNERS, is_complete, set_aside
 
@@ -40,6 +40,7 @@ def run_pipeline(run_dir: str | Path, cfg: dict, *, from_stage: str | None = Non
         if old != cfg and from_stage is None:
             log.warning("RUN/config.yaml differs from this config; finished stages are kept as they are "
                         "(use --from STAGE to redo stages with the new settings)")
+    sweep_before_start(run)  # temporaries of a killed run would otherwise sit beside the real results
     atomic_write_text(cfg_path, run_config.dump(cfg))
     if from_stage is not None:
         set_aside(run, stages[stages.index(from_stage):])

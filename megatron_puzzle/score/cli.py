@@ -14,11 +14,12 @@ log = logging.getLogger(__name__)
 
 def _run(args: argparse.Namespace) -> int:
     from ..model import checkpoint, parallel
-    from ..utils.io import is_done
+    from ..utils.io import is_done, sweep_before_start
     from . import library as lib
     from .stage import Settings, heldout_batches, run_score
 
     run = Path(args.run_dir)
+    sweep_before_start(run / "score")
     for sub, stage in (("parent", "import"), ("data", "data"), ("library", "bld")):
         if not is_done(run / sub):
             raise UserError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")

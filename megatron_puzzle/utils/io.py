@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -99,6 +100,46 @@ def move_dir_into_place(tmp: Path, path: Path) -> None:
     else:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Delete the temporary files and directories a killed writer left under `root`.
+
+    `atomic_path` and `atomic_dir` clean up after themselves unless the process dies
+    (SIGKILL, OOM, node loss); their temporaries are named `.NAME.XXXX.tmp`. Call this
+    only where no other process can be writing under `root`: before a stage starts, on
+    the launching rank, ahead of the distributed rendezvous. Returns what was removed.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames):
+            if name.startswith(".") and name.endswith(".tmp"):
+                shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
+                removed.append(Path(dirpath) / name)
+                dirnames.remove(name)  # do not walk into what was just removed
+        for name in filenames:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(dirpath) / name).unlink()
+                removed.append(Path(dirpath) / name)
+    return removed
+
+
+def is_launching_rank() -> bool:
+    """True outside torchrun, and on global rank 0 under it (read from the environment, so it
+    works before torch.distributed is initialised)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def sweep_before_start(root: str | Path) -> None:
+    """`remove_leftovers` on the launching rank only; call it before the distributed rendezvous
+    so that no other rank has started writing."""
+    if is_launching_rank():
+        for path in remove_leftovers(root):
+            logging.getLogger(__name__).info("removed %s, left by a killed writer", path)
 
 
 def is_done(path: str | Path) -> bool:

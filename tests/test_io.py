@@ -1,0 +1,46 @@
+"""Atomic writes and the cleanup of what a killed writer leaves behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from megatron_puzzle.utils.io import atomic_write_json, is_done, read_json, remove_leftovers, sweep_before_start
+
+_KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from megatron_puzzle.utils.io import atomic_dir, atomic_path
+    root = sys.argv[1]
+    with atomic_path(os.path.join(root, "half.json")) as tmp:
+        open(tmp, "w").write("{")
+        with atomic_dir(os.path.join(root, "entry")) as d:
+            open(d / "weights.safetensors", "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)  # dies inside both writers: no cleanup runs
+""")
+
+
+def test_killed_writer_leaves_temporaries_that_the_sweep_removes(tmp_path):
+    atomic_write_json(tmp_path / "kept" / "result.json", {"x": 1})
+    p = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)])
+    assert p.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp"))
+    assert len(left) == 2, left  # one file, one directory (with a weights file inside)
+    assert not is_done(tmp_path / "entry")
+
+    removed = remove_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == left
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not list(tmp_path.rglob("*.safetensors"))
+    assert read_json(tmp_path / "kept" / "result.json") == {"x": 1}
+
+
+@pytest.mark.parametrize("rank,expect_removed", [("0", True), ("1", False)])
+def test_sweep_runs_only_on_the_launching_rank(tmp_path, monkeypatch, rank, expect_removed):
+    (tmp_path / ".entry.abc.tmp").mkdir()
+    monkeypatch.setenv("RANK", rank)
+    sweep_before_start(tmp_path)
+    assert (tmp_path / ".entry.abc.tmp").exists() != expect_removed
+    assert os.path.isdir(tmp_path)
