@@ -85,6 +85,7 @@ def raw_totals(scores, costs, arch):
     t["latency"] = t["prefill_time_s"] + sc["decode_len"] * t["decode_time_s"]
     t["ttft"] = t["prefill_time_s"]
     t["throughput"] = sc["batch_size"] * sc["decode_len"] / t["latency"]
+    t["decode_throughput"] = sc["batch_size"] / t["decode_time_s"]
     return t
 
 
@@ -129,6 +130,8 @@ KINDS = {
     "memory_rel": ("memory", "<=", True),
     "throughput_rel": ("throughput", ">=", True),
     "throughput_abs": ("throughput", ">=", False),
+    "decode_throughput_rel": ("decode_throughput", ">=", True),
+    "decode_throughput_abs": ("decode_throughput", ">=", False),
     "latency": ("latency", "<=", False),
     "ttft": ("ttft", "<=", False),
     "params": ("params", "<=", False),
@@ -161,6 +164,8 @@ def test_parse_constraint_units():
     assert parse_constraint("params<=100M").upper.value == 1e8
     c = parse_constraint("throughput>=2.0x")
     assert c.lower.relative and c.lower.value == 2.0 and c.upper is None
+    c = parse_constraint("decode_tps>=40tok/s")
+    assert (c.quantity, c.lower.value, c.lower.relative) == ("decode_throughput", 40.0, False)
     c = parse_constraint("1.2x<=throughput<=3x")
     assert (c.lower.value, c.upper.value) == (1.2, 3.0)
     assert parse_constraint("stats.memory_mib<=1e5").quantity == "stats.memory_mib"
@@ -194,6 +199,7 @@ def test_optimal_against_brute_force(kind, coupled, mode):
         assert t["kl_div"] == pytest.approx(sol.objective, rel=1e-12)
         assert sol.totals["memory_bytes"] == pytest.approx(t["memory"])
         assert sol.totals["throughput"] == pytest.approx(t["throughput"])
+        assert sol.totals["decode_throughput"] == pytest.approx(t["decode_throughput"])
 
 
 @pytest.mark.parametrize("mode", ["decoupled", "pairs"])

@@ -97,6 +97,9 @@ def _run(args: argparse.Namespace) -> int:
         if "throughput" in t:
             parts.append(f"throughput={fmt('throughput', t['throughput'])}"
                          + (f" ({t['throughput_vs_parent']:.2f}x)" if "throughput_vs_parent" in t else ""))
+        if "decode_throughput" in t:
+            parts.append(f"decode={fmt('decode_throughput', t['decode_throughput'])}"
+                         + (f" ({t['decode_throughput_vs_parent']:.2f}x)" if "decode_throughput_vs_parent" in t else ""))
         if "memory_bytes" in t:
             parts.append(f"memory={fmt('memory', t['memory_bytes'])}")
         if "params" in t:

@@ -3,12 +3,13 @@
 A constraint bounds one total of the child from above and/or below:
 
     memory<=80GiB   memory<=0.5x   params<=100M   latency<=1.5s   ttft<=200ms
-    throughput>=2.0x   1.2x<=throughput<=3x   stats.memory_mib<=120000
+    throughput>=2.0x   decode_throughput>=2.0x   1.2x<=throughput<=3x   stats.memory_mib<=120000
 
 A value ending in ``x`` is relative to the parent's total. Throughput is not a sum
 over layers, but with the batch and decode length fixed, ``throughput >= T`` is
-exactly ``latency <= batch x decode_len / T``, so every constraint becomes a
-linear row ``lo <= sum(coef[chosen]) + const <= hi``.
+exactly ``latency <= batch x decode_len / T`` (and ``decode_throughput >= T`` is
+``decode_time_s <= batch / T``), so every constraint becomes a linear row
+``lo <= sum(coef[chosen]) + const <= hi``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .problem import Problem, SearchError
 ALIASES = {
     "memory": "memory", "mem": "memory", "memory_bytes": "memory",
     "throughput": "throughput", "tps": "throughput", "tokens_per_s": "throughput",
+    "decode_throughput": "decode_throughput", "decode_tps": "decode_throughput",
     "latency": "latency", "latency_s": "latency", "time": "latency",
     "ttft": "ttft", "ttft_s": "ttft", "time_to_first_token": "ttft",
     "params": "params", "num_params": "params", "parameters": "params",
@@ -36,14 +38,30 @@ _RATE = {"tok/s": 1.0, "tokens/s": 1.0, "t/s": 1.0}
 UNITS = {
     "memory": _BYTES, "weight_bytes": _BYTES, "kv_cache_bytes": _BYTES,
     "latency": _SECONDS, "ttft": _SECONDS, "prefill_time_s": _SECONDS, "decode_time_s": _SECONDS,
-    "params": _COUNT, "throughput": _RATE,
+    "params": _COUNT, "throughput": _RATE, "decode_throughput": _RATE,
 }
+
+
+def rate_basis(problem: Problem, quantity: str) -> tuple[str, float] | None:
+    """For a rate (tokens/s), the time it divides and the tokens done in that time; else None.
+
+    throughput: the whole request (prefill + decode_len steps), batch x decode_len tokens.
+    decode_throughput: one decode step, batch tokens (what a serving engine's steady state sees).
+    """
+    if quantity == "throughput":
+        return "latency", float(problem.batch_size * problem.decode_len)
+    if quantity == "decode_throughput":
+        return "decode_time_s", float(problem.batch_size)
+    return None
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _VALUE = rf"{_NUM}\s*[A-Za-zµ/]*"
 _NAME = r"[A-Za-z_][\w.]*"
 _ONE = re.compile(rf"^\s*(?P<q>{_NAME})\s*(?P<op><=|>=|==|=|<|>)\s*(?P<v>{_VALUE})\s*$")
 _TWO = re.compile(rf"^\s*(?P<lo>{_VALUE})\s*(?:<=|<)\s*(?P<q>{_NAME})\s*(?:<=|<)\s*(?P<hi>{_VALUE})\s*$")
+
+
+RATE_QUANTITIES = ("throughput", "decode_throughput")  # tokens/s: a lower bound is an upper bound on a time
 
 
 @dataclass(frozen=True)
@@ -136,8 +154,8 @@ def parent_value(problem: Problem, quantity: str, reference: dict[str, float] | 
             f"a relative bound on {quantity} needs the parent, but some layer has no parent option "
             "(no attn_kvN / ffn_N variant); name the parent explicitly or use an absolute value"
         )
-    if quantity == "throughput":
-        return problem.throughput(problem.parent)
+    if quantity in RATE_QUANTITIES:
+        return problem.totals(problem.parent)[quantity]
     return problem.total(quantity, problem.parent)
 
 
@@ -148,16 +166,16 @@ def absolute(problem: Problem, c: Constraint, bound: Bound, reference=None) -> f
 def to_row(problem: Problem, c: Constraint, reference: dict[str, float] | None = None) -> Row:
     lo = absolute(problem, c, c.lower, reference) if c.lower else -math.inf
     hi = absolute(problem, c, c.upper, reference) if c.upper else math.inf
-    if c.quantity == "throughput":
+    if c.quantity in RATE_QUANTITIES:
         if not problem.has_timing():
-            raise SearchError("throughput needs costs with prefill/decode times and the scenario's batch_size and "
-                              "decode_len")
-        coef, const = problem.linear("latency")
-        work = problem.batch_size * problem.decode_len
-        # throughput >= T  <=>  latency <= work / T (throughput <= 0 bounds nothing)
-        lat_hi = work / lo if lo > 0 else math.inf
-        lat_lo = work / hi if 0 < hi < math.inf else (math.inf if hi <= 0 else -math.inf)
-        return Row(c, coef, const, lat_lo, lat_hi)
+            raise SearchError(f"{c.quantity} needs costs with prefill/decode times and the scenario's batch_size "
+                              "and decode_len")
+        time_key, work = rate_basis(problem, c.quantity)
+        coef, const = problem.linear(time_key)
+        # rate >= T  <=>  time <= work / T (a rate <= 0 bounds nothing)
+        t_hi = work / lo if lo > 0 else math.inf
+        t_lo = work / hi if 0 < hi < math.inf else (math.inf if hi <= 0 else -math.inf)
+        return Row(c, coef, const, t_lo, t_hi)
     coef, const = problem.linear(c.quantity)
     return Row(c, coef, const, lo, hi)
 
@@ -197,6 +215,6 @@ def fmt(quantity: str, value: float) -> str:
             if abs(value) >= f:
                 return f"{value / f:.4g}{u}"
         return f"{value:.4g}"
-    if quantity == "throughput":
+    if quantity in RATE_QUANTITIES:
         return f"{value:.4g} tokens/s"
     return f"{value:.6g}"

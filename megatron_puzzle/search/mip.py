@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .constraints import Constraint, Row, as_constraints, fmt, parent_value, to_row
+from .constraints import RATE_QUANTITIES, Constraint, Row, as_constraints, fmt, parent_value, rate_basis, to_row
 from .problem import Problem, SearchError
 from .solvers import MilpModel, SolverChain
 
@@ -105,7 +105,7 @@ def make_solution(problem: Problem, choice, objective: Objective, solver: str, s
     totals = problem.totals(choice)
     parent = problem.parent_totals()
     if parent:  # ratios to the parent, the way targets are written (2.0x)
-        for k in ("throughput", "memory_bytes", "params", "latency_s"):
+        for k in ("throughput", "decode_throughput", "memory_bytes", "params", "latency_s"):
             if k in totals and parent.get(k):
                 totals[f"{k}_vs_parent"] = totals[k] / parent[k]
     return Solution(problem.layer_variants(choice), problem.total(objective.key, choice), objective.key,
@@ -180,6 +180,8 @@ _WORDS = {  # (quantity, bound) -> how the best achievable child is described
     ("ttft", "upper"): "the fastest child takes",
     ("throughput", "lower"): "the fastest child reaches",
     ("throughput", "upper"): "the slowest child reaches",
+    ("decode_throughput", "lower"): "the fastest child reaches",
+    ("decode_throughput", "upper"): "the slowest child reaches",
 }
 
 
@@ -193,10 +195,10 @@ def diagnose(problem: Problem, rows: Sequence[Row], reference=None) -> str:
             bound = getattr(c, side)
             if bound is None:
                 continue
-            if q == "throughput":  # a throughput lower bound is a latency upper bound
+            if q in RATE_QUANTITIES:  # a rate's lower bound is an upper bound on its time
                 maximise_lat = side == "upper"
                 lat, _ = extreme(problem, row.coef, row.const, maximise_lat)
-                best = problem.batch_size * problem.decode_len / lat if lat > 0 else math.inf
+                best = rate_basis(problem, q)[1] / lat if lat > 0 else math.inf
                 target = row.hi if side == "lower" else row.lo
                 ok = lat <= target * (1 + 1e-9) if side == "lower" else lat >= target * (1 - 1e-9)
             else:

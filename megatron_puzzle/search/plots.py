@@ -39,7 +39,8 @@ def plot_pareto(
 ) -> None:
     """Objective (y) against throughput or memory (x): MIP front, greedy and random, the parent."""
     key = {"throughput": "throughput", "memory": "memory_bytes"}.get(x, x)
-    scale, unit = (2**30, "GiB") if key == "memory_bytes" else (1.0, "tokens/s" if key == "throughput" else "")
+    scale, unit = (2**30, "GiB") if key == "memory_bytes" else (
+        1.0, "tokens/s" if key in ("throughput", "decode_throughput") else "")
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
     styles = {"optimal": ("MIP (optimal)", "o-", "C0"), "greedy": ("greedy", "s--", "C1"),

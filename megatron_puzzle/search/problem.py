@@ -111,7 +111,8 @@ class Problem:
         for prefix in ("metrics.", "stats."):
             if prefix + key in self.values:
                 return prefix + key
-        known = sorted(self.values) + (["memory", "latency", "ttft", "throughput"] if self.decode_len else [])
+        known = sorted(self.values) + (["memory", "latency", "ttft", "throughput", "decode_throughput"]
+                                         if self.decode_len else [])
         raise SearchError(f"unknown quantity {key!r}; known: {', '.join(known)}")
 
     def total(self, key: str, choice: Sequence[int]) -> float:
@@ -141,6 +142,9 @@ class Problem:
             out["latency_s"] = out["prefill_time_s"] + self.decode_len * out["decode_time_s"]
             out["throughput"] = (
                 self.batch_size * self.decode_len / out["latency_s"] if out["latency_s"] > 0 else math.inf
+            )
+            out["decode_throughput"] = (
+                self.batch_size / out["decode_time_s"] if out["decode_time_s"] > 0 else math.inf
             )
         return out
 

@@ -109,7 +109,7 @@ def search_run_dir(
             if plots:
                 x = points[0].target.quantity if points else "throughput"
                 plot_pareto(points, tmp / "pareto.png", parent=parent_sol, objective_name=_bare(obj.key),
-                            x="memory" if x == "memory" else "throughput")
+                            x=x if x in ("memory", "decode_throughput") else "throughput")
         if plots:
             for k, s in enumerate(solutions):
                 plot_architecture(s, tmp / f"architecture_{k}.png")
@@ -174,6 +174,6 @@ def search_library_stats(
 
 
 def _constrained_total(problem: Problem, s: Solution, quantity: str) -> float:
-    if quantity == "throughput":
-        return s.totals.get("throughput", float("nan"))
+    if quantity in ("throughput", "decode_throughput"):
+        return s.totals.get(quantity, float("nan"))
     return problem.total(quantity, s.choice)

@@ -23,13 +23,13 @@ import numpy as np
 
 from ..utils.io import atomic_path
 from .baselines import greedy, random_feasible
-from .constraints import ALIASES, Constraint, as_constraints, parse_value, satisfied, to_row
+from .constraints import ALIASES, RATE_QUANTITIES, Constraint, as_constraints, parse_value, satisfied, to_row
 from .mip import InfeasibleError, Solution, parse_objective, solve
 from .problem import Problem, SearchError
 
 log = logging.getLogger(__name__)
 
-_TIME_QUANTITIES = {"throughput", "latency", "ttft", "prefill_time_s", "decode_time_s"}
+_TIME_QUANTITIES = {"throughput", "decode_throughput", "latency", "ttft", "prefill_time_s", "decode_time_s"}
 
 
 # ---------------------------------------------------------------------- Pareto
@@ -55,7 +55,7 @@ def parse_sweep(spec: str) -> list[Constraint]:
         raise SearchError(f"sweep {spec!r}: give both ends relative (x) or both absolute")
     if not re.fullmatch(r"\s*\d+\s*", parts[3]) or int(parts[3]) < 1:
         raise SearchError(f"sweep {spec!r}: COUNT must be a positive integer")
-    op = ">=" if q == "throughput" else "<="
+    op = ">=" if q in RATE_QUANTITIES else "<="
     out = []
     for v in np.linspace(start.value, stop.value, int(parts[3])):
         text = f"{q}{op}{v:.6g}x" if start.relative else f"{q}{op}{v:.6g}"
@@ -100,7 +100,7 @@ def pareto_sweep(
     return points
 
 
-_CSV_TOTALS = ("throughput", "throughput_vs_parent", "memory_bytes", "memory_bytes_vs_parent", "params",
+_CSV_TOTALS = ("throughput", "throughput_vs_parent", "decode_throughput", "decode_throughput_vs_parent", "memory_bytes", "memory_bytes_vs_parent", "params",
                "latency_s", "ttft_s")
 
 
