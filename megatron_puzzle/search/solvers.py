@@ -55,12 +55,37 @@ class SolverUnavailable(Exception):
 # ---------------------------------------------------------------------- HiGHS
 
 
+_BANNER_SHOWN = False
+
+
+def _new_highs(highspy):
+    """A Highs instance, without the copyright banner the first one writes to stdout (C level,
+    before any option can turn output off): it would land in the middle of a run's progress."""
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN:
+        return highspy.Highs()
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    _BANNER_SHOWN = True
+    return h
+
+
 def solve_highs(model: MilpModel, time_limit: float | None = None) -> MilpResult:
     try:
         import highspy
     except ImportError as e:
         raise SolverUnavailable(f"highspy is not installed ({e})") from None
-    h = highspy.Highs()
+    h = _new_highs(highspy)
     h.setOptionValue("output_flag", False)
     h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
     h.setOptionValue("mip_abs_gap", MIP_ABS_GAP)
