@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def test_resume_continues_the_same_curve_and_gkd_lowers_kl(base_run, tmp_path):
     assert abs(resumed["after"]["kl_div"] - result["after"]["kl_div"]) <= 1e-6
     assert resumed["before"] == result["before"]
 
-    # a finished stage is kept
+    # a finished stage is kept, without its resume checkpoints
+    assert not (crashed / "gkd" / "ckpt").exists()
     assert run_gkd(crashed, cfg) == resumed
 
 
@@ -272,7 +274,8 @@ def test_sharded_optimizer_at_dp2_matches_replicated_and_resumes(base_run, tmp_p
 
     # the two ranks' AdamW moments cover the child's parameters exactly once, about half each
     total = sum(v.numel() for v in child_w.values())
-    ckpt = resumed / "gkd" / "ckpt" / "step_0000002"
+    assert not (resumed / "gkd" / "ckpt").exists()  # a finished run keeps only final/
+    ckpt = Path(f"{resumed}_ckpt_at_stop") / "step_0000002"
     held = [sum(v.numel() for k, v in load_file(str(ckpt / f"rank_{r:05d}.safetensors")).items()
                 if k.endswith(".exp_avg")) for r in (0, 1)]
     assert sum(held) == total and max(held) < 0.75 * total, (held, total)

@@ -15,7 +15,8 @@ fp8 autocast on Hopper GPUs. `teacher_dtype: bfloat16` holds the frozen parent i
 
 Outputs (RUN/gkd/):
   ckpt/step_XXXXXXX/   model/ (distributed checkpoint), rank_XXXXX.safetensors (optimizer + RNG
-                       per rank), trainer.json (step, tokens, log, eval before), done
+                       per rank), trainer.json (step, tokens, log, eval before), done;
+                       removed once final/ is written
   final/               the uptrained child (checkpoint, + tokenizer/ when the child or parent has one)
   eval.json            held-out metrics before and after; log.csv: per-step losses; config.json; done
 
@@ -513,6 +514,9 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         _write_log_csv(out / "log.csv", state["history"])
         atomic_write_json(out / "eval.json", result)
         (out / DONE_MARKER).write_text("ok\n")
+        # resume checkpoints (weights + AdamW state, ~4x the model) have no use once final/ is
+        # written, and the default run would keep ~1 GB of them per trained model
+        shutil.rmtree(ckpt_root, ignore_errors=True)
     barrier()
     return result
 

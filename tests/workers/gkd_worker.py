@@ -9,6 +9,7 @@ stopped after a step and resumed (to check resume under data parallelism cheaply
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -129,6 +130,11 @@ def main():
                 run_gkd(extra["run_dir"], cfg, on_step=lambda step, _: _stop(step, stop))
             except _Stopped:
                 pass
+            # the finished run removes its resume checkpoints: keep a copy of the stopped state to inspect
+            torch.distributed.barrier()
+            if torch.distributed.get_rank() == 0:
+                shutil.copytree(Path(extra["run_dir"]) / "gkd" / "ckpt", Path(extra["run_dir"] + "_ckpt_at_stop"))
+            torch.distributed.barrier()
         run_gkd(extra["run_dir"], cfg)
     if torch.distributed.get_rank() == 0:
         Path(a.out).write_text(json.dumps(out))
