@@ -34,7 +34,8 @@ def _realize(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     m = r.get("measured", {})
     print(f"realized solution {args.solution} into {Path(args.run_dir) / 'child'}"
-          + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent)" if m else ""))
+          + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent), decode "
+             f"{m['decode_throughput']:.1f} tok/s ({m['decode_speedup']:.2f}x)" if m else ""))
     return 0
 
 

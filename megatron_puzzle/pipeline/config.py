@@ -47,13 +47,15 @@ DEFAULTS: dict[str, Any] = {
     "measure": {"source": None, "warmup": 2, "repeats": 5},  # source: measured | analytic | a costs.json path
     "search": {
         "objective": "kl_div",
-        "constraints": ["throughput>=2.0x"],  # relative (x) to the parent, or absolute (memory<=1GiB, ...)
+        # 2x decode tokens/s is the goal; 5% more is asked because the measured child lands a few % under the
+        # predicted one. Relative (x) to the parent, or absolute (memory<=1GiB, throughput>=500tok/s, ...)
+        "constraints": ["decode_throughput>=2.05x"],
         "num_solutions": 1,
         "min_diff": 0,
-        "pareto": "throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
+        "pareto": "decode_throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
     },
     "realize": {"solution": 0},
-    "gkd": {"steps": 20, "batch_size": 4, "seq_len": 128, "lr": 2e-4, "min_lr": 2e-5, "warmup": 2,
+    "gkd": {"steps": 30, "batch_size": 4, "seq_len": 128, "lr": 2e-4, "min_lr": 2e-5, "warmup": 2,
             "save_interval": 10, "eval_tokens": 1024},
     "report": {"eval_tokens": 4096, "eval_seq_len": 128, "eval_batch_size": 8, "gen_tokens": 16,
                "throughput_repeats": 3},
@@ -71,7 +73,7 @@ QUICK: dict[str, Any] = {
     "score": {"tokens": 512, "batch_size": 4, "seq_len": 64},
     "scenario": {"name": "cpu-quick", "batch_size": 4, "prefill_len": 32, "decode_len": 32},
     "measure": {"warmup": 1, "repeats": 3},
-    "search": {"constraints": ["throughput>=1.3x"], "pareto": "throughput:1.1x:1.6x:3"},
+    "search": {"constraints": ["decode_throughput>=1.3x"], "pareto": "decode_throughput:1.1x:1.6x:3"},
     "gkd": {"steps": 4, "batch_size": 2, "seq_len": 64, "warmup": 1, "save_interval": 2, "eval_tokens": 512},
     "report": {"quick": True, "eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8},
     "baselines": {"calib_tokens": 1024, "calib_seq_len": 64, "max_measurements": 3, "repeats": 2, "random_tries": 2},

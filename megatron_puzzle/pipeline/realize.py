@@ -52,7 +52,8 @@ def measure_model(cfg: ModelConfig, scenario, warmup: int = 2, repeats: int = 5)
     decode = costs.time(costs.runtime.model_job(None, "decode"))
     s = scenario
     total = prefill + s.decode_len * decode
-    return {"prefill_time_s": prefill, "decode_time_s": decode, "throughput": s.batch_size * s.decode_len / total}
+    return {"prefill_time_s": prefill, "decode_time_s": decode, "throughput": s.batch_size * s.decode_len / total,
+            "decode_throughput": s.batch_size / decode}
 
 
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
@@ -92,7 +93,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         if scenario.is_local:
             report["measured"] = measure_model(child, scenario, warmup, repeats)
             report["measured_parent"] = measure_model(checkpoint.load_config(run / "parent"), scenario, warmup, repeats)
-            report["measured"]["speedup"] = report["measured"]["throughput"] / report["measured_parent"]["throughput"]
+            m, mp = report["measured"], report["measured_parent"]
+            m["speedup"] = m["throughput"] / mp["throughput"]
+            m["decode_speedup"] = m["decode_throughput"] / mp["decode_throughput"]
     if evaluate:
         from ..score.evaluate import evaluate_model
         from ..score.stage import heldout_batches
@@ -111,6 +114,9 @@ def _log_report(r: dict) -> None:
     if m:
         log.info("throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent)",
                  p.get("throughput", float("nan")), m["throughput"], m.get("speedup", float("nan")))
+        log.info("decode throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent)",
+                 p.get("decode_throughput", float("nan")), m["decode_throughput"],
+                 m.get("decode_speedup", float("nan")))
     q = r.get("measured_quality")
     if q:
         log.info("held-out KL to parent: predicted (sum of 1-block KL) %.4f, measured %.4f",

@@ -156,7 +156,7 @@ class BaselineBuilder:
         if path.exists() and read_json(path).get("constraints"):
             return list(read_json(path)["constraints"])
         raise FileNotFoundError(f"the random baseline needs the child's constraints: {path} has none; "
-                                "set baselines.constraints in the run config (e.g. ['throughput>=2.0x'])")
+                                "set baselines.constraints in the run config (e.g. ['decode_throughput>=2.0x'])")
 
     def select(self, name: str) -> bl.Match:
         child_blocks = self.child_cfg.blocks
