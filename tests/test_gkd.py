@@ -301,3 +301,38 @@ def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
     assert (lb - lf).abs().max().item() < 0.05 * lf.abs().max().item()
     with pytest.raises(ValueError, match="teacher_dtype"):
         GKDConfig(teacher_dtype="float16")
+
+
+def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(base_run):
+    """Per-layer recomputation: loss and every gradient as without it (the cosine term on the
+    collected hidden states included), while autograd keeps far fewer activation bytes."""
+    from megatron_puzzle.distill.gkd import model_outputs, teacher_outputs
+    from megatron_puzzle.model import checkpoint
+
+    tokens = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(5))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    teacher_cfg = GKDConfig(**TINY)
+    teacher = checkpoint.load(base_run / "parent", teacher_cfg.teacher_runtime())
+    with torch.no_grad():
+        t_logits, t_hidden = teacher_outputs(teacher, inputs, teacher_cfg, hidden=True)
+    result = {}
+    for recompute in (False, True):
+        cfg = GKDConfig(recompute=recompute, **TINY)
+        student = checkpoint.load(base_run / "child", cfg.runtime())
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            s_logits, s_hidden = model_outputs(student, inputs, cfg, hidden=True)
+            loss, _ = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, cfg.weights)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        result[recompute] = loss.item(), grads, sum(saved)
+    (l0, g0, b0), (l1, g1, b1) = result[False], result[True]
+    assert abs(l0 - l1) <= 1e-6
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= 1e-6
+    assert b1 < 0.5 * b0, (b0, b1)

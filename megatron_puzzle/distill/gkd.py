@@ -54,7 +54,7 @@ FINAL_DIR = "final"
 TRAINER_STATE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 # Fields that may change between a killed run and its resume without changing the curve.
-_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints"}
+_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute"}
 
 
 @dataclass
@@ -78,6 +78,7 @@ class GKDConfig:
     fp8: str | None = None  # None, "hybrid" or "e4m3" (Transformer Engine, Hopper GPUs)
     shard_optimizer: bool = False  # each data-parallel rank keeps AdamW state for ~1/DP of the parameters
     teacher_dtype: str = "float32"  # the frozen parent's parameters: float32 or bfloat16 (half the memory)
+    recompute: bool = False  # keep only each layer's input, recompute the layer in the backward (~1/3 more compute)
     seed: int = 1234
     data_seed: int | None = None  # None: the seed recorded with the token shards
     progress: bool = True
@@ -124,11 +125,11 @@ class GKDConfig:
 
     def runtime(self) -> RuntimeOptions:
         """Model build options: fp32 parameters always (master weights); TE specs when FP8 is asked for."""
-        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8)
+        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8, recompute=self.recompute)
 
     def teacher_runtime(self) -> RuntimeOptions:
         """The frozen parent needs no master weights: it may hold bf16 parameters."""
-        return replace(self.runtime(), dtype=getattr(torch, self.teacher_dtype))
+        return replace(self.runtime(), dtype=getattr(torch, self.teacher_dtype), recompute=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,38 +234,34 @@ def _all_reduce_dp(values: torch.Tensor) -> torch.Tensor:
 def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> dict[str, float]:
     """Held-out KL(parent || child), LM loss, top-1 agreement with the parent and next-token accuracy.
 
-    Token-weighted over all batches and data-parallel ranks. Also the parent's own
-    LM loss and accuracy, for reference.
+    The metrics are the scoring stage's (score.metrics), token-weighted over all batches
+    and data-parallel ranks. Also the parent's own LM loss and accuracy, for reference.
     """
+    from ..score.metrics import ALL_METRICS, MetricSums, Reference
+
     was_training = student.training
     student.eval()
     dev = _device()
-    # token count, KL, child LM loss, top-1 agreement, child accuracy, parent LM loss, parent accuracy
-    sums = torch.zeros(7, dtype=torch.float64, device=dev)
+    child, parent = MetricSums(), MetricSums()
     for batch in batches:
         batch = batch.to(dev)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         s_logits, _ = model_outputs(student, tokens, cfg, hidden=False)
         t_logits, _ = teacher_outputs(teacher, tokens, cfg, hidden=False)
-        n = targets.numel()
-        s_top, t_top = losses.vocab_parallel_argmax(s_logits), losses.vocab_parallel_argmax(t_logits)
-        sums += torch.tensor([
-            n,
-            float(losses.vocab_parallel_kl(t_logits, s_logits)) * n,
-            float(losses.vocab_parallel_cross_entropy(s_logits, targets)) * n,
-            float((s_top == t_top).sum()),
-            float((s_top == targets).sum()),
-            float(losses.vocab_parallel_cross_entropy(t_logits, targets)) * n,
-            float((t_top == targets).sum()),
-        ], dtype=torch.float64, device=dev)
-    _all_reduce_dp(sums)
+        ref = Reference.from_logits(t_logits.float(), targets)
+        child.add(s_logits.float(), ref)
+        parent.add(t_logits.float(), ref)
     student.train(was_training)
+    sums = torch.tensor([child.tokens, *(child.sums[m] for m in ALL_METRICS), parent.sums["lm_loss"],
+                         parent.sums["accuracy"]], dtype=torch.float64, device=dev)
+    _all_reduce_dp(sums)
     n = float(sums[0])
     if n == 0:
         return {"tokens": 0}
-    return {"tokens": int(n), "kl_div": float(sums[1]) / n, "lm_loss": float(sums[2]) / n,
-            "top1_agreement": float(sums[3]) / n, "next_token_accuracy": float(sums[4]) / n,
-            "parent_lm_loss": float(sums[5]) / n, "parent_next_token_accuracy": float(sums[6]) / n}
+    m = dict(zip(ALL_METRICS, (float(v) / n for v in sums[1:1 + len(ALL_METRICS)])))
+    return {"tokens": int(n), "kl_div": m["kl_div"], "lm_loss": m["lm_loss"], "top1_agreement": m["top1_agreement"],
+            "next_token_accuracy": m["accuracy"], "parent_lm_loss": float(sums[-2]) / n,
+            "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
 # --------------------------------------------------------------------------- one step

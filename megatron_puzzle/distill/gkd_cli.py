@@ -47,6 +47,9 @@ def _config(args: argparse.Namespace):
                 cfg["loss"] = {**cfg["loss"], term: value}
         if args.no_progress:
             cfg["progress"] = False
+        for flag in ("shard_optimizer", "recompute"):
+            if getattr(args, flag):
+                cfg[flag] = True
         return GKDConfig.from_dict(cfg)
     except (ValueError, TypeError) as e:
         raise UserError(f"bad gkd setting: {e}") from None
@@ -82,6 +85,10 @@ def register(sub) -> None:
         p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
     for flag, term in _WEIGHTS.items():
         p.add_argument(flag, dest=f"w_{term}", type=float, default=None, help=f"weight of the {term} loss term")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="split AdamW state over the data-parallel ranks (ZeRO stage 1)")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute each layer in the backward instead of keeping its activations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="start over even if RUN/gkd holds a finished or partial run")
     p.set_defaults(func=_run)

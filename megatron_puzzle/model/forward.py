@@ -34,13 +34,38 @@ def run_layers(model, hidden: torch.Tensor, start: int = 0, end: int | None = No
     decoder = model.decoder
     end = len(decoder.layers) if end is None else end
     rope = rotary(model, hidden.shape[0]) if rope is None else rope
+    recompute = torch.is_grad_enabled() and model.config.recompute_granularity == "full"
     outs = []
     for i in range(start, end):
         layer = layers[i] if layers is not None and i in layers else decoder.layers[i]
-        hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rope)
+        if recompute:
+            hidden = _recomputed(layer, hidden, rope)
+        else:
+            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rope)
         if collect:
             outs.append(hidden)
     return (hidden, outs) if collect else hidden
+
+
+def _recomputed(layer, hidden: torch.Tensor, rope) -> torch.Tensor:
+    """One layer whose activations are dropped after the forward and recomputed in the backward
+    (RuntimeOptions.recompute): only the layer's input is kept. Megatron-Core does this inside
+    TransformerBlock.forward, which `run_layers` bypasses, so it is done here per layer. The
+    output stays in the autograd graph, so losses on collected hidden states (GKD's cosine
+    term) still reach the weights. Dropout is 0 in these models: no RNG state to replay."""
+    def run(h):
+        return layer(h, attention_mask=None, rotary_pos_emb=rope)[0]
+
+    if layer.config.fp8:  # FP8 scaling state must be replayed by Transformer Engine's own checkpoint
+        from megatron.core import tensor_parallel
+        from megatron.core.extensions.transformer_engine import te_checkpoint
+        from megatron.core.parallel_state import get_tensor_model_parallel_group
+
+        return te_checkpoint(run, False, tensor_parallel.random.get_cuda_rng_tracker,
+                             get_tensor_model_parallel_group(), hidden)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(run, hidden, use_reentrant=False)
 
 
 def head(model, hidden: torch.Tensor) -> torch.Tensor:
