@@ -7,6 +7,8 @@ JSON report (path in $PUZZLE_GPU_REPORT) so the results can be recorded with the
   model (the path `gkd` takes) and gives the same bf16 logits, within bf16 rounding of an fp32 reference.
 - FP8 GKD: `distill.gkd.train_step` with `fp8="hybrid"` on TE specs lowers the KD loss on a fixed batch,
   with FP8 really engaged (fp8 logits differ from bf16 ones, but only by quantisation noise).
+- Recompute on GPU: `gkd.recompute` (TE checkpoint under FP8, torch checkpoint in bf16) gives the
+  gradients of the plain backward within rounding, with a lower peak of allocated memory.
 - NVML telemetry: `cost.measure.NvmlMonitor` samples clock, power and memory while the GPU works.
 - CUDA-event timing: `cost.measure.time_job` agrees with synchronised wall clock on a large GEMM.
 - Analytic GPU profile vs measured: per-variant prefill / decode times of a Llama-3.1-8B-shaped layer,
@@ -171,6 +173,43 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert 0 < res["fp8_vs_bf16_rel_err"] < 0.25, "FP8 logits should differ from bf16 ones by quantisation noise only"
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("fp8", [None, "hybrid"])
+def test_recompute_matches_plain_backward_with_less_memory(mcore, tmp_path, report, fp8):
+    if fp8 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip(f"FP8 needs compute capability >= 9.0 (Hopper); this is {torch.cuda.get_device_name()}")
+    from megatron_puzzle.distill import gkd, losses
+    from megatron_puzzle.model import checkpoint
+
+    parent_cfg, child_cfg = _gpu_parent(), _gpu_child()
+    path = _save_local(child_cfg, tmp_path / "child", seed=3)
+    teacher_cfg = gkd.GKDConfig(dtype="bfloat16", fp8=fp8)
+    teacher = checkpoint.load(_save_local(parent_cfg, tmp_path / "parent", seed=2), teacher_cfg.teacher_runtime())
+    batch = _tokens(parent_cfg, 8, 257, seed=4)
+    tokens, targets = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        t_logits, t_hidden = gkd.teacher_outputs(teacher, tokens, teacher_cfg, hidden=True)
+    out = {}
+    for recompute in (False, True):
+        cfg = gkd.GKDConfig(dtype="bfloat16", fp8=fp8, recompute=recompute)
+        student = checkpoint.load(path, cfg.runtime()).train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        s_logits, s_hidden = gkd.model_outputs(student, tokens, cfg, hidden=True)
+        loss, _ = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, cfg.weights)
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = torch.cat([p.grad.float().flatten() for p in student.parameters() if p.grad is not None])
+        out[recompute] = (loss.item(), grads, torch.cuda.max_memory_allocated() - base)
+        del student, s_logits, s_hidden, loss
+    (l0, g0, m0), (l1, g1, m1) = out[False], out[True]
+    res = {"loss_rel_diff": abs(l0 - l1) / abs(l0), "grad_rel_err": _rel_err(g1, g0),
+           "peak_mib_plain": m0 / 2**20, "peak_mib_recompute": m1 / 2**20}
+    report[f"recompute_{fp8 or 'bf16'}"] = res
+    assert res["loss_rel_diff"] < 1e-3 and res["grad_rel_err"] < 5e-2, res
+    assert m1 < m0, res
 
 
 def test_nvml_telemetry_samples_the_working_gpu(report):
