@@ -40,7 +40,9 @@ def test_killed_writer_leaves_temporaries_that_the_sweep_removes(tmp_path):
 @pytest.mark.parametrize("rank,expect_removed", [("0", True), ("1", False)])
 def test_sweep_runs_only_on_the_launching_rank(tmp_path, monkeypatch, rank, expect_removed):
     (tmp_path / ".entry.abc.tmp").mkdir()
+    (tmp_path / ".entry.old").mkdir()  # a replaced directory parked during a swap that was killed
     monkeypatch.setenv("RANK", rank)
     sweep_before_start(tmp_path)
     assert (tmp_path / ".entry.abc.tmp").exists() != expect_removed
+    assert (tmp_path / ".entry.old").exists() != expect_removed
     assert os.path.isdir(tmp_path)

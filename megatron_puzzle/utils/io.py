@@ -106,7 +106,8 @@ def remove_leftovers(root: str | Path) -> list[Path]:
     """Delete the temporary files and directories a killed writer left under `root`.
 
     `atomic_path` and `atomic_dir` clean up after themselves unless the process dies
-    (SIGKILL, OOM, node loss); their temporaries are named `.NAME.XXXX.tmp`. Call this
+    (SIGKILL, OOM, node loss); their temporaries are named `.NAME.XXXX.tmp`, and a replaced
+    directory is parked as `.NAME.old` for the instant of the swap. Call this
     only where no other process can be writing under `root`: before a stage starts, on
     the launching rank, ahead of the distributed rendezvous. Returns what was removed.
     """
@@ -116,7 +117,7 @@ def remove_leftovers(root: str | Path) -> list[Path]:
         return removed
     for dirpath, dirnames, filenames in os.walk(root):
         for name in list(dirnames):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith((".tmp", ".old")):
                 shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
                 removed.append(Path(dirpath) / name)
                 dirnames.remove(name)  # do not walk into what was just removed
