@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
             "save_interval": 10, "eval_tokens": 1024},
     "report": {"eval_tokens": 4096, "eval_seq_len": 128, "eval_batch_size": 8, "gen_tokens": 16,
                "throughput_repeats": 3},
-    "baselines": {"calib_tokens": 2048, "calib_seq_len": 128, "max_measurements": 4, "repeats": 2,
+    "baselines": {"calib_tokens": 2048, "calib_seq_len": 128, "max_measurements": 4, "repeats": 3,
                   "random_tries": 3},
 }
 

@@ -136,7 +136,7 @@ class BaselineBuilder:
         self.progress, self.threads = progress, threads
 
     def measure(self, cand: bl.Candidate) -> float:
-        """Decode tokens/s of a candidate over the child's, timed together (one decode step at the mean context)."""
+        """Decode tokens/s of a candidate over the child's, timed together (16 greedy decode steps around the mean context)."""
         t = measure_throughput({"child": self.child_cfg, "candidate": self.pcfg.with_blocks(cand.blocks)}, self.s,
                                decode_mode="step", warmup=1, repeats=self.cfg.repeats, threads=self.threads,
                                phases=("decode",))
