@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -41,8 +42,12 @@ def test_killed_writer_leaves_temporaries_that_the_sweep_removes(tmp_path):
 def test_sweep_runs_only_on_the_launching_rank(tmp_path, monkeypatch, rank, expect_removed):
     (tmp_path / ".entry.abc.tmp").mkdir()
     (tmp_path / ".entry.old").mkdir()  # a replaced directory parked during a swap that was killed
+    for name in (".entry.abc.tmp", ".entry.old"):  # both left by an earlier process
+        os.utime(tmp_path / name, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / ".other.xyz.tmp").mkdir()  # written since this process started: another rank's, kept
     monkeypatch.setenv("RANK", rank)
     sweep_before_start(tmp_path)
     assert (tmp_path / ".entry.abc.tmp").exists() != expect_removed
     assert (tmp_path / ".entry.old").exists() != expect_removed
+    assert (tmp_path / ".other.xyz.tmp").exists()
     assert os.path.isdir(tmp_path)

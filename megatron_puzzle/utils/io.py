@@ -102,27 +102,34 @@ def move_dir_into_place(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def remove_leftovers(root: str | Path) -> list[Path]:
+def remove_leftovers(root: str | Path, older_than: float | None = None) -> list[Path]:
     """Delete the temporary files and directories a killed writer left under `root`.
 
     `atomic_path` and `atomic_dir` clean up after themselves unless the process dies
     (SIGKILL, OOM, node loss); their temporaries are named `.NAME.XXXX.tmp`, and a replaced
     directory is parked as `.NAME.old` for the instant of the swap. Call this
     only where no other process can be writing under `root`: before a stage starts, on
-    the launching rank, ahead of the distributed rendezvous. Returns what was removed.
+    the launching rank, ahead of the distributed rendezvous. With `older_than` (a Unix
+    time), only what was last modified before it is removed. Returns what was removed.
     """
+    def stale(path: Path) -> bool:
+        try:
+            return older_than is None or path.lstat().st_mtime < older_than
+        except FileNotFoundError:
+            return False
+
     root = Path(root)
     removed: list[Path] = []
     if not root.is_dir():
         return removed
     for dirpath, dirnames, filenames in os.walk(root):
         for name in list(dirnames):
-            if name.startswith(".") and name.endswith((".tmp", ".old")):
+            if name.startswith(".") and name.endswith((".tmp", ".old")) and stale(Path(dirpath) / name):
                 shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
                 removed.append(Path(dirpath) / name)
                 dirnames.remove(name)  # do not walk into what was just removed
         for name in filenames:
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp") and stale(Path(dirpath) / name):
                 with contextlib.suppress(FileNotFoundError):
                     (Path(dirpath) / name).unlink()
                 removed.append(Path(dirpath) / name)
@@ -136,10 +143,12 @@ def is_launching_rank() -> bool:
 
 
 def sweep_before_start(root: str | Path) -> None:
-    """`remove_leftovers` on the launching rank only; call it before the distributed rendezvous
-    so that no other rank has started writing."""
+    """`remove_leftovers` on the launching rank only, of what is older than this process: the
+    other ranks of this launch start with it, so whatever they write is newer and is kept."""
     if is_launching_rank():
-        for path in remove_leftovers(root):
+        import psutil
+
+        for path in remove_leftovers(root, older_than=psutil.Process().create_time()):
             logging.getLogger(__name__).info("removed %s, left by a killed writer", path)
 
 
