@@ -138,6 +138,21 @@ def test_example_default_config_is_the_built_in_default():
     assert run_config.load(REPO_EXAMPLE) == run_config.resolve({})
 
 
+def test_set_aside_takes_a_stages_caches_too(tmp_path):
+    """--from eval must not leave the baselines and cached metrics for the redone stage to reuse."""
+    from megatron_puzzle.pipeline.stages import set_aside
+
+    run = tmp_path
+    for d in ("eval", "baselines/depth", "gkd"):
+        (run / d).mkdir(parents=True)
+    for f in ("report.json", "report.md", "comparison.png", "baselines/depth/arch.json", "gkd/done"):
+        (run / f).write_text("x")
+    dest = set_aside(run, ["export", "eval"])
+    assert sorted(p.name for p in dest.iterdir()) == ["baselines", "comparison.png", "eval", "report.json", "report.md"]
+    assert (dest / "baselines" / "depth" / "arch.json").exists()
+    assert (run / "gkd" / "done").exists() and not (run / "baselines").exists()
+
+
 def test_from_stage_sets_outputs_aside_and_redoes_them(quick_run, tmp_path):
     ref, _ = quick_run
     run = tmp_path / "run"

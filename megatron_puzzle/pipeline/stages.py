@@ -27,6 +27,9 @@ OUTPUTS = {
     "eval": "report.json",
 }
 LAST_FILE = {"realize": "child/realize.json", "eval": "report.json"}
+# What a stage writes besides OUTPUTS: caches and side products that `--from` must set aside
+# too, or a redone stage would reuse them (the eval stage's baselines and cached metrics).
+ALSO_WRITES = {"eval": ("report.md", "architecture.png", "comparison.png", "pareto.png", "eval", "baselines")}
 
 
 def is_complete(run: Path, stage: str) -> bool:
@@ -182,12 +185,14 @@ assert list(RUNNERS) == STAGES
 
 def set_aside(run: Path, stages: list[str]) -> Path | None:
     """Move the outputs of `stages` to RUN/previous/<time>/ (for --from): nothing computed is deleted."""
-    moved = [s for s in stages if (run / OUTPUTS[s]).exists()]
+    paths = {s: [p for p in (OUTPUTS[s], *ALSO_WRITES.get(s, ())) if (run / p).exists()] for s in stages}
+    moved = [s for s in stages if paths[s]]
     if not moved:
         return None
     dest = run / "previous" / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
     for s in moved:
-        shutil.move(str(run / OUTPUTS[s]), str(dest / OUTPUTS[s]))
+        for p in paths[s]:
+            shutil.move(str(run / p), str(dest / p))
     log.info("moved the outputs of %s to %s", ", ".join(moved), dest)
     return dest
