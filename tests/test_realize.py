@@ -46,6 +46,22 @@ def test_realized_child_weights_are_the_library_entries(tiny_run):
     assert realize(run, 1) == report
 
 
+def test_realize_cli_exports_the_child_to_hf(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_puzzle.cli import main
+    from megatron_puzzle.model import forward
+
+    out = tmp_path / "hf"
+    assert main(["realize", "--run-dir", str(tiny_run), "--solution", "1", "--export-hf", str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    child = checkpoint.load(tiny_run / "child")
+    tokens = torch.randint(0, child.puzzle_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - forward.full_logits(child, tokens)).abs().max().item() <= 1e-4
+    assert main(["realize", "--run-dir", str(tiny_run), "--solution", "1", "--export-hf", str(out)]) == 2
+
+
 def test_realize_names_a_missing_solution(tiny_run, tmp_path):
     with pytest.raises(RealizeError, match="solution 7 does not exist"):
         realize(tiny_run, 7, force=True)

@@ -36,6 +36,14 @@ def _realize(args: argparse.Namespace) -> int:
     print(f"realized solution {args.solution} into {Path(args.run_dir) / 'child'}"
           + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent), decode "
              f"{m['decode_throughput']:.1f} tok/s ({m['decode_speedup']:.2f}x)" if m else ""))
+    if args.export_hf:
+        # the child before GKD, for serving or inspection; the pipeline's export stage writes the uptrained one
+        from ..convert.megatron_io import export_hf
+
+        if Path(args.export_hf).exists() and any(Path(args.export_hf).iterdir()):
+            raise UserError(f"{args.export_hf} already exists and is not empty; choose another directory")
+        export_hf(Path(args.run_dir) / "child", args.export_hf)
+        print(f"exported the child to {args.export_hf} (HF DeciLM, load with trust_remote_code=True)")
     return 0
 
 
@@ -58,4 +66,5 @@ def register(sub) -> None:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--solution", type=int, default=0, help="which solution of RUN/search/solutions.json")
     p.add_argument("--force", action="store_true", help="realize again even if RUN/child exists")
+    p.add_argument("--export-hf", metavar="DIR", help="also write the child as an HF DeciLM directory")
     p.set_defaults(func=_realize)
