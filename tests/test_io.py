@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -38,16 +37,23 @@ def test_killed_writer_leaves_temporaries_that_the_sweep_removes(tmp_path):
     assert read_json(tmp_path / "kept" / "result.json") == {"x": 1}
 
 
-@pytest.mark.parametrize("rank,expect_removed", [("0", True), ("1", False)])
-def test_sweep_runs_only_on_the_launching_rank(tmp_path, monkeypatch, rank, expect_removed):
+@pytest.mark.parametrize("rank,world,removes_old,removes_fresh", [
+    ("0", None, True, True),  # one process: nothing else can be writing, everything goes
+    ("0", "2", True, False),  # torchrun: what another rank of this launch writes now is kept
+    ("1", "2", False, False),  # only the launching rank sweeps
+])
+def test_sweep_keeps_what_this_launch_writes(tmp_path, monkeypatch, rank, world, removes_old, removes_fresh):
     (tmp_path / ".entry.abc.tmp").mkdir()
     (tmp_path / ".entry.old").mkdir()  # a replaced directory parked during a swap that was killed
-    for name in (".entry.abc.tmp", ".entry.old"):  # both left by an earlier process
-        os.utime(tmp_path / name, (time.time() - 3600, time.time() - 3600))
-    (tmp_path / ".other.xyz.tmp").mkdir()  # written since this process started: another rank's, kept
+    for name in (".entry.abc.tmp", ".entry.old"):  # both left by an earlier launch
+        os.utime(tmp_path / name, (0, 0))
+    (tmp_path / ".other.xyz.tmp").mkdir()  # written just now
     monkeypatch.setenv("RANK", rank)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
     sweep_before_start(tmp_path)
-    assert (tmp_path / ".entry.abc.tmp").exists() != expect_removed
-    assert (tmp_path / ".entry.old").exists() != expect_removed
-    assert (tmp_path / ".other.xyz.tmp").exists()
-    assert os.path.isdir(tmp_path)
+    assert (tmp_path / ".entry.abc.tmp").exists() != removes_old
+    assert (tmp_path / ".entry.old").exists() != removes_old
+    assert (tmp_path / ".other.xyz.tmp").exists() != removes_fresh

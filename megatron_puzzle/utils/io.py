@@ -143,13 +143,24 @@ def is_launching_rank() -> bool:
 
 
 def sweep_before_start(root: str | Path) -> None:
-    """`remove_leftovers` on the launching rank only, of what is older than this process: the
-    other ranks of this launch start with it, so whatever they write is newer and is kept."""
-    if is_launching_rank():
+    """`remove_leftovers` on the launching rank only, of what an earlier launch left.
+
+    A single process removes every temporary: nothing else writes here. Under torchrun with
+    several ranks, only what is older than the torchrun agent (the ranks' parent) goes, since
+    another rank of this launch may already be writing. (A process's start time is known
+    only to about a second, which is why a single process does not use its own.)
+    """
+    if not is_launching_rank():
+        return
+    import time
+
+    older_than = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import psutil
 
-        for path in remove_leftovers(root, older_than=psutil.Process().create_time()):
-            logging.getLogger(__name__).info("removed %s, left by a killed writer", path)
+        older_than = psutil.Process().parent().create_time()
+    for path in remove_leftovers(root, older_than=older_than):
+        logging.getLogger(__name__).info("removed %s, left by a killed writer", path)
 
 
 def is_done(path: str | Path) -> bool:
