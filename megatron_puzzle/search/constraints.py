@@ -41,19 +41,6 @@ UNITS = {
     "params": _COUNT, "throughput": _RATE, "decode_throughput": _RATE,
 }
 
-
-def rate_basis(problem: Problem, quantity: str) -> tuple[str, float] | None:
-    """For a rate (tokens/s), the time it divides and the tokens done in that time; else None.
-
-    throughput: the whole request (prefill + decode_len steps), batch x decode_len tokens.
-    decode_throughput: one decode step, batch tokens (what a serving engine's steady state sees).
-    """
-    if quantity == "throughput":
-        return "latency", float(problem.batch_size * problem.decode_len)
-    if quantity == "decode_throughput":
-        return "decode_time_s", float(problem.batch_size)
-    return None
-
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _VALUE = rf"{_NUM}\s*[A-Za-zµ/]*"
 _NAME = r"[A-Za-z_][\w.]*"
@@ -61,7 +48,19 @@ _ONE = re.compile(rf"^\s*(?P<q>{_NAME})\s*(?P<op><=|>=|==|=|<|>)\s*(?P<v>{_VALUE
 _TWO = re.compile(rf"^\s*(?P<lo>{_VALUE})\s*(?:<=|<)\s*(?P<q>{_NAME})\s*(?:<=|<)\s*(?P<hi>{_VALUE})\s*$")
 
 
-RATE_QUANTITIES = ("throughput", "decode_throughput")  # tokens/s: a lower bound is an upper bound on a time
+# Rates (tokens/s) and the time each divides: a lower bound on a rate is an upper bound on that time.
+_RATE_TIME = {"throughput": "latency", "decode_throughput": "decode_time_s"}
+RATE_QUANTITIES = tuple(_RATE_TIME)
+
+
+def rate_basis(problem: Problem, quantity: str) -> tuple[str, float]:
+    """The time a rate divides and the tokens done in that time.
+
+    throughput: the whole request (prefill + decode_len steps), batch x decode_len tokens.
+    decode_throughput: one decode step, batch tokens (what a serving engine's steady state sees).
+    """
+    work = problem.batch_size * (problem.decode_len if quantity == "throughput" else 1)
+    return _RATE_TIME[quantity], float(work)
 
 
 @dataclass(frozen=True)

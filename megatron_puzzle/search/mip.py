@@ -178,10 +178,8 @@ _WORDS = {  # (quantity, bound) -> how the best achievable child is described
     ("params", "upper"): "the smallest child has",
     ("latency", "upper"): "the fastest child takes",
     ("ttft", "upper"): "the fastest child takes",
-    ("throughput", "lower"): "the fastest child reaches",
-    ("throughput", "upper"): "the slowest child reaches",
-    ("decode_throughput", "lower"): "the fastest child reaches",
-    ("decode_throughput", "upper"): "the slowest child reaches",
+    **{(rate, "lower"): "the fastest child reaches" for rate in RATE_QUANTITIES},
+    **{(rate, "upper"): "the slowest child reaches" for rate in RATE_QUANTITIES},
 }
 
 

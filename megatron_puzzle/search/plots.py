@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..utils.io import atomic_path
+from .constraints import RATE_QUANTITIES
 from .mip import Solution
 from .sweeps import ParetoPoint
 
@@ -40,7 +41,7 @@ def plot_pareto(
     """Objective (y) against throughput or memory (x): MIP front, greedy and random, the parent."""
     key = {"throughput": "throughput", "memory": "memory_bytes"}.get(x, x)
     scale, unit = (2**30, "GiB") if key == "memory_bytes" else (
-        1.0, "tokens/s" if key in ("throughput", "decode_throughput") else "")
+        1.0, "tokens/s" if key in RATE_QUANTITIES else "")
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
     styles = {"optimal": ("MIP (optimal)", "o-", "C0"), "greedy": ("greedy", "s--", "C1"),

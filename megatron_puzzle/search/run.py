@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..utils.io import atomic_dir, atomic_write_json
-from .constraints import as_constraints
+from .constraints import RATE_QUANTITIES, as_constraints
 from .mip import InfeasibleError, Solution, make_solution, parse_objective, solve
 from .plots import plot_architecture, plot_pareto
 from .problem import Problem, SearchError, load_library_stats, load_problem, load_space
@@ -109,7 +109,7 @@ def search_run_dir(
             if plots:
                 x = points[0].target.quantity if points else "throughput"
                 plot_pareto(points, tmp / "pareto.png", parent=parent_sol, objective_name=_bare(obj.key),
-                            x=x if x in ("memory", "decode_throughput") else "throughput")
+                            x=x if x == "memory" or x in RATE_QUANTITIES else "throughput")
         if plots:
             for k, s in enumerate(solutions):
                 plot_architecture(s, tmp / f"architecture_{k}.png")
@@ -174,6 +174,6 @@ def search_library_stats(
 
 
 def _constrained_total(problem: Problem, s: Solution, quantity: str) -> float:
-    if quantity in ("throughput", "decode_throughput"):
+    if quantity in RATE_QUANTITIES:
         return s.totals.get(quantity, float("nan"))
     return problem.total(quantity, s.choice)
