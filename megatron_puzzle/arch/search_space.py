@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
+from ..utils.config import from_section
 from .block_config import AttentionVariant, FFNVariant
 from .model_config import ModelConfig
 
@@ -81,11 +82,7 @@ class SearchSpaceConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SearchSpaceConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown search_space options {sorted(set(d) - known)} (known: {sorted(known)})")
-        return cls(**d)
+        return from_section(cls, d, "search_space")
 
     def to_dict(self) -> dict:
         return asdict(self)

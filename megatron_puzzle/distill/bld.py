@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,6 +40,7 @@ from ..library import Library, LibraryError, entry_name, expected_shapes, write_
 from ..library.store import entry_dir
 from ..model import parallel
 from ..model.gpt import build_layer
+from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_path, atomic_write_text
 from ..init.variants import InitConfig, init_pair, init_variant, method_for
 from .activations import ParentActivations, parent_activations
@@ -79,11 +80,7 @@ class BLDConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "BLDConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown bld options {sorted(set(d) - known)} (known: {sorted(known)})")
-        return cls(**d)
+        return from_section(cls, d, "bld")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,7 +34,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ..model import checkpoint, forward
 from ..model.gpt import RuntimeOptions, check_runtime
+from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import losses, train_utils
 
@@ -136,12 +137,7 @@ class GKDConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GKDConfig":
-        d = dict(d.get("gkd", d))  # a run config.yaml with a `gkd:` section, or a flat dict
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown gkd config key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return from_section(cls, d.get("gkd", d), "gkd")  # a run config.yaml with a `gkd:` section, or flat
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GKDConfig":

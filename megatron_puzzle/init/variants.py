@@ -10,11 +10,12 @@ so the ablation isolates what the training-free methods contribute.
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ..arch import AttentionVariant, FFNVariant, ModelConfig, variant_from_name
+from ..utils.config import from_section
 from . import methods
 from .calibration import CalibrationStats
 
@@ -42,11 +43,7 @@ class InitConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InitConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown init options {sorted(set(d) - known)} (known: {sorted(known)})")
-        return cls(**d)
+        return from_section(cls, d, "init")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,9 +7,11 @@ section), with `baselines.gkd` overriding single fields.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..utils.config import from_section
 
 BASELINES = ("width", "depth", "random")
 DEFAULT_PROMPTS = (
@@ -25,14 +27,7 @@ QUICK_BASELINES = {"max_measurements": 3, "repeats": 2, "calib_tokens": 1024, "c
 
 
 def _from_dict(cls, d: dict | None, section: str, quick: dict | None = None):
-    d = dict(d or {})
-    if quick:
-        d = {**quick, **d}
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {section} option(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**d)
+    return from_section(cls, {**(quick or {}), **(d or {})}, section)
 
 
 @dataclass
