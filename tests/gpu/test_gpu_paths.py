@@ -273,7 +273,7 @@ def test_analytic_profile_against_measured_variant_times(report):
                       tie_word_embeddings=False)
     shape = dict(batch_size=32, prefill_len=512, decode_len=256, weight_dtype="bfloat16", kv_dtype="bfloat16")
     measured = MeasuredCostModel(cfg, Scenario("gpu-check", device="cuda", **shape), warmup=3, repeats=10,
-                                 telemetry=False, min_time_s=0.2)
+                                 telemetry=False, min_sample_s=0.2)
     analytic = AnalyticCostModel(cfg, Scenario("gpu-check", device=profile, **shape), profile)
     rows = {}
     for variant in ("attn_kv8", "attn_kv2", "attn_linear", "ffn_14336", "ffn_7168", "ffn_linear"):
