@@ -201,6 +201,61 @@ def test_submit_pipeline_chains_stages_with_dependencies(tmp_path):
     assert "bld: job 102 (3 node(s))" in out.stdout
 
 
+# --------------------------------------------------------------------------- GPU validation script
+
+VALIDATE = REPO / "tools" / "validate_gpu.sh"
+
+
+def _validate_tests() -> list[str]:
+    text = VALIDATE.read_text()
+    block = text[text.index("GPU_TESTS=(") + len("GPU_TESTS=("):]
+    return [line.strip() for line in block[:block.index(")")].splitlines() if line.strip()]
+
+
+def test_validate_gpu_names_real_tests_and_all_of_them():
+    """Every pytest node id the script runs exists, and every GPU test is among them."""
+    import ast
+
+    ids = _validate_tests()
+    assert ids and len(set(ids)) == len(ids)
+    files: dict[str, set[str]] = {}
+    for node in ids:
+        path, _, name = node.partition("::")
+        assert (REPO / path).is_file(), node
+        if path not in files:
+            tree = ast.parse((REPO / path).read_text())
+            files[path] = {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+        assert name in files[path], f"{node}: no such test"
+    for path, names in files.items():
+        listed = {n.partition("::")[2] for n in ids if n.startswith(path + "::")}
+        assert names == listed, f"{path}: tests the script does not run: {sorted(names - listed)}"
+
+
+def test_validate_gpu_without_cuda_exits_3(tmp_path):
+    proc = subprocess.run(["bash", str(VALIDATE), str(tmp_path / "r.json")], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 3 and "no CUDA device" in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def test_validate_gpu_merges_outcomes_into_one_report(tmp_path):
+    """The script's report step: the tests' figures plus each check's outcome, status and duration."""
+    import json
+
+    text = VALIDATE.read_text()
+    code = text[text.index("<<'EOF'\n") + len("<<'EOF'\n"):text.index("\nEOF\n")]
+    report, junit = tmp_path / "r.json", tmp_path / "r.junit.xml"
+    report.write_text(json.dumps({"device": "NVIDIA H100", "results": {"nvml": {"samples": 12}}}))
+    junit.write_text('<testsuites><testsuite><testcase name="test_a" time="1.5"/>'
+                     '<testcase name="test_b" time="2"><failure message="x"/></testcase>'
+                     '<testcase name="test_c" time="0"><skipped message="y"/></testcase></testsuite></testsuites>')
+    subprocess.run([sys.executable, "-", str(report), str(junit), "1", "77"], input=code, text=True, check=True)
+    data = json.loads(report.read_text())
+    assert data["results"] == {"nvml": {"samples": 12}} and data["exit_status"] == 1 and data["seconds"] == 77
+    assert data["outcomes"] == {"test_a": {"outcome": "passed", "seconds": 1.5},
+                                "test_b": {"outcome": "failure", "seconds": 2.0},
+                                "test_c": {"outcome": "skipped", "seconds": 0.0}}
+
+
 # --------------------------------------------------------------------------- configs for real targets
 
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))

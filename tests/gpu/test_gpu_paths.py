@@ -79,9 +79,22 @@ def report():
                    capability=".".join(map(str, torch.cuda.get_device_capability())), versions=_versions(),
                    results={})
     yield _REPORT["results"]
+    _write_report()
+
+
+def _write_report() -> None:
     path = os.environ.get("PUZZLE_GPU_REPORT")
-    if path:
-        Path(path).write_text(json.dumps(_REPORT, indent=2) + "\n")
+    if path and _REPORT:
+        tmp = Path(path).with_suffix(".partial")
+        tmp.write_text(json.dumps(_REPORT, indent=2, default=str) + "\n")
+        tmp.replace(path)
+
+
+@pytest.fixture(autouse=True)
+def _report_after_each_test():
+    """Write the report after every test too, so a run stopped by its time limit keeps what it measured."""
+    yield
+    _write_report()
 
 
 # --------------------------------------------------------------------------- models
