@@ -15,8 +15,8 @@ On CUDA (unless `cuda_graphs=False`) a decode step is captured once into a CUDA 
 with a static KV cache (`StaticKVCache`: the past tokens plus the slot the step writes
 in place) and replayed, as serving engines do; eager decode steps on a GPU are bound by
 kernel launches. FP8 scenarios replace the subblocks' `nn.Linear` layers by Transformer
-Engine's `Linear` and run them under its FP8 autocast with the scenario's recipe; the
-embedding and LM head stay in bfloat16, and attention and the KV cache run in bfloat16
+Engine's `Linear` with FP8 weights and run them under its FP8 autocast with the
+scenario's recipe; the embedding and LM head stay in bfloat16, and attention and the KV cache run in bfloat16
 (the memory costs count an FP8 KV cache; its time is that of a 16-bit one).
 """
 
@@ -98,34 +98,57 @@ def capture_cuda_graph(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def te_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every `nn.Linear` inside `module` by Transformer Engine's `Linear` with the same weights."""
+def te_linears(module: torch.nn.Module, recipe_name: str | None = None) -> torch.nn.Module:
+    """Replace every `nn.Linear` inside `module` by Transformer Engine's `Linear` with the same weights.
+
+    With `recipe_name`, the weights are stored in FP8 (TE's FP8 model init), as an FP8 deployment stores
+    them: a GEMM then reads one byte per weight instead of casting 16-bit weights on every call.
+    """
     import transformer_engine.pytorch as te
 
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
             w = child.weight
-            new = te.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                            params_dtype=w.dtype, device=w.device)
+            with _fp8_weights(recipe_name):
+                new = te.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                params_dtype=w.dtype, device=w.device)
             with torch.no_grad():
-                new.weight.copy_(w)
+                new.weight.copy_(w)  # quantised into FP8 storage when the weights are FP8
                 if child.bias is not None:
                     new.bias.copy_(child.bias)
             setattr(module, name, new.eval())
         else:
-            te_linears(child)
+            te_linears(child, recipe_name)
     return module
+
+
+def fp8_recipe(recipe_name: str):
+    """Transformer Engine's recipe object: "delayed" (DelayedScaling) or "current" (Float8CurrentScaling)."""
+    from transformer_engine.common import recipe
+
+    if recipe_name == "current":
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+    return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID)
+
+
+def _fp8_weights(recipe_name: str | None):
+    """TE's context that creates modules with FP8 weights (`fp8_model_init`; newer: `quantized_model_init`)."""
+    if recipe_name is None:
+        return contextlib.nullcontext()
+    import transformer_engine.pytorch as te
+
+    init = getattr(te, "fp8_model_init", None) or te.quantized_model_init
+    try:
+        return init(enabled=True, recipe=fp8_recipe(recipe_name))
+    except TypeError:  # older TE: no recipe argument (delayed scaling)
+        return init(enabled=True)
 
 
 def fp8_autocast(recipe_name: str):
     """Transformer Engine's FP8 autocast with the "delayed" or "current" scaling recipe."""
     import transformer_engine.pytorch as te
-    from transformer_engine.common import recipe
 
-    if recipe_name == "current":
-        rec = recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
-    else:
-        rec = recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID)
+    rec = fp8_recipe(recipe_name)
     if hasattr(te, "fp8_autocast"):
         return te.fp8_autocast(enabled=True, fp8_recipe=rec)
     return te.autocast(enabled=True, recipe=rec)  # the newer name
@@ -158,7 +181,7 @@ class DeciLMRuntime:
         """What ran each phase, for the costs file."""
         out: dict[str, Any] = {"prefill": "eager", "decode": "cuda-graphs" if self.graphs else "eager"}
         if self.fp8:
-            out.update(fp8="transformer-engine linear layers", fp8_recipe=self.s.fp8_recipe,
+            out.update(fp8="transformer-engine linear layers, fp8 weights", fp8_recipe=self.s.fp8_recipe,
                        attention_and_kv_cache_timed_in="bfloat16")
         return out
 
@@ -195,7 +218,7 @@ class DeciLMRuntime:
 
     def _module(self, module: torch.nn.Module, fp8: bool = False) -> torch.nn.Module:
         module = module.to(device=self.device, dtype=self.dtype).eval()
-        return te_linears(module) if fp8 else module
+        return te_linears(module, self.s.fp8_recipe) if fp8 else module
 
     # ------------------------------------------------------------------ jobs
     def subblock_job(self, variant: str, phase: str) -> Job:
@@ -258,7 +281,7 @@ class DeciLMRuntime:
             model = self._module(DeciLMForCausalLM(decilm_config(self.cfg, blocks)))
             if self.fp8:  # the decoder layers in FP8; embedding and LM head stay 16-bit
                 for layer in model.model.layers:
-                    te_linears(layer)
+                    te_linears(layer, self.s.fp8_recipe)
             self._models[key] = model
         model = self._models[key]
         layers = [(i, l.self_attn.num_kv_heads) for i, l in enumerate(model.model.layers) if l.uses_cache]
