@@ -132,12 +132,12 @@ def fp8_recipe(recipe_name: str):
 
 
 def _fp8_weights(recipe_name: str | None):
-    """TE's context that creates modules with FP8 weights (`fp8_model_init`; newer: `quantized_model_init`)."""
+    """TE's context that creates modules with FP8 weights (`quantized_model_init`; older: `fp8_model_init`)."""
     if recipe_name is None:
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
 
-    init = getattr(te, "fp8_model_init", None) or te.quantized_model_init
+    init = getattr(te, "quantized_model_init", None) or te.fp8_model_init
     try:
         return init(enabled=True, recipe=fp8_recipe(recipe_name))
     except TypeError:  # older TE: no recipe argument (delayed scaling)
@@ -149,9 +149,9 @@ def fp8_autocast(recipe_name: str):
     import transformer_engine.pytorch as te
 
     rec = fp8_recipe(recipe_name)
-    if hasattr(te, "fp8_autocast"):
-        return te.fp8_autocast(enabled=True, fp8_recipe=rec)
-    return te.autocast(enabled=True, recipe=rec)  # the newer name
+    if hasattr(te, "autocast"):  # the newer name; fp8_autocast is deprecated there
+        return te.autocast(enabled=True, recipe=rec)
+    return te.fp8_autocast(enabled=True, fp8_recipe=rec)
 
 
 class DeciLMRuntime:
