@@ -638,3 +638,24 @@ def test_cpu_measurement_records_its_timing_paths_and_fp8_recipe_is_checked():
     assert "fp8_recipe" not in Scenario("b", 8, 8, 8).to_dict()
     with pytest.raises(ScenarioError, match="fp8_recipe must be one of"):
         Scenario("f", 8, 8, 8, "fp8", "fp8", "h100-sxm", fp8_recipe="mxfp8")
+
+
+def test_fp8_on_a_gpu_needs_fp8_tensor_cores_transformer_engine_and_a_batch_of_8(monkeypatch):
+    """What `measure` says on a GPU without FP8, or without Transformer Engine (a CPU stands in for the GPU)."""
+    import sys
+
+    from megatron_puzzle.cost.decilm_runtime import DeciLMRuntime
+
+    s = Scenario("f", 8, 16, 8, "fp8", "fp8", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(MeasureError, match="A100.*no FP8 tensor cores.*--source analytic"):
+        check_local_device(s)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not installed
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    with pytest.raises(MeasureError, match="Transformer Engine.*Dockerfile"):
+        check_local_device(s)
+    with pytest.raises(MeasureError, match="multiple of 8"):
+        DeciLMRuntime(tiny_cfg(), Scenario("f", 4, 16, 8, "fp8", "fp8", "cuda"), "cpu")
