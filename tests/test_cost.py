@@ -592,7 +592,10 @@ def test_measured_costs_carry_energy_per_variant_and_model():
     prefill = (0.020 + 0.040 + 2 * 0.030)
     assert model["decode_j_per_token"] == pytest.approx(decode)
     assert model["request_j_per_token"] == pytest.approx((prefill + 8 * decode * 2) / (2 * 8))
+    table.parent = [["attn_kv1", "ffn_96"], ["attn_kv1", "ffn_96"]]
+    assert table.to_dict()["energy_per_token"]["parent_model"] == table.model_energy_per_token(table.parent)
     back = CostTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert back.parent == table.parent
     assert back.layers[0]["attn_kv1"] == costs["attn_kv1"] and back.non_block == table.non_block
     old = dict(table.to_dict()["layers"][0]["ffn_96"])
     for f in ("prefill_energy_j", "decode_energy_j"):

@@ -80,7 +80,8 @@ def build_table(cfg, space, scenario: Scenario, source: str, args=None) -> CostT
             by_name = {n: model.variant_cost(n) for n in names}
             non_block = model.non_block_cost()
         device = model.device_info()
-    return CostTable(scenario, source, device, non_block, [{n: by_name[n] for n in layer} for layer in layers])
+    return CostTable(scenario, source, device, non_block, [{n: by_name[n] for n in layer} for layer in layers],
+                     parent=[[b.attention.name, b.ffn.name] for b in cfg.blocks])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -116,6 +116,8 @@ class CostTable:
     device: dict[str, Any]
     non_block: Cost
     layers: list[dict[str, Cost]] = field(default_factory=list)
+    # The parent's variants per layer, when known: costs.json then gives its whole-model energy per token.
+    parent: list[list[str]] | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -153,6 +155,8 @@ class CostTable:
             "non_block": self.non_block.to_dict(),
             "layers": [{n: c.to_dict() for n, c in layer.items()} for layer in self.layers],
         }
+        if self.parent is not None:
+            out["parent"] = self.parent
         energy = self.energy_per_token()
         if energy:
             out["energy_per_token"] = energy
@@ -165,7 +169,13 @@ class CostTable:
             return None
         variants = {n: c.energy_per_token(self.scenario) for layer in self.layers for n, c in layer.items()
                     if c.has_energy}
-        return {"non_block": self.non_block.energy_per_token(self.scenario), "variants": variants}
+        out = {"non_block": self.non_block.energy_per_token(self.scenario), "variants": variants}
+        if self.parent is not None:
+            try:
+                out["parent_model"] = self.model_energy_per_token(self.parent)
+            except CostsError:  # the parent's variants are not all in this space
+                pass
+        return out
 
     def model_energy_per_token(self, variants: Sequence[Iterable[str]]) -> dict[str, float] | None:
         """Joules per token of a whole model (per-layer variant names, as `total`)."""
@@ -191,6 +201,7 @@ class CostTable:
             device=dict(d.get("device") or {}),
             non_block=Cost.from_dict(d["non_block"], "non_block"),
             layers=layers,
+            parent=d.get("parent"),
         )
 
     def save(self, path: str | Path) -> None:
