@@ -84,6 +84,18 @@ def test_without_a_process_group_and_a_second_signal(tmp_path):
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
 
 
+def test_every_n_steps_only_multiples_ask(monkeypatch, tmp_path):
+    from megatron_puzzle.utils import preempt
+
+    monkeypatch.setenv(preempt.STOP_FILE_ENV, str(tmp_path / "stop"))
+    (tmp_path / "stop").touch()
+    try:
+        assert [preempt.requested(step=s, every=4) for s in range(1, 9)] == [False, False, False, True] * 2
+        assert preempt.requested()
+    finally:
+        preempt.reset()
+
+
 def test_watching_restores_the_previous_handlers():
     from megatron_puzzle.utils import preempt
 

@@ -79,13 +79,16 @@ def local_request() -> str | None:
     return None
 
 
-def requested(group: dist.ProcessGroup | None = None) -> bool:
+def requested(group: dist.ProcessGroup | None = None, *, step: int | None = None, every: int = 1) -> bool:
     """True on every rank of `group` (default: the world) once any rank saw a stop request.
 
     Collective when torch.distributed is initialised: every rank of the group must call it at the same
-    point of its loop.
+    point of its loop. It costs one all-reduce of one integer and a wait for it; with `step` and `every`,
+    only steps that are multiples of `every` ask (the others return False at once, on every rank alike).
     """
     global _announced
+    if step is not None and every > 1 and step % every:
+        return False
     why = local_request()
     stop = why is not None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
