@@ -17,8 +17,9 @@ from megatron_puzzle.cost import (
 from megatron_puzzle.cost.analytic import AnalyticCostModel
 from megatron_puzzle.cost.gpus import GPUS
 from megatron_puzzle.cost.measure import (
-    Job, MeasuredCostModel, MeasureError, NvmlMonitor, check_local_device, time_interleaved, time_job,
+    Job, MeasuredCostModel, MeasureError, check_local_device, job_energy_j, time_interleaved, time_job,
 )
+from megatron_puzzle.cost.nvml import NvmlMonitor, NvmlUnavailable
 from megatron_puzzle.cost.memory import kv_cache_bytes, non_block_params, subblock_params
 
 
@@ -311,7 +312,7 @@ def test_missing_cuda_nvml_and_fp8_say_so(monkeypatch):
     with pytest.raises(MeasureError, match="GPU profile 'h100-sxm'.*analytic"):
         check_local_device(Scenario("t", 1, 1, 1, "bfloat16", "bfloat16", "h100-sxm"))
     monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # as if nvidia-ml-py were absent
-    with pytest.raises(MeasureError, match="nvidia-ml-py.*analytic"):
+    with pytest.raises(NvmlUnavailable, match="nvidia-ml-py.*analytic"):
         NvmlMonitor()
 
 
@@ -389,3 +390,275 @@ def test_cli_registered():
     from megatron_puzzle import cli
 
     assert "megatron_puzzle.cost.cli" in cli.COMMAND_MODULES
+
+
+# ---------------------------------------------------------------------- NVML (a fake pynvml) and energy
+
+
+class FakeNvml:
+    """Stands in for pynvml: cards in NVML's own order, each with a UUID, a PCI address and an energy counter."""
+
+    NVML_CLOCK_SM = 1
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self, cards):
+        self.cards = cards  # dicts: uuid, pci (domain, bus, device), energy (mJ or None), name
+        self.inits = 0
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.cards)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.cards[i]
+
+    def nvmlDeviceGetUUID(self, h):
+        return h["uuid"]
+
+    def nvmlDeviceGetPciInfo(self, h):
+        d, b, dev = h["pci"]
+        return type("Pci", (), {"domain": d, "bus": b, "device": dev, "busId": f"{d:08X}:{b:02X}:{dev:02X}.0"})()
+
+    def nvmlDeviceGetName(self, h):
+        return h["name"].encode()  # older pynvml returns bytes
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Mem", (), {"total": 80 * 2**30, "used": 2**30})()
+
+    def nvmlDeviceGetClockInfo(self, h, which):
+        return 1980
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 350_000
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if h["energy"] is None:
+            raise self.NVMLError_NotSupported("Not Supported")
+        return h["energy"]
+
+
+def _uuid(n: int) -> str:
+    return f"{n:08x}-1111-2222-3333-{n:012x}"
+
+
+class FakeProps:
+    def __init__(self, uuid, pci, name="NVIDIA H100 80GB HBM3"):
+        self.uuid, self.name = uuid, name
+        self.pci_domain_id, self.pci_bus_id, self.pci_device_id = pci
+
+
+def _fake_gpus(monkeypatch, visible, cards, current=0):
+    """torch sees the cards `visible` (NVML indices, as CUDA_VISIBLE_DEVICES picks them); NVML sees all."""
+    import sys
+
+    fake = FakeNvml(cards)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    props = [FakeProps(_TorchUuid(cards[i]["uuid"]), cards[i]["pci"]) for i in visible]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i if isinstance(i, int) else 0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    return fake
+
+
+class _TorchUuid:
+    """Like torch's _CUuuid: the 16 raw bytes, and a str without NVML's 'GPU-' prefix."""
+
+    def __init__(self, nvml_uuid: str):
+        self.text = nvml_uuid.removeprefix("GPU-")
+        self.bytes = bytes.fromhex(self.text.replace("-", ""))
+
+    def __str__(self):
+        return self.text
+
+
+def _cards(n=4):
+    return [{"uuid": f"GPU-{_uuid(100 + i)}", "pci": (0, 0x18 + 0x10 * i, 0), "energy": 1000 * i, "name": f"card{i}"}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("visible, cuda_index", [([2, 3], 1), ([3, 0, 1], 0), ([0, 1, 2, 3], 2)])
+def test_nvml_handle_follows_cuda_visible_devices_and_local_rank(monkeypatch, visible, cuda_index):
+    """CUDA device i is NVML card visible[i], whatever CUDA_VISIBLE_DEVICES and the local rank make i."""
+    from megatron_puzzle.cost.nvml import device_handle
+
+    cards = _cards()
+    fake = _fake_gpus(monkeypatch, visible, cards)
+    for dev in (torch.device("cuda", cuda_index), cuda_index, f"cuda:{cuda_index}"):
+        handle, how = device_handle(fake, dev)
+        assert handle is cards[visible[cuda_index]] and how == "uuid"
+    # 'cuda' without an index: the current device (set per local rank by init_distributed)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: cuda_index)
+    assert device_handle(fake, torch.device("cuda"))[0] is cards[visible[cuda_index]]
+
+
+def test_nvml_handle_by_pci_when_the_uuid_is_not_a_cards_and_error_when_neither(monkeypatch):
+    from megatron_puzzle.cost.nvml import device_handle
+
+    cards = _cards()
+    fake = _fake_gpus(monkeypatch, [1, 2], cards)
+    import megatron_puzzle.cost.nvml as nvml_mod
+
+    props = [FakeProps("MIG-" + _uuid(999), cards[2]["pci"])]  # a MIG instance of card 2
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[0])
+    assert nvml_mod.device_handle(fake, 0) == (cards[2], "pci")
+    props[0] = FakeProps("GPU-" + _uuid(999), (0, 0xFF, 0))
+    with pytest.raises(NvmlUnavailable, match="no device with the UUID or PCI bus id of CUDA device 0"):
+        device_handle(fake, 0)
+
+
+def test_nvml_monitor_reads_the_card_in_use(monkeypatch):
+    cards = _cards()
+    cards[0]["energy"] = None  # a card without an energy counter
+    _fake_gpus(monkeypatch, [3, 0], cards)
+    mon = NvmlMonitor(torch.device("cuda", 0), interval_s=0.001)
+    assert mon.name == "card3" and mon.matched_by == "uuid" and mon.has_energy and mon.energy_mj() == 3000
+    with mon:
+        import time as _t
+
+        _t.sleep(0.02)
+    s = mon.summary()
+    assert s["samples"] >= 1 and s["power_w_max"] == 350.0 and s["uuid"] == cards[3]["uuid"]
+    assert not NvmlMonitor(1).has_energy  # card 0: Not Supported -> no energy figures, no error
+
+
+def test_job_energy_is_the_counter_difference_per_run_and_unit():
+    """A fake energy counter that advances 7 mJ per run and 2 mJ per setup: back-to-back runs include
+    the (light) setups; a job with a heavy setup gets no figure."""
+    counter = {"mj": 10_000}
+
+    def run(_):
+        counter["mj"] += 7
+
+    def setup():
+        counter["mj"] += 2
+
+    job = Job(run=run, setup=setup, units=3)
+    e = job_energy_j(job, "cpu", lambda: counter["mj"], run_s=0.01, window_s=0.5)
+    assert e == pytest.approx(9e-3 / 3)  # 50 runs: (7 + 2) mJ each, per unit
+    assert job_energy_j(Job(run=run, setup=setup, light_setup=False), "cpu", lambda: counter["mj"], 0.01) is None
+    assert job_energy_j(job, "cpu", lambda: None, 0.01) is None  # no counter
+
+
+def test_measured_costs_carry_energy_per_variant_and_model():
+    """Energy attribution through MeasuredCostModel with a fake counter that charges each variant's job a
+    known energy per unit: costs, joules per token per variant, and the model's sum."""
+    from megatron_puzzle.cost.decilm_runtime import DeciLMRuntime
+
+    cfg = tiny_cfg(num_layers=2)
+    s = Scenario("t", 2, 16, 8)
+    counter = {"mj": 0.0}
+    charge = {("attn_kv1", "prefill"): 40.0, ("attn_kv1", "decode"): 4.0, ("ffn_96", "prefill"): 30.0,
+              ("ffn_96", "decode"): 3.0, ("<non_block>", "prefill"): 20.0, ("<non_block>", "decode"): 2.0}
+
+    class Charged:
+        def __init__(self, rt):
+            self.rt = rt
+
+        def _wrap(self, job, key):
+            def run(state):
+                counter["mj"] += charge[key] * job.units
+                return job.run(state)
+            return Job(run=run, setup=job.setup, units=job.units, light_setup=True)
+
+        def subblock_job(self, v, phase):
+            return self._wrap(self.rt.subblock_job(v, phase), (v, phase))
+
+        def non_block_job(self, phase):
+            return self._wrap(self.rt.non_block_job(phase), ("<non_block>", phase))
+
+    rt = Charged(DeciLMRuntime(cfg, s, max_stack=2))
+    m = MeasuredCostModel(cfg, s, rt, warmup=1, repeats=1, threads=1, min_sample_s=0.0, flush_cache=False)
+    m.read_energy, m.energy_window_s = (lambda: counter["mj"]), 0.001
+    costs = {n: m.variant_cost(n) for n in ("attn_kv1", "ffn_96", "attn_no_op")}
+    assert costs["attn_kv1"].prefill_energy_j == pytest.approx(0.040)
+    assert costs["ffn_96"].decode_energy_j == pytest.approx(0.003)
+    assert (costs["attn_no_op"].prefill_energy_j, costs["attn_no_op"].decode_energy_j) == (0.0, 0.0)
+    table = CostTable(s, "measured", m.device_info(), m.non_block_cost(),
+                      [dict(costs), dict(costs)])
+    per = table.energy_per_token()
+    assert per["variants"]["attn_kv1"]["decode_j_per_token"] == pytest.approx(0.004 / 2)
+    assert per["variants"]["ffn_96"]["prefill_j_per_token"] == pytest.approx(0.030 / (2 * 16))
+    model = table.model_energy_per_token([["attn_kv1", "ffn_96"], ["attn_no_op", "ffn_96"]])
+    decode = (0.002 + 0.004 + 2 * 0.003) / 2
+    prefill = (0.020 + 0.040 + 2 * 0.030)
+    assert model["decode_j_per_token"] == pytest.approx(decode)
+    assert model["request_j_per_token"] == pytest.approx((prefill + 8 * decode * 2) / (2 * 8))
+    table.parent = [["attn_kv1", "ffn_96"], ["attn_kv1", "ffn_96"]]
+    assert table.to_dict()["energy_per_token"]["parent_model"] == table.model_energy_per_token(table.parent)
+    back = CostTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert back.parent == table.parent
+    assert back.layers[0]["attn_kv1"] == costs["attn_kv1"] and back.non_block == table.non_block
+    old = dict(table.to_dict()["layers"][0]["ffn_96"])
+    for f in ("prefill_energy_j", "decode_energy_j"):
+        old.pop(f)
+    assert Cost.from_dict(old, "x").prefill_energy_j is None  # costs files without energy still load
+
+
+def test_static_kv_cache_decode_step_equals_the_dynamic_cache_one():
+    """The CUDA-graph path's cache: one decode step through a fixed-storage cache gives the output of
+    transformers' DynamicCache holding the same past (eager, so it runs here)."""
+    from transformers.cache_utils import DynamicCache
+
+    from megatron_puzzle.convert.hf_modeling.modeling_decilm import DeciLMRotaryEmbedding, decilm_layer_modules
+    from megatron_puzzle.cost.decilm_runtime import StaticKVCache, decilm_config
+
+    cfg = tiny_cfg()
+    config = decilm_config(cfg, [BlockConfig(AttentionVariant("full", 2), FFNVariant("no_op"))])
+    torch.manual_seed(0)
+    layer = decilm_layer_modules(config, 0)[0].eval()
+    past, b = 5, 3
+    static = StaticKVCache({0: 2}, b, past, cfg.head_dim, torch.float32, torch.device("cpu"))
+    dynamic = DynamicCache()
+    dynamic.update(static.k[0][:, :, :past].clone(), static.v[0][:, :, :past].clone(), 0)
+    x = torch.randn(b, 1, cfg.hidden_size)
+    pos = DeciLMRotaryEmbedding(config)(torch.full((b, 1), past), torch.float32)
+    with torch.no_grad():
+        ref = layer.attention_subblock(x, pos, None, dynamic)
+        out = layer.attention_subblock(x, pos, None, static)
+        again = layer.attention_subblock(x, pos, None, static)  # a replay writes the same slot again
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(again, ref)
+    assert static.get_seq_length(0) == past and static.k[0].shape[2] == past + 1
+
+
+def test_cpu_measurement_records_its_timing_paths_and_fp8_recipe_is_checked():
+    cfg = tiny_cfg(num_layers=1)
+    m = MeasuredCostModel(cfg, Scenario("t", 2, 8, 4), warmup=0, repeats=1, threads=1, min_sample_s=0.0)
+    m.variant_cost("ffn_96")
+    info = m.device_info()
+    assert info["timing_paths"] == {"prefill": "eager", "decode": "eager"} and "energy" not in info
+    s = Scenario("f", 8, 8, 8, "fp8", "fp8", "h100-sxm", fp8_recipe="Current")
+    assert s.fp8_recipe == "current" and s.to_dict()["fp8_recipe"] == "current"
+    assert "fp8_recipe" not in Scenario("b", 8, 8, 8).to_dict()
+    with pytest.raises(ScenarioError, match="fp8_recipe must be one of"):
+        Scenario("f", 8, 8, 8, "fp8", "fp8", "h100-sxm", fp8_recipe="mxfp8")
+
+
+def test_fp8_on_a_gpu_needs_fp8_tensor_cores_transformer_engine_and_a_batch_of_8(monkeypatch):
+    """What `measure` says on a GPU without FP8, or without Transformer Engine (a CPU stands in for the GPU)."""
+    import sys
+
+    from megatron_puzzle.cost.decilm_runtime import DeciLMRuntime
+
+    s = Scenario("f", 8, 16, 8, "fp8", "fp8", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(MeasureError, match="A100.*no FP8 tensor cores.*--source analytic"):
+        check_local_device(s)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not installed
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    with pytest.raises(MeasureError, match="Transformer Engine.*Dockerfile"):
+        check_local_device(s)
+    with pytest.raises(MeasureError, match="multiple of 8"):
+        DeciLMRuntime(tiny_cfg(), Scenario("f", 4, 16, 8, "fp8", "fp8", "cuda"), "cpu")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,8 @@ def test_sbatch_renders_a_multi_node_torchrun(tmp_path):
         assert flag in launch, (flag, launch)
     assert launch[launch.index("-m"):] == ["-m", "megatron_puzzle.cli", "bld", "--run-dir", "/shared/run", "--config", "c.yaml"]
     assert "2 node(s) x 8 GPU(s)" in out.stdout
+    assert "--cpus-per-task=64" in argv, "srun does not inherit --cpus-per-task from #SBATCH (Slurm >= 22.05)"
+    assert not (tmp_path / "fake" / "scontrol").read_text().count("requeue"), "no USR1, no requeue"
     # the directives a multi-node, resumable job needs
     header = [line for line in (SLURM_DIR / "puzzle.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
     for d in ("--ntasks-per-node=1", "--requeue", "--signal=B:USR1@", "--open-mode=append", "--output=logs/slurm/"):
@@ -129,6 +133,41 @@ def test_sbatch_runs_a_two_process_cpu_job(tmp_path):
                      SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()))
     out = _run(["bash", str(SLURM_DIR / "puzzle.sbatch"), "search", "--help"], env)
     assert out.stdout.count("usage: megatron-puzzle search") == 2, out.stdout[-2000:]
+
+
+def test_sbatch_usr1_makes_the_ranks_stop_then_requeues(tmp_path):
+    """USR1 to the batch script (what --signal=B:USR1@300 sends): it creates the stop file the ranks poll,
+    waits for srun to end (the ranks' checkpoint), and only then requeues the job."""
+    stop = tmp_path / "stop-file"
+    # srun stand-in: a "rank" that steps until it sees the stop file, then takes time to "checkpoint".
+    srun_body = ('echo started > "$FAKE_LOG/started"\n'
+                 'while [[ ! -e "$PUZZLE_PREEMPT_FILE" ]]; do sleep 0.05; done\n'
+                 'sleep 0.5; echo saved > "$FAKE_LOG/saved"\n')
+    env = _slurm_env(tmp_path, srun_body, FAKE_HOSTS="gpu-a01", SLURM_JOB_ID="4243", SLURM_NNODES="1",
+                     SLURM_JOB_NODELIST="gpu-a01", GPUS_PER_NODE="8", TORCHRUN="torchrun",
+                     SLURM_CPUS_PER_TASK="32", PUZZLE_PREEMPT_FILE=str(stop))
+    scontrol = tmp_path / "bin" / "scontrol"  # fails a requeue that comes before the ranks saved
+    scontrol.write_text(scontrol.read_text() + '[[ "$1" == requeue ]] && { [[ -e "$FAKE_LOG/saved" ]] || exit 9; } || true\n')
+    stop.touch()  # left over from an earlier run: must not stop this one at once
+    proc = subprocess.Popen(["bash", str(SLURM_DIR / "puzzle.sbatch"), "gkd", "--run-dir", "/shared/run"], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "fake" / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not (tmp_path / "fake" / "saved").exists(), "a stale stop file stopped the new job"
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    assert (tmp_path / "fake" / "saved").exists()
+    assert "requeue 4243" in (tmp_path / "fake" / "scontrol").read_text(), "requeued after the ranks saved"
+    assert "--cpus-per-task=32" in (tmp_path / "fake" / "srun").read_text().splitlines()
+    assert not stop.exists(), "the request is cleared for the requeued job"
+    assert "USR1: asking the ranks to save and stop" in out
 
 
 def _free_port() -> int:
@@ -160,6 +199,61 @@ def test_submit_pipeline_chains_stages_with_dependencies(tmp_path):
 
     assert all(u in STAGES for u in untils if u), "the chain names the pipeline's real stages"
     assert "bld: job 102 (3 node(s))" in out.stdout
+
+
+# --------------------------------------------------------------------------- GPU validation script
+
+VALIDATE = REPO / "tools" / "validate_gpu.sh"
+
+
+def _validate_tests() -> list[str]:
+    text = VALIDATE.read_text()
+    block = text[text.index("GPU_TESTS=(") + len("GPU_TESTS=("):]
+    return [line.strip() for line in block[:block.index(")")].splitlines() if line.strip()]
+
+
+def test_validate_gpu_names_real_tests_and_all_of_them():
+    """Every pytest node id the script runs exists, and every GPU test is among them."""
+    import ast
+
+    ids = _validate_tests()
+    assert ids and len(set(ids)) == len(ids)
+    files: dict[str, set[str]] = {}
+    for node in ids:
+        path, _, name = node.partition("::")
+        assert (REPO / path).is_file(), node
+        if path not in files:
+            tree = ast.parse((REPO / path).read_text())
+            files[path] = {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+        assert name in files[path], f"{node}: no such test"
+    for path, names in files.items():
+        listed = {n.partition("::")[2] for n in ids if n.startswith(path + "::")}
+        assert names == listed, f"{path}: tests the script does not run: {sorted(names - listed)}"
+
+
+def test_validate_gpu_without_cuda_exits_3(tmp_path):
+    proc = subprocess.run(["bash", str(VALIDATE), str(tmp_path / "r.json")], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 3 and "no CUDA device" in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def test_validate_gpu_merges_outcomes_into_one_report(tmp_path):
+    """The script's report step: the tests' figures plus each check's outcome, status and duration."""
+    import json
+
+    text = VALIDATE.read_text()
+    code = text[text.index("<<'EOF'\n") + len("<<'EOF'\n"):text.index("\nEOF\n")]
+    report, junit = tmp_path / "r.json", tmp_path / "r.junit.xml"
+    report.write_text(json.dumps({"device": "NVIDIA H100", "results": {"nvml": {"samples": 12}}}))
+    junit.write_text('<testsuites><testsuite><testcase name="test_a" time="1.5"/>'
+                     '<testcase name="test_b" time="2"><failure message="x"/></testcase>'
+                     '<testcase name="test_c" time="0"><skipped message="y"/></testcase></testsuite></testsuites>')
+    subprocess.run([sys.executable, "-", str(report), str(junit), "1", "77"], input=code, text=True, check=True)
+    data = json.loads(report.read_text())
+    assert data["results"] == {"nvml": {"samples": 12}} and data["exit_status"] == 1 and data["seconds"] == 77
+    assert data["outcomes"] == {"test_a": {"outcome": "passed", "seconds": 1.5},
+                                "test_b": {"outcome": "failure", "seconds": 2.0},
+                                "test_c": {"outcome": "skipped", "seconds": 0.0}}
 
 
 # --------------------------------------------------------------------------- configs for real targets

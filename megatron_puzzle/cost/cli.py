@@ -34,6 +34,7 @@ def register(subparsers) -> None:
                    help="CPU timer: wall clock, or this process's CPU time (steadier on a shared machine; "
                         "use with --threads 1)")
     p.add_argument("--no-telemetry", action="store_true", help="on CUDA, do not sample NVML telemetry")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, time decode steps eagerly, not from graphs")
     p.add_argument("--compute-efficiency", type=float, default=Efficiency.compute,
                    help="analytic: achievable fraction of peak FLOP/s")
     p.add_argument("--memory-efficiency", type=float, default=Efficiency.memory,
@@ -71,7 +72,7 @@ def build_table(cfg, space, scenario: Scenario, source: str, args=None) -> CostT
         model = MeasuredCostModel(
             cfg, scenario, warmup=getattr(args, "warmup", 2), repeats=getattr(args, "repeats", 5),
             threads=getattr(args, "threads", None), telemetry=not getattr(args, "no_telemetry", False),
-            clock=getattr(args, "clock", "wall"),
+            clock=getattr(args, "clock", "wall"), cuda_graphs=not getattr(args, "no_cuda_graphs", False),
         )
         log.info("timing %d variants and the non-block parts on %s", len(names), model.device)
         with model.session():
@@ -79,7 +80,8 @@ def build_table(cfg, space, scenario: Scenario, source: str, args=None) -> CostT
             by_name = {n: model.variant_cost(n) for n in names}
             non_block = model.non_block_cost()
         device = model.device_info()
-    return CostTable(scenario, source, device, non_block, [{n: by_name[n] for n in layer} for layer in layers])
+    return CostTable(scenario, source, device, non_block, [{n: by_name[n] for n in layer} for layer in layers],
+                     parent=[[b.attention.name, b.ffn.name] for b in cfg.blocks])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,9 @@ from .scenario import Scenario
 
 SOURCES = ("measured", "analytic", "file")
 COST_FIELDS = ("params", "weight_bytes", "kv_cache_bytes", "prefill_time_s", "decode_time_s")
+# Measured on a GPU with an NVML energy counter only: joules of one prefill of the scenario's batch and of
+# one decode step (the same work as the times), absent (None) where not measured.
+ENERGY_FIELDS = ("prefill_energy_j", "decode_energy_j")
 
 
 class CostsError(ValueError):
@@ -30,16 +33,35 @@ class Cost:
     kv_cache_bytes: int = 0
     prefill_time_s: float = 0.0
     decode_time_s: float = 0.0
+    prefill_energy_j: float | None = None
+    decode_energy_j: float | None = None
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(*(getattr(self, f) + getattr(other, f) for f in COST_FIELDS))
+        energy = [None if getattr(self, f) is None or getattr(other, f) is None else getattr(self, f) + getattr(other, f)
+                  for f in ENERGY_FIELDS]
+        return Cost(*(getattr(self, f) + getattr(other, f) for f in COST_FIELDS), *energy)
+
+    @property
+    def has_energy(self) -> bool:
+        return all(getattr(self, f) is not None for f in ENERGY_FIELDS)
+
+    def energy_per_token(self, scenario: Scenario) -> dict[str, float] | None:
+        """Joules per token: prefill (per prompt token), decode (per generated token) and a whole request
+        (prompt and every decode step, per generated token); None where energy was not measured."""
+        if not self.has_energy:
+            return None
+        s = scenario
+        request = self.prefill_energy_j + s.decode_len * self.decode_energy_j
+        return {"prefill_j_per_token": self.prefill_energy_j / (s.batch_size * s.prefill_len),
+                "decode_j_per_token": self.decode_energy_j / s.batch_size,
+                "request_j_per_token": request / (s.batch_size * s.decode_len)}
 
     @property
     def memory_bytes(self) -> int:
         return self.weight_bytes + self.kv_cache_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "Cost":
@@ -54,6 +76,13 @@ class Cost:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise CostsError(f"{where}.{f} must be a finite number >= 0, got {v!r}")
             vals[f] = int(v) if f in ("params", "weight_bytes", "kv_cache_bytes") else float(v)
+        for f in ENERGY_FIELDS:  # optional
+            v = d.get(f)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise CostsError(f"{where}.{f} must be a finite number >= 0 (or absent), got {v!r}")
+            vals[f] = float(v)
         return cls(**vals)
 
 
@@ -87,6 +116,8 @@ class CostTable:
     device: dict[str, Any]
     non_block: Cost
     layers: list[dict[str, Cost]] = field(default_factory=list)
+    # The parent's variants per layer, when known: costs.json then gives its whole-model energy per token.
+    parent: list[list[str]] | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -117,13 +148,38 @@ class CostTable:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "scenario": self.scenario.to_dict(),
             "source": self.source,
             "device": self.device,
             "non_block": self.non_block.to_dict(),
             "layers": [{n: c.to_dict() for n, c in layer.items()} for layer in self.layers],
         }
+        if self.parent is not None:
+            out["parent"] = self.parent
+        energy = self.energy_per_token()
+        if energy:
+            out["energy_per_token"] = energy
+        return out
+
+    def energy_per_token(self) -> dict[str, Any] | None:
+        """Joules per token of every variant and of the non-block parts (`Cost.energy_per_token`), for
+        reading; a model's figure is the sum over its variants plus the non-block parts."""
+        if not self.non_block.has_energy:
+            return None
+        variants = {n: c.energy_per_token(self.scenario) for layer in self.layers for n, c in layer.items()
+                    if c.has_energy}
+        out = {"non_block": self.non_block.energy_per_token(self.scenario), "variants": variants}
+        if self.parent is not None:
+            try:
+                out["parent_model"] = self.model_energy_per_token(self.parent)
+            except CostsError:  # the parent's variants are not all in this space
+                pass
+        return out
+
+    def model_energy_per_token(self, variants: Sequence[Iterable[str]]) -> dict[str, float] | None:
+        """Joules per token of a whole model (per-layer variant names, as `total`)."""
+        return self.total(variants).energy_per_token(self.scenario)
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str | None = None) -> "CostTable":
@@ -145,6 +201,7 @@ class CostTable:
             device=dict(d.get("device") or {}),
             non_block=Cost.from_dict(d["non_block"], "non_block"),
             layers=layers,
+            parent=d.get("parent"),
         )
 
     def save(self, path: str | Path) -> None:

@@ -13,6 +13,13 @@ evicted by the layers before it). Wall clock on CPU (with
 `torch.set_num_threads(threads)`), CUDA events on GPU with NVML telemetry (device
 name, memory, SM clock, power) sampled during the run. The time of a variant does
 not depend on its weights or its layer, so each variant name is timed once.
+
+On a GPU the decode step is replayed from a CUDA graph (captured once per variant with a
+static KV cache, `decilm_runtime.py`): an eager decode step is bound by kernel launches,
+which is not how a served model runs. FP8 scenarios run the subblocks' linear layers as
+Transformer Engine modules under its FP8 autocast (the scenario's `fp8_recipe`). Energy:
+after timing, each job runs back to back for about `energy_window_s` between two reads of
+NVML's energy counter (`nvml.py`); the difference per run is its energy in joules.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import logging
 import math
 import platform
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Protocol
@@ -35,6 +41,7 @@ from .costs import Cost
 from .memory import (
     kv_cache_bytes, non_block_params, non_block_weight_bytes, subblock_params, subblock_weight_bytes,
 )
+from .nvml import NvmlMonitor, NvmlUnavailable
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,9 @@ class Job:
     run: Callable[[Any], Any]
     setup: Callable[[], Any] = lambda: None
     units: int = 1
+    # False when `setup` does work comparable to `run` (e.g. filling a KV cache): the energy counter
+    # cannot tell them apart, so such a job gets no energy figure.
+    light_setup: bool = True
 
 
 class Runtime(Protocol):
@@ -189,6 +199,28 @@ def time_interleaved(
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+@torch.inference_mode()
+def job_energy_j(job: Job, device: str | torch.device, read_mj: Callable[[], int | None], run_s: float,
+                 window_s: float = 0.3, max_runs: int = 100_000) -> float | None:
+    """Joules per unit of `job`: the energy counter (`read_mj`, millijoules) across back-to-back runs
+    lasting about `window_s` (`run_s`: seconds of one run, from the timing). None without a counter."""
+    if not job.light_setup:
+        return None
+    device = torch.device(device)
+    runs = max(1, min(max_runs, math.ceil(window_s / max(run_s, 1e-9))))
+    states = job.setup()
+    job.run(states)
+    _sync(device)
+    start = read_mj()
+    for _ in range(runs):  # no sync between runs: the GPU stays busy, as in a served model
+        job.run(job.setup())
+    _sync(device)
+    end = read_mj()
+    if start is None or end is None:
+        return None
+    return (end - start) / 1e3 / runs / job.units
+
+
 @contextlib.contextmanager
 def cpu_threads(n: int | None):
     """Run with `n` intra-op threads (None: leave torch's setting), restoring it after."""
@@ -210,10 +242,12 @@ def check_local_device(scenario: Scenario) -> torch.device:
             f"scenario {scenario.name!r} targets the GPU profile {scenario.device!r}, which is not this machine; "
             f"use --source analytic for it, or set the scenario's device to 'cpu' or 'cuda' to measure here"
         )
-    if "fp8" in (scenario.weight_dtype, scenario.kv_dtype):
+    fp8 = "fp8" in (scenario.weight_dtype, scenario.kv_dtype)
+    if fp8 and scenario.device == "cpu":
         raise MeasureError(
-            f"scenario {scenario.name!r}: the torch runtime has no FP8 matmuls or FP8 KV cache to time; "
-            f"use --source analytic with an FP8-capable GPU profile (h100-sxm, h200, l40s) or a 16-bit dtype"
+            f"scenario {scenario.name!r}: FP8 is measured on a GPU with FP8 tensor cores (Hopper, Ada) through "
+            f"Transformer Engine, not on a CPU; measure a 16-bit dtype here, or use --source analytic with an "
+            f"FP8-capable GPU profile (device: h100-sxm, h200, l40s)"
         )
     if scenario.device == "cuda":
         if not torch.cuda.is_available():
@@ -221,10 +255,29 @@ def check_local_device(scenario: Scenario) -> torch.device:
                 "the scenario's device is 'cuda' but torch sees no CUDA device (CPU build or no driver); "
                 "measure on 'cpu', or estimate a GPU with --source analytic and a GPU profile (e.g. device: h100-sxm)"
             )
+        if fp8:
+            check_fp8_here(scenario)
         return torch.device("cuda")
     if scenario.weight_dtype == "float16" and not _cpu_runs(torch.float16):
         raise MeasureError("this CPU build of torch cannot run float16 matmuls; use float32 or bfloat16 on cpu")
     return torch.device("cpu")
+
+
+def check_fp8_here(scenario: Scenario) -> None:
+    """FP8 needs compute capability >= 8.9 and Transformer Engine; a MeasureError says which is missing."""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise MeasureError(
+            f"scenario {scenario.name!r}: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has "
+            f"no FP8 tensor cores; measure bfloat16, or use --source analytic with an FP8-capable GPU profile"
+        )
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as e:
+        raise MeasureError(
+            f"scenario {scenario.name!r}: FP8 is measured with Transformer Engine, which does not import here "
+            f"({e}); use the project's image (Dockerfile) or `pip install transformer-engine[pytorch]`"
+        ) from None
 
 
 def _cpu_runs(dtype: torch.dtype) -> bool:
@@ -233,69 +286,6 @@ def _cpu_runs(dtype: torch.dtype) -> bool:
         return True
     except RuntimeError:
         return False
-
-
-class NvmlMonitor:
-    """Samples SM clock, power and memory of one GPU in a background thread (nvidia-ml-py)."""
-
-    def __init__(self, index: int = 0, interval_s: float = 0.05):
-        try:
-            import pynvml
-        except ImportError:
-            raise MeasureError(
-                "NVML telemetry needs nvidia-ml-py (`pip install nvidia-ml-py`); install it, "
-                "measure with telemetry off (--no-telemetry), or use --source analytic with a GPU profile"
-            ) from None
-        try:
-            pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(self.handle)
-        except pynvml.NVMLError as e:
-            raise MeasureError(
-                f"NVML is not usable here ({e}); check the NVIDIA driver, measure with --no-telemetry, "
-                f"or use --source analytic with a GPU profile"
-            ) from None
-        self.nvml, self.interval_s = pynvml, interval_s
-        self.name = name.decode() if isinstance(name, bytes) else name
-        self.memory_total = pynvml.nvmlDeviceGetMemoryInfo(self.handle).total
-        self.samples: list[tuple[float, float, int]] = []  # (sm clock MHz, power W, memory used bytes)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self):
-        n = self.nvml
-        while not self._stop.is_set():
-            try:
-                clock = n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_SM)
-                power = n.nvmlDeviceGetPowerUsage(self.handle) / 1e3
-                used = n.nvmlDeviceGetMemoryInfo(self.handle).used
-                self.samples.append((clock, power, used))
-            except n.NVMLError:  # one failed read must not stop the measurement
-                pass
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        with contextlib.suppress(self.nvml.NVMLError):
-            self.nvml.nvmlShutdown()
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "memory_total_bytes": self.memory_total, "samples": len(self.samples)}
-        if self.samples:
-            clocks, powers, used = zip(*self.samples)
-            out.update({
-                "sm_clock_mhz_median": statistics.median(clocks), "sm_clock_mhz_min": min(clocks),
-                "power_w_mean": statistics.fmean(powers), "power_w_max": max(powers),
-                "memory_used_bytes_max": max(used),
-            })
-        return out
 
 
 def _cpu_name() -> str:
@@ -324,6 +314,9 @@ class MeasuredCostModel:
         min_sample_s: float = 0.02,
         flush_cache: bool = True,
         clock: str = "wall",
+        cuda_graphs: bool = True,
+        energy: bool = True,
+        energy_window_s: float = 0.3,
     ):
         self.cfg, self.scenario = cfg, scenario
         self.device = check_local_device(scenario)
@@ -333,13 +326,21 @@ class MeasuredCostModel:
             raise MeasureError(f"clock must be one of {sorted(CPU_CLOCKS)}, got {clock!r}")
         self.clock = clock
         self.flush = cache_flusher(self.device) if flush_cache else None
-        self.monitor = NvmlMonitor(self.device.index or 0) if (telemetry and self.device.type == "cuda") else None
+        self.monitor = None
+        if telemetry and self.device.type == "cuda":
+            try:
+                self.monitor = NvmlMonitor(self.device)  # found by UUID: right under CUDA_VISIBLE_DEVICES
+            except NvmlUnavailable as e:
+                raise MeasureError(str(e)) from None
+        self.energy_window_s = energy_window_s
+        self.read_energy = self.monitor.energy_mj if (energy and self.monitor and self.monitor.has_energy) else None
         if runtime is None:
             from .decilm_runtime import DeciLMRuntime
 
-            runtime = DeciLMRuntime(cfg, scenario, self.device)
+            runtime = DeciLMRuntime(cfg, scenario, self.device, cuda_graphs=cuda_graphs)
         self.runtime = runtime
         self._times: dict[str, tuple[float, float]] = {}
+        self._energy: dict[str, tuple[float | None, float | None]] = {}
 
     def measure(self, variants: list[str]) -> None:
         """Time every not yet timed variant of `variants` and the non-block parts, interleaved."""
@@ -355,9 +356,21 @@ class MeasuredCostModel:
         with cpu_threads(self.threads if self.device.type == "cpu" else None):
             t = time_interleaved(jobs, self.device, warmup=self.warmup, rounds=self.repeats,
                                  min_sample_s=self.min_sample_s, flush=self.flush, clock=self.clock)
+            energy = {}
+            if self.read_energy is not None:
+                for (key, phase), job in jobs.items():
+                    energy[key, phase] = job_energy_j(job, self.device, self.read_energy, t[key, phase] * job.units,
+                                                      self.energy_window_s)
         for key in keys:
             self._times[key] = (t[key, "prefill"], t[key, "decode"])
-            log.debug("%s: prefill %.3g s, decode step %.3g s", key, *self._times[key])
+            self._energy[key] = (energy.get((key, "prefill")), energy.get((key, "decode")))
+            log.debug("%s: prefill %.3g s, decode step %.3g s, energy %s J", key, *self._times[key], self._energy[key])
+
+    def energy(self, job: Job, run_s: float) -> float | None:
+        """Joules per unit of one `job` (None without an NVML energy counter)."""
+        if self.read_energy is None:
+            return None
+        return job_energy_j(job, self.device, self.read_energy, run_s, self.energy_window_s)
 
     def time(self, job: Job) -> float:
         """Median seconds of one `job` with this model's timing settings."""
@@ -368,23 +381,30 @@ class MeasuredCostModel:
     def variant_cost(self, variant: str) -> Cost:
         if subblock_params(self.cfg, variant) == 0:  # no-op: nothing runs
             prefill = decode = 0.0
+            energy = (0.0, 0.0) if self.read_energy is not None else (None, None)
         else:
             self.measure([variant])
             prefill, decode = self._times[variant]
+            energy = self._energy[variant]
         s = self.scenario
         return Cost(subblock_params(self.cfg, variant), subblock_weight_bytes(self.cfg, variant, s),
-                    kv_cache_bytes(self.cfg, variant, s), prefill, decode)
+                    kv_cache_bytes(self.cfg, variant, s), prefill, decode, *_both(energy))
 
     def non_block_cost(self) -> Cost:
         self.measure([])
         prefill, decode = self._times[NON_BLOCK]
-        return Cost(non_block_params(self.cfg), non_block_weight_bytes(self.cfg, self.scenario), 0, prefill, decode)
+        return Cost(non_block_params(self.cfg), non_block_weight_bytes(self.cfg, self.scenario), 0, prefill, decode,
+                    *_both(self._energy[NON_BLOCK]))
 
     @contextlib.contextmanager
     def session(self):
         """Wrap a whole measurement (NVML sampling runs for its duration)."""
-        with self.monitor if self.monitor else contextlib.nullcontext():
-            yield self
+        try:
+            with self.monitor if self.monitor else contextlib.nullcontext():
+                yield self
+        finally:
+            if self.monitor:
+                self.monitor.close()
 
     def device_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"type": self.device.type, "torch": torch.__version__,
@@ -398,4 +418,14 @@ class MeasuredCostModel:
             info["timer"] = "cuda events"
             if self.monitor:
                 info["nvml"] = self.monitor.summary()
+            info["energy"] = ("nvml total energy counter, back-to-back runs of about "
+                              f"{self.energy_window_s} s per job" if self.read_energy else None)
+        paths = getattr(self.runtime, "timing_paths", None)
+        if paths:  # which code ran each phase (eager, cuda-graphs; fp8 recipe)
+            info["timing_paths"] = paths()
         return info
+
+
+def _both(pair: tuple[float | None, float | None]) -> tuple[float | None, float | None]:
+    """Energy of (prefill, decode), or neither: a cost with half its energy would mislead a sum."""
+    return pair if None not in pair else (None, None)

@@ -26,6 +26,9 @@ _DTYPE_ALIASES = {
     "float8": "fp8", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8",
 }
 LOCAL_DEVICES = ("cpu", "cuda")
+# Transformer Engine's FP8 scaling recipes a measured FP8 scenario can use: "delayed" (DelayedScaling:
+# scales from an amax history) or "current" (Float8CurrentScaling: scales from each tensor as it is cast).
+FP8_RECIPES = ("delayed", "current")
 
 
 def canonical_dtype(name: str, field: str = "dtype") -> str:
@@ -49,6 +52,7 @@ class Scenario:
     weight_dtype: str = "float32"
     kv_dtype: str = "float32"
     device: str = "cpu"
+    fp8_recipe: str = "delayed"
 
     def __post_init__(self):
         for f in ("batch_size", "prefill_len", "decode_len"):
@@ -59,6 +63,10 @@ class Scenario:
         object.__setattr__(self, "kv_dtype", canonical_dtype(self.kv_dtype, "kv_dtype"))
         device = str(self.device).strip().lower()
         object.__setattr__(self, "device", device)
+        recipe = str(self.fp8_recipe).strip().lower()
+        if recipe not in FP8_RECIPES:
+            raise ScenarioError(f"scenario {self.name!r}: fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        object.__setattr__(self, "fp8_recipe", recipe)
         if device not in LOCAL_DEVICES:
             from .gpus import get_gpu  # raises, listing the known profiles
 
@@ -87,14 +95,17 @@ class Scenario:
         return self.prefill_len + self.decode_len // 2
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if "fp8" not in (self.weight_dtype, self.kv_dtype):
+            del d["fp8_recipe"]  # meaningless without FP8; older files do not have it
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_name: str = "custom") -> "Scenario":
         if not isinstance(d, dict):
             raise ScenarioError(f"a scenario must be a mapping of fields, got {type(d).__name__}")
         d = dict(d.get("scenario", d))  # a costs.json (or any file holding one) works too
-        known = {"name", "batch_size", "prefill_len", "decode_len", "weight_dtype", "kv_dtype", "device"}
+        known = {"name", "batch_size", "prefill_len", "decode_len", "weight_dtype", "kv_dtype", "device", "fp8_recipe"}
         unknown = set(d) - known
         if unknown:
             raise ScenarioError(f"scenario has unknown fields {sorted(unknown)}; allowed: {sorted(known)}")

@@ -4,6 +4,7 @@ A constraint bounds one total of the child from above and/or below:
 
     memory<=80GiB   memory<=0.5x   params<=100M   latency<=1.5s   ttft<=200ms
     throughput>=2.0x   decode_throughput>=2.0x   1.2x<=throughput<=3x   stats.memory_mib<=120000
+    energy_per_token<=0.3J   energy<=0.5x   (energy: joules of one request; needs measured energy)
 
 A value ending in ``x`` is relative to the parent's total. Throughput is not a sum
 over layers, but with the batch and decode length fixed, ``throughput >= T`` is
@@ -29,16 +30,20 @@ ALIASES = {
     "latency": "latency", "latency_s": "latency", "time": "latency",
     "ttft": "ttft", "ttft_s": "ttft", "time_to_first_token": "ttft",
     "params": "params", "num_params": "params", "parameters": "params",
+    "energy": "energy", "energy_j": "energy", "joules": "energy",
+    "energy_per_token": "energy_per_token", "j_per_token": "energy_per_token",
 }
 _BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SECONDS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "min": 60.0}
 _COUNT = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _RATE = {"tok/s": 1.0, "tokens/s": 1.0, "t/s": 1.0}
+_JOULES = {"j": 1.0, "mj": 1e-3, "kj": 1e3, "wh": 3600.0, "j/tok": 1.0, "mj/tok": 1e-3}
 UNITS = {
     "memory": _BYTES, "weight_bytes": _BYTES, "kv_cache_bytes": _BYTES,
     "latency": _SECONDS, "ttft": _SECONDS, "prefill_time_s": _SECONDS, "decode_time_s": _SECONDS,
     "params": _COUNT, "throughput": _RATE, "decode_throughput": _RATE,
+    "energy": _JOULES, "energy_per_token": _JOULES, "prefill_energy_j": _JOULES, "decode_energy_j": _JOULES,
 }
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -216,4 +221,6 @@ def fmt(quantity: str, value: float) -> str:
         return f"{value:.4g}"
     if quantity in RATE_QUANTITIES:
         return f"{value:.4g} tokens/s"
+    if units is _JOULES:
+        return f"{value:.4g} J" if abs(value) >= 1 else f"{value * 1e3:.4g} mJ"
     return f"{value:.6g}"

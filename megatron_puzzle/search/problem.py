@@ -32,6 +32,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COST_KEYS = ("params", "weight_bytes", "kv_cache_bytes", "prefill_time_s", "decode_time_s")
+# Joules of one request of the scenario (prefill + decode_len steps), and per generated token.
+ENERGY_QUANTITIES = ("energy", "energy_per_token")
 MODES = ("auto", "decoupled", "pairs")
 
 
@@ -94,6 +96,19 @@ class Problem:
             return p + self.decode_len * d, cp + self.decode_len * cd
         if key in ("ttft", "ttft_s"):
             return self.linear("prefill_time_s")
+        if key in ENERGY_QUANTITIES:  # joules of one request: its prefill and decode_len decode steps
+            if not (self.batch_size and self.decode_len):
+                raise SearchError(f"{key} needs the scenario's batch_size and decode_len (costs.json 'scenario')")
+            if "prefill_energy_j" not in self.values or "decode_energy_j" not in self.values:
+                raise SearchError(f"{key} needs costs with energy (prefill_energy_j, decode_energy_j): "
+                                  "measure on a GPU with NVML's energy counter (megatron-puzzle measure)")
+            p, cp = self.linear("prefill_energy_j")
+            d, cd = self.linear("decode_energy_j")
+            coef, const = p + self.decode_len * d, cp + self.decode_len * cd
+            if key == "energy_per_token":  # per generated token: a constant factor keeps it linear
+                n = self.batch_size * self.decode_len
+                return coef / n, const / n
+            return coef, const
         key = self.resolve_key(key)
         coef = self.values[key]
         if np.isnan(coef).any():
@@ -106,7 +121,7 @@ class Problem:
 
     def resolve_key(self, key: str) -> str:
         """Map a user-given name to a key of ``values`` (bare metric names are allowed)."""
-        if key in self.values:
+        if key in self.values or (key in ENERGY_QUANTITIES and "decode_energy_j" in self.values):
             return key
         for prefix in ("metrics.", "stats."):
             if prefix + key in self.values:
@@ -146,6 +161,9 @@ class Problem:
             out["decode_throughput"] = (
                 self.batch_size / out["decode_time_s"] if out["decode_time_s"] > 0 else math.inf
             )
+        if self.batch_size and self.decode_len and "prefill_energy_j" in out and "decode_energy_j" in out:
+            out["energy_j"] = out["prefill_energy_j"] + self.decode_len * out["decode_energy_j"]
+            out["energy_per_token"] = out["energy_j"] / (self.batch_size * self.decode_len)
         return out
 
     def parent_totals(self) -> dict[str, float] | None:

@@ -4,15 +4,23 @@ Run them all with `tools/validate_gpu.sh` (under 8 minutes on one H100). Each te
 JSON report (path in $PUZZLE_GPU_REPORT) so the results can be recorded with the date and card:
 
 - Transformer Engine layer specs: a checkpoint saved with the local (torch) specs loads into a TE-spec
-  model (the path `gkd` takes) and gives the same bf16 logits, within bf16 rounding of an fp32 reference.
+  model (the path `gkd` takes) and gives the same bf16 logits, within bf16 rounding of an fp32 reference;
+  and back: a checkpoint saved by a TE-spec model loads into local specs with the same logits. The model
+  holds every variant kind (full, fewer KV heads, linear and no-op attention; narrower, linear, no-op FFN).
 - FP8 GKD: `distill.gkd.train_step` with `fp8="hybrid"` on TE specs lowers the KD loss on a fixed batch,
   with FP8 really engaged (fp8 logits differ from bf16 ones, but only by quantisation noise).
 - Recompute on GPU: `gkd.recompute` (TE checkpoint under FP8, torch checkpoint in bf16) gives the
   gradients of the plain backward within rounding, with a lower peak of allocated memory.
-- NVML telemetry: `cost.measure.NvmlMonitor` samples clock, power and memory while the GPU works.
+- NVML telemetry: `cost.nvml.NvmlMonitor` finds the card torch uses by UUID and samples clock, power and
+  memory while it works.
+- Measured costs, bf16 and FP8 (delayed and current scaling), decode from CUDA graphs: paths recorded,
+  graphs faster than eager decode, FP8 GEMM-bound prefill faster than bf16, NVML energy per token with
+  an implied power between idle and the card's limit, and additivity: a whole child's time against the
+  sum of its variants' costs on the same path.
 - CUDA-event timing: `cost.measure.time_job` agrees with synchronised wall clock on a large GEMM.
 - Analytic GPU profile vs measured: per-variant prefill / decode times of a Llama-3.1-8B-shaped layer,
-  timed with `MeasuredCostModel` (CUDA events), next to the analytic roofline of this card's profile.
+  timed with `MeasuredCostModel` (CUDA events, decode from CUDA graphs), next to the analytic roofline of
+  this card's profile, in bf16 and FP8: an error table in the report.
 - bf16 tensor-parallel parity: TP 2 logits equal TP 1 ones to bf16 rounding (needs 2 GPUs).
 """
 
@@ -47,6 +55,14 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        out["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+    except Exception as e:  # the report must be written even when NVML is broken: say why it is missing
+        out["driver"] = f"unknown ({type(e).__name__}: {e})"
     for dist in ("megatron-core", "transformer-engine", "transformer_engine", "nvidia-ml-py"):
         try:
             out[dist] = md.version(dist)
@@ -63,9 +79,22 @@ def report():
                    capability=".".join(map(str, torch.cuda.get_device_capability())), versions=_versions(),
                    results={})
     yield _REPORT["results"]
+    _write_report()
+
+
+def _write_report() -> None:
     path = os.environ.get("PUZZLE_GPU_REPORT")
-    if path:
-        Path(path).write_text(json.dumps(_REPORT, indent=2) + "\n")
+    if path and _REPORT:
+        tmp = Path(path).with_suffix(".partial")
+        tmp.write_text(json.dumps(_REPORT, indent=2, default=str) + "\n")
+        tmp.replace(path)
+
+
+@pytest.fixture(autouse=True)
+def _report_after_each_test():
+    """Write the report after every test too, so a run stopped by its time limit keeps what it measured."""
+    yield
+    _write_report()
 
 
 # --------------------------------------------------------------------------- models
@@ -127,10 +156,17 @@ def test_te_specs_load_local_checkpoint_and_match(mcore, tmp_path, report):
                          or type(m).__name__.startswith("TE")})
     res = {"rel_err_local_bf16": _rel_err(local, ref), "rel_err_te_bf16": _rel_err(te, ref),
            "top1_te_vs_fp32": _top1(te, ref), "te_modules": te_modules}
+    # and back: a checkpoint written by the TE-spec model loads into local specs
+    te_ckpt = checkpoint.save(te_model, tmp_path / "te_ckpt")
+    with torch.no_grad():
+        back = forward.full_logits(checkpoint.load(te_ckpt, RuntimeOptions(dtype=torch.bfloat16)), tokens)
+    res["rel_err_te_ckpt_into_local_vs_te"] = _rel_err(back, te)
+    res["rel_err_te_ckpt_into_local_vs_local"] = _rel_err(back, local)
     report["te_specs"] = res
     assert te_modules, "the use_te model holds no Transformer Engine modules"
     assert res["rel_err_te_bf16"] <= max(3 * res["rel_err_local_bf16"], 2e-2), res
     assert res["top1_te_vs_fp32"] >= 0.95, res
+    assert res["rel_err_te_ckpt_into_local_vs_local"] <= 1e-6, "same bf16 weights, same local kernels"
 
 
 def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
@@ -213,22 +249,30 @@ def test_recompute_matches_plain_backward_with_less_memory(mcore, tmp_path, repo
 
 
 def test_nvml_telemetry_samples_the_working_gpu(report):
-    from megatron_puzzle.cost.measure import NvmlMonitor
+    from megatron_puzzle.cost.nvml import NvmlMonitor, normalize_uuid
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    with NvmlMonitor(torch.cuda.current_device(), interval_s=0.02) as mon:
+    mon = NvmlMonitor(torch.device("cuda"), interval_s=0.02)
+    assert mon.matched_by == "uuid", mon.matched_by
+    assert normalize_uuid(mon.uuid) == normalize_uuid(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    e0 = mon.energy_mj()
+    with mon:
         t_end = time.perf_counter() + 1.5
         while time.perf_counter() < t_end:
             for _ in range(10):
                 a = (a @ a).clamp_(-1, 1)
             torch.cuda.synchronize()
+    e1 = mon.energy_mj()
     s = mon.summary()
+    s["energy_j_during_1_5_s_of_gemms"] = None if e0 is None else (e1 - e0) / 1e3
     report["nvml"] = s
     torch_name = torch.cuda.get_device_name()
     assert s["name"] in torch_name or torch_name in s["name"], (s["name"], torch_name)
     assert s["samples"] >= 10, s
     assert s["sm_clock_mhz_median"] > 0 and s["power_w_max"] > 0, s
     assert s["memory_used_bytes_max"] >= a.numel() * a.element_size(), s
+    if e0 is not None:  # 1.5 s of dense GEMMs: between idle power and the board's limit
+        assert 30 <= s["energy_j_during_1_5_s_of_gemms"] / 1.5 <= 1500, s
 
 
 def test_cuda_event_timing_matches_wall_clock(report):
@@ -253,41 +297,137 @@ def test_cuda_event_timing_matches_wall_clock(report):
     assert 50 <= res["tflops_event"] <= 2000, res  # a real dense bf16 GEMM rate, not a timer artefact
 
 
+def _llama8b_layer(num_layers: int = 1):
+    """Layers of Llama-3.1-8B (the timing of a variant does not depend on the layer count)."""
+    from megatron_puzzle.arch import ModelConfig
+
+    return ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=num_layers, num_attention_heads=32,
+                       num_kv_heads=8, intermediate_size=14336, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+SHAPE = dict(batch_size=32, prefill_len=512, decode_len=256)
+VARIANTS = ("attn_kv8", "attn_kv2", "attn_linear", "ffn_14336", "ffn_7168", "ffn_linear")
+PRECISIONS = {"bf16": dict(weight_dtype="bfloat16", kv_dtype="bfloat16"),
+              "fp8_delayed": dict(weight_dtype="fp8", kv_dtype="fp8", fp8_recipe="delayed"),
+              "fp8_current": dict(weight_dtype="fp8", kv_dtype="fp8", fp8_recipe="current")}
+_MEASURED: dict = {}
+
+
+def _measured(precision: str, cuda_graphs: bool = True):
+    """One MeasuredCostModel per precision (and path), shared by the tests below."""
+    from megatron_puzzle.cost.measure import MeasuredCostModel
+    from megatron_puzzle.cost.scenario import Scenario
+
+    key = (precision, cuda_graphs)
+    if key not in _MEASURED:
+        if precision != "bf16" and torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip(f"FP8 needs compute capability >= 8.9; this is {torch.cuda.get_device_name()}")
+        scenario = Scenario(f"gpu-check-{precision}", device="cuda", **SHAPE, **PRECISIONS[precision])
+        m = MeasuredCostModel(_llama8b_layer(), scenario, warmup=2, repeats=5, min_sample_s=0.05,
+                              cuda_graphs=cuda_graphs, energy_window_s=0.3)
+        with m.session():
+            m.measure(list(VARIANTS))
+            costs = {v: m.variant_cost(v) for v in VARIANTS}
+            costs["<non_block>"] = m.non_block_cost()
+        _MEASURED[key] = (m, costs)
+    return _MEASURED[key]
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_measured_costs_with_cuda_graphs_and_energy(report, precision):
+    m, costs = _measured(precision)
+    info = m.device_info()
+    paths = info["timing_paths"]
+    res = {"timing_paths": paths, "nvml": info.get("nvml"), "energy": info.get("energy"), "variants": {}}
+    for v, c in costs.items():
+        row = {"prefill_s": c.prefill_time_s, "decode_s": c.decode_time_s,
+               "prefill_energy_j": c.prefill_energy_j, "decode_energy_j": c.decode_energy_j}
+        per = c.energy_per_token(m.scenario)
+        if per:
+            row.update(per)
+            row["implied_prefill_w"] = c.prefill_energy_j / c.prefill_time_s
+            row["implied_decode_w"] = c.decode_energy_j / c.decode_time_s
+        res["variants"][v] = row
+    report.setdefault("measured_costs", {})[precision] = res
+    assert paths["decode"] == "cuda-graphs" and paths.get("fp8_recipe", "delayed") == PRECISIONS[precision].get(
+        "fp8_recipe", "delayed"), paths
+    assert all(c.prefill_time_s > 0 and c.decode_time_s > 0 for c in costs.values()), res
+    assert info["nvml"]["matched_by"] == "uuid", info["nvml"]
+    if info["nvml"]["energy_counter"]:
+        for v, row in res["variants"].items():
+            # energy over time is the power while it ran: between idle and the board's limit
+            assert 20 <= row["implied_prefill_w"] <= 1500 and 20 <= row["implied_decode_w"] <= 1500, (v, row)
+
+
+def test_graphs_beat_eager_decode_and_fp8_beats_bf16_prefill(report):
+    bf16, bf16_costs = _measured("bf16")
+    eager, eager_costs = _measured("bf16", cuda_graphs=False)
+    res = {"decode_graph_over_eager": {v: bf16_costs[v].decode_time_s / eager_costs[v].decode_time_s
+                                       for v in VARIANTS}}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        _, fp8_costs = _measured("fp8_delayed")
+        res["prefill_fp8_over_bf16"] = {v: fp8_costs[v].prefill_time_s / bf16_costs[v].prefill_time_s for v in VARIANTS}
+    report["graphs_and_fp8"] = res
+    assert eager.device_info()["timing_paths"]["decode"] == "eager"
+    # a graph replays the same kernels without the launches: never much slower than eager
+    assert all(r <= 1.1 for r in res["decode_graph_over_eager"].values()), res
+    if "prefill_fp8_over_bf16" in res:  # 16k tokens x 4096 x 14336: GEMM-bound, FP8 tensor cores are faster
+        assert res["prefill_fp8_over_bf16"]["ffn_14336"] < 0.95, res
+
+
+def test_whole_child_time_is_the_sum_of_its_costs(report):
+    """Additivity on one path: a 4-layer child timed whole (decode from a CUDA graph) against non-block +
+    the variants' costs."""
+
+    m, costs = _measured("bf16")
+    blocks = [BlockConfig(A("full", 8), F("full", 14336)), BlockConfig(A("full", 2), F("full", 7168)),
+              BlockConfig(A("linear"), F("linear")), BlockConfig(A("full", 8), F("full", 7168))]
+    res = {"blocks": [[b.attention.name, b.ffn.name] for b in blocks]}
+    for phase in ("prefill", "decode"):
+        whole = m.time(m.runtime.model_job(blocks, phase))
+        parts = getattr(costs["<non_block>"], f"{phase}_time_s") + sum(
+            getattr(costs[n], f"{phase}_time_s") for b in blocks for n in (b.attention.name, b.ffn.name))
+        res[phase] = {"whole_s": whole, "sum_of_costs_s": parts, "ratio": whole / parts}
+    report["additivity_bf16"] = res
+    for phase in ("prefill", "decode"):
+        assert 0.75 <= res[phase]["ratio"] <= 1.3, res
+
+
 def _profile_for_this_gpu() -> str | None:
     name = torch.cuda.get_device_name()
     return next((p for key, p in PROFILE_BY_NAME if key in name), None)
 
 
-def test_analytic_profile_against_measured_variant_times(report):
-    from megatron_puzzle.arch import ModelConfig
+@pytest.mark.parametrize("precision", ["bf16", "fp8_delayed"])
+def test_analytic_profile_against_measured_variant_times(report, precision):
     from megatron_puzzle.cost.analytic import AnalyticCostModel
-    from megatron_puzzle.cost.measure import MeasuredCostModel
     from megatron_puzzle.cost.scenario import Scenario
 
     profile = _profile_for_this_gpu()
     if profile is None:
         pytest.skip(f"no analytic profile for {torch.cuda.get_device_name()}")
-    # One layer of Llama-3.1-8B (the timing of a variant does not depend on the layer count).
-    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=1, num_attention_heads=32, num_kv_heads=8,
-                      intermediate_size=14336, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                      tie_word_embeddings=False)
-    shape = dict(batch_size=32, prefill_len=512, decode_len=256, weight_dtype="bfloat16", kv_dtype="bfloat16")
-    measured = MeasuredCostModel(cfg, Scenario("gpu-check", device="cuda", **shape), warmup=3, repeats=10,
-                                 telemetry=False, min_time_s=0.2)
-    analytic = AnalyticCostModel(cfg, Scenario("gpu-check", device=profile, **shape), profile)
+    measured, costs = _measured(precision)
+    dtypes = {k: v for k, v in PRECISIONS[precision].items() if k != "fp8_recipe"}
+    analytic = AnalyticCostModel(_llama8b_layer(), Scenario("gpu-check", device=profile, **SHAPE, **dtypes), profile)
     rows = {}
-    for variant in ("attn_kv8", "attn_kv2", "attn_linear", "ffn_14336", "ffn_7168", "ffn_linear"):
-        m, a = measured.variant_cost(variant), analytic.variant_cost(variant)
+    for variant in VARIANTS:
+        m, a = costs[variant], analytic.variant_cost(variant)
         rows[variant] = {"measured_prefill_s": m.prefill_time_s, "analytic_prefill_s": a.prefill_time_s,
                          "measured_decode_s": m.decode_time_s, "analytic_decode_s": a.decode_time_s}
-    report["analytic_vs_measured"] = {"profile": profile, "scenario": shape, "variants": rows}
+    report.setdefault("analytic_vs_measured", {})[precision] = {
+        "profile": profile, "scenario": {**SHAPE, **PRECISIONS[precision]}, "decode_path": "cuda-graphs",
+        "variants": rows}
     for variant, r in rows.items():
         for phase in ("prefill", "decode"):
             ratio = r[f"analytic_{phase}_s"] / r[f"measured_{phase}_s"]
             r[f"{phase}_ratio"] = ratio
+            r[f"{phase}_error_pct"] = 100 * (r[f"analytic_{phase}_s"] - r[f"measured_{phase}_s"]) / r[f"measured_{phase}_s"]
+    for variant, r in rows.items():
+        for phase in ("prefill", "decode"):
             # The roofline at 70-80% of peak is a near lower bound: real kernels are slower (ratio < 1), but
             # not by more than 20x on large GEMMs and streams, and never much faster.
-            assert 0.05 <= ratio <= 1.6, (variant, phase, r)
+            assert 0.05 <= r[f"{phase}_ratio"] <= 1.6, (variant, phase, r)
 
 
 def test_bf16_tensor_parallel_parity(tmp_path, report):
