@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ..model import checkpoint, forward
 from ..model.gpt import RuntimeOptions, check_runtime
+from ..model.parallel import rank as _rank, world_size as _world
 from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import losses, train_utils
@@ -303,14 +304,6 @@ def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig,
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step_{step:07d}"

@@ -149,7 +149,7 @@ def run_score(parent, variant_weights, space: Sequence[Sequence[str]], batches: 
     need_parent = dp_rank == 0 and (force or read_cached(parent_cache_path(score_dir), settings) is None)
     log.info("rank %d: %d of its %d items to score (%d cached)", dp_rank, len(pending), len(mine),
              len(mine) - len(pending))
-    if _global_rank() == 0:  # scores.json is stale until this run merges a new one
+    if parallel.is_rank0():  # scores.json is stale until this run merges a new one
         (score_dir / DONE_MARKER).unlink(missing_ok=True)
     parallel.barrier()  # every rank has decided what to score before any cache file changes
 
@@ -166,15 +166,9 @@ def run_score(parent, variant_weights, space: Sequence[Sequence[str]], batches: 
             write_cached(parent_cache_path(score_dir), settings, parent_m)
     log.info("rank %d scored %d items in %.1f s", dp_rank, len(pending), time.perf_counter() - start)
     parallel.barrier()
-    if _global_rank() != 0:
+    if not parallel.is_rank0():
         return None
     scores = merge(score_dir, items, cfg.num_layers, settings, metrics)
     atomic_write_json(score_dir / "scores.json", scores)
     atomic_write_text(score_dir / DONE_MARKER, "ok\n")
     return scores
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
