@@ -16,7 +16,7 @@ import score_common as sc  # noqa: E402
 
 from megatron_puzzle.score import (  # noqa: E402
     ALL_METRICS, MetricSums, Reference, ReplaceScorer, Settings, assemble, items_of, library_weights, read_space,
-    run_score, split_batch,
+    score_space, split_batch,
 )
 
 WORKER = REPO / "tests" / "workers" / "score_worker.py"
@@ -134,7 +134,7 @@ def test_cache_skips_scored_items_and_scores_json_format(tiny, tmp_path, monkeyp
     settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=16, batch_size=2)
 
     def go(settings=settings, batches=batches, **kw):
-        return run_score(parent, _weights_fn(cfg, tensors, calls), sc.SPACE, batches, tmp_path / "score",
+        return score_space(parent, _weights_fn(cfg, tensors, calls), sc.SPACE, batches, tmp_path / "score",
                          settings=settings, progress=False, **kw)
 
     first = go()
@@ -173,7 +173,7 @@ def test_cache_skips_scored_items_and_scores_json_format(tiny, tmp_path, monkeyp
 def test_coupled_pairs(tiny, tmp_path):
     cfg, tensors, parent, batches = tiny
     settings = Settings(tokens=64, seq_len=16, batch_size=2)
-    out = run_score(parent, _weights_fn(cfg, tensors), sc.SPACE, batches, tmp_path, settings=settings, coupled=True,
+    out = score_space(parent, _weights_fn(cfg, tensors), sc.SPACE, batches, tmp_path, settings=settings, coupled=True,
                     only=["attn_kv1", "attn_no_op", "ffn_32", "ffn_linear", "ffn_48"], progress=False)
     assert sorted(out["layers"][1]) == ["attn_kv1+ffn_32", "attn_kv1+ffn_linear", "attn_no_op+ffn_32",
                                         "attn_no_op+ffn_linear"]
@@ -186,7 +186,7 @@ def test_tp2_and_dp2_equal_tp1(tiny, tmp_path):
     lib = tmp_path / "library"
     sc.write_library(lib, cfg, tensors)
     settings = Settings(tokens=64, seq_len=16, batch_size=2)
-    tp1 = run_score(parent, library_weights(lib), read_space(lib), batches, tmp_path / "tp1", settings=settings,
+    tp1 = score_space(parent, library_weights(lib), read_space(lib), batches, tmp_path / "tp1", settings=settings,
                     library_dir=lib, progress=False)
     torchrun(WORKER, 2, "--tp", "2", "1", "--library", str(lib), "--score-dir", str(tmp_path / "tp2"),
              str(tmp_path / "dp2"), "--metrics-out", str(tmp_path / "m.json"))

@@ -7,6 +7,7 @@ CPU uses gloo; CUDA uses NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,6 +26,21 @@ log = logging.getLogger(__name__)
 # wait out at a barrier; PUZZLE_DIST_TIMEOUT_MIN overrides it.
 TIMEOUT_ENV = "PUZZLE_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 30.0
+
+
+_alone = False  # set by `alone()`: this process ignores the launcher and works in a world of one
+
+
+@contextlib.contextmanager
+def alone():
+    """Within: `init_process_group` starts a world of one even under torchrun, and `rank()`/`world_size()`
+    say 0/1 (for a rank-0 stage that builds models, after the launch's process group is shut down)."""
+    global _alone
+    old, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = old
 
 
 def free_port() -> int:
@@ -54,7 +70,7 @@ def init_process_group(timeout_min: float | None = None) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if "RANK" in os.environ:  # torchrun / srun set the rendezvous
+    if "RANK" in os.environ and not _alone:  # torchrun / srun set the rendezvous
         dist.init_process_group(backend=backend, timeout=timeout(timeout_min))
     else:  # a world of one; nothing is put in os.environ, so child processes start clean
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
@@ -92,14 +108,14 @@ def rank() -> int:
     """Global rank: from the process group, else torchrun's RANK (before it starts), else 0."""
     if dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return 0 if _alone else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     """Number of processes: from the process group, else torchrun's WORLD_SIZE, else 1."""
     if dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if _alone else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_rank0() -> bool:
@@ -137,6 +153,15 @@ def device() -> torch.device:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (a picklable value; as is without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

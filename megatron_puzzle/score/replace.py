@@ -18,7 +18,7 @@ import torch
 from ..arch import AttentionVariant, BlockConfig, ModelConfig, variant_from_name
 from ..arch.shapes import variant_shapes
 from ..model import forward
-from .library import VariantWeights
+from .library import LibraryError, VariantWeights
 from .metrics import ALL_METRICS, MetricSums, Reference
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def replace_subblock(cfg: ModelConfig, layer: int, tensors: dict, name: str, wei
     if got != want:
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-        raise ValueError(
+        raise LibraryError(
             f"layer {layer} variant {name}: weights do not match the variant (missing {missing[:3]}, "
             f"unexpected {extra[:3]}, wrong shape {wrong[:3]}); rebuild that library entry"
         )
@@ -100,7 +100,7 @@ class ReplaceScorer:
             if w is None:  # no library entry: only the parent's own variant may fall back to the parent's weights
                 own = parent_block.attention.name if _subblock(part) == "attention" else parent_block.ffn.name
                 if part != own:
-                    raise ValueError(f"the library has no weights for layer {layer} variant {part}")
+                    raise LibraryError(f"the library has no weights for layer {layer} variant {part}")
                 continue
             tensors = replace_subblock(self.cfg, layer, tensors, part, w)
         return tensors

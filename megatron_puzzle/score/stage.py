@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, read_json
+from ..utils.config import from_section
+from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import library as lib
 from .metrics import METRICS, ALL_METRICS
 from .replace import Item, ReplaceScorer
 
 log = logging.getLogger(__name__)
+
+
+class ScoreError(ValueError):
+    """Score settings that cannot be used (too few tokens, unknown metrics); the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ def heldout_batches(data_dir: Path, tokens: int, seq_len: int, batch_size: int) 
     loader = TokenBatches(data_dir, seq_len, batch_size, shuffle=False, targets=True, split="heldout")
     n = tokens // (seq_len * batch_size)
     if n < 1:
-        raise ValueError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}); raise it or "
+        raise ScoreError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}); raise it or "
                          "lower --batch-size/--seq-len")
     if n > loader.batches_per_epoch:
         log.warning("held-out split holds %d batches of %d x %d; scoring on those instead of %d tokens",
@@ -115,7 +120,7 @@ def heldout_batches(data_dir: Path, tokens: int, seq_len: int, batch_size: int) 
     return [loader.batch(i) for i in range(n)]
 
 
-def run_score(parent, variant_weights, space: Sequence[Sequence[str]], batches: list, score_dir: Path, *,
+def score_space(parent, variant_weights, space: Sequence[Sequence[str]], batches: list, score_dir: Path, *,
               settings: Settings, metrics: Sequence[str] = METRICS, coupled: bool = False,
               only: Sequence[str] | None = None, library_dir: Path | None = None, max_candidates: int = 64,
               force: bool = False, progress: bool = True) -> dict | None:
@@ -127,10 +132,10 @@ def run_score(parent, variant_weights, space: Sequence[Sequence[str]], batches: 
 
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(ALL_METRICS)}")
+        raise ScoreError(f"unknown metrics {unknown}; choose from {', '.join(ALL_METRICS)}")
     cfg = parent.puzzle_config
     if len(space) != cfg.num_layers:
-        raise ValueError(f"the search space lists {len(space)} layers but the parent has {cfg.num_layers}")
+        raise lib.LibraryError(f"the search space lists {len(space)} layers but the parent has {cfg.num_layers}")
     score_dir = Path(score_dir)
     items = items_of(space, coupled, only)
     dp_rank, dp_size, writer = parallel.dp_rank(), parallel.dp_size(), parallel.tp_rank() == 0
@@ -172,3 +177,44 @@ def run_score(parent, variant_weights, space: Sequence[Sequence[str]], batches: 
     atomic_write_json(score_dir / "scores.json", scores)
     atomic_write_text(score_dir / DONE_MARKER, "ok\n")
     return scores
+
+
+@dataclass
+class ScoreConfig:
+    """The score stage's settings (the `score` section of a run config, and `megatron-puzzle score`)."""
+
+    tokens: int = 16384  # held-out tokens to score on
+    batch_size: int = 8
+    seq_len: int = 256
+    coupled: bool = False  # score (attention, FFN) pairs of each layer together
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # written to scores.json
+    variants: list[str] | None = None  # score only these variant names
+    tensor_parallel: int = 1
+    max_candidates: int = 64  # candidate layers kept in memory at once
+    force: bool = False  # score again even what is cached
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ScoreConfig":
+        return from_section(cls, d, "score")
+
+
+def run_score(run_dir: str | Path, cfg: ScoreConfig) -> dict | None:
+    """The score stage: RUN/parent + RUN/library + RUN/data -> RUN/score/scores.json. Every rank works.
+
+    Returns scores.json's content on global rank 0, None on the others.
+    """
+    from ..model import checkpoint, parallel
+
+    run = Path(run_dir)
+    for sub, stage in (("parent", "import"), ("data", "data"), ("library", "bld")):
+        if not is_done(run / sub):
+            raise FileNotFoundError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")
+    space = lib.read_space(run / "library")
+    batches = heldout_batches(run / "data", cfg.tokens, cfg.seq_len, cfg.batch_size)
+    settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    parallel.init_distributed(tensor_parallel=cfg.tensor_parallel)
+    parent = checkpoint.load(run / "parent")
+    return score_space(parent, lib.library_weights(run / "library"), space, batches, run / "score", settings=settings,
+                       metrics=cfg.metrics, coupled=cfg.coupled, only=cfg.variants, library_dir=run / "library",
+                       max_candidates=cfg.max_candidates, force=cfg.force, progress=cfg.progress)
