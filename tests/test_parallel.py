@@ -55,3 +55,16 @@ def test_free_port_is_bindable():
     port = parallel.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_rank0_alone_under_torchrun():
+    """Under torchrun, after the launch's group is shut down, rank 0 starts a world of one at once
+    (a tcp:// rendezvous would wait for the launcher's store until the timeout)."""
+    from _models import REPO
+
+    worker = REPO / "tests" / "workers" / "alone_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={parallel.free_port()}",
+           str(worker)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and "ALONE OK" in p.stdout, p.stderr[-3000:]

@@ -72,6 +72,9 @@ def init_process_group(timeout_min: float | None = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ and not _alone:  # torchrun / srun set the rendezvous
         dist.init_process_group(backend=backend, timeout=timeout(timeout_min))
+    elif _alone:  # an in-process store: under torchrun a tcp:// rendezvous would wait for the launcher's store
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout(timeout_min))
     else:  # a world of one; nothing is put in os.environ, so child processes start clean
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, timeout=timeout(timeout_min))
