@@ -2,7 +2,7 @@
 
 from .evaluate import assemble, evaluate_model, parent_references, score_architecture
 from .library import LibraryError, library_weights, read_space
-from .metrics import ALL_METRICS, METRICS, MetricSums, Reference
+from ..model.metrics import ALL_METRICS, METRICS, MetricSums, Reference
 from .replace import ReplaceScorer, candidate_block, split_batch
 from .stage import ScoreConfig, Settings, heldout_batches, items_of, run_score, score_space
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .metrics import ALL_METRICS, METRICS
+from ..model.metrics import ALL_METRICS, METRICS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from ..arch import ModelConfig
 from ..model import forward
 from .library import LibraryError, VariantWeights
-from .metrics import ALL_METRICS, MetricSums, Reference
+from ..model.metrics import ALL_METRICS, MetricSums, Reference
 from .replace import model_device, replace_subblock, split_batch
 
 

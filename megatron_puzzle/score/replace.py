@@ -19,7 +19,7 @@ from ..arch import AttentionVariant, BlockConfig, ModelConfig, variant_from_name
 from ..arch.shapes import variant_shapes
 from ..model import forward
 from .library import LibraryError, VariantWeights
-from .metrics import ALL_METRICS, MetricSums, Reference
+from ..model.metrics import ALL_METRICS, MetricSums, Reference
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import library as lib
-from .metrics import METRICS, ALL_METRICS
+from ..model.metrics import ALL_METRICS, METRICS
 from .replace import Item, ReplaceScorer
 
 log = logging.getLogger(__name__)
