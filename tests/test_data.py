@@ -246,6 +246,8 @@ def reference_splits(tokenizer, docs, budgets):
 
 
 def test_build_token_shards_matches_reference(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     docs = synthetic_docs(300)
     corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
     tok = make_tokenizer(docs)
@@ -261,9 +263,12 @@ def test_build_token_shards_matches_reference(tmp_path):
     seen_docs = []
     for name, budget in budgets.items():
         arr = load_split(data, name)
-        assert arr.dtype == np.uint32 and arr.shape == (budget,)
+        assert arr.dtype == np.uint16 == np.dtype(meta["dtype"]) and arr.shape == (budget,)  # Megatron's for a small vocab
         assert arr.tolist() == ref[name][0]
         start, end = meta["splits"][name]["documents"]
+        # Megatron-Core reads the split as an indexed dataset: one document per corpus document kept
+        mds = IndexedDataset(str(data / name))
+        assert len(mds) == end - start and np.concatenate([mds[i] for i in range(len(mds))]).tolist() == ref[name][0]
         assert list(range(start, end)) == ref[name][1]
         # the documents a split holds, read back from the text itself
         markers = {w for w in tok.decode(arr.tolist()).split() if w.startswith("doc")}

@@ -7,8 +7,11 @@ document that crosses a budget is cut there and its rest discarded, so no docume
 contributes to two splits. Held-out text therefore comes from a later part of the
 corpus than training text. The corpus is read only as far as the budgets need.
 
-Layout (`docs/formats.md`): `train.npy`, `calib.npy`, `heldout.npy` (uint32, 1-D),
-`meta.json`, `done`.
+Layout (`docs/formats.md`): one Megatron-Core indexed dataset per split
+(`train.bin/.idx`, `calib.bin/.idx`, `heldout.bin/.idx`: what
+`megatron.core.datasets.indexed_dataset.IndexedDataset("RUN/data/train")` reads, one
+document per corpus document, or the part of it the split kept), `meta.json`, `done`.
+Shards of format version 1 (`train.npy`, ..., uint32) are still read.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from megatron_puzzle.data.sources import describe_source, load_corpus
@@ -28,12 +32,12 @@ from megatron_puzzle.utils.io import DONE_MARKER, atomic_dir, atomic_write_json,
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "calib", "heldout")
-TOKEN_DTYPE = np.uint32
+TOKEN_DTYPE = np.uint32  # the widest token type; the indexed datasets use Megatron's smallest that fits
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one .npy per split; 2: Megatron-Core indexed datasets
 # Defaults sized for a CPU run on the World English Bible (~1.1M tokens with a 49k BPE).
 DEFAULT_BUDGETS = {"train": 524_288, "calib": 32_768, "heldout": 65_536}
-_OWN_FILES = {f"{name}.npy" for name in SPLITS} | {META_FILE, DONE_MARKER}
+_OWN_FILES = {f"{name}{ext}" for name in SPLITS for ext in (".npy", ".bin", ".idx")} | {META_FILE, DONE_MARKER}
 
 
 class CorpusTooSmallError(ValueError):
@@ -44,16 +48,20 @@ class CorpusTooSmallError(ValueError):
 class _Split:
     name: str
     budget: int
-    array: np.ndarray
+    builder: Any  # megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder, written as documents come
     filled: int = 0
     first_doc: int | None = None
     last_doc: int | None = None  # inclusive
     truncated_last: bool = False
 
+    def add(self, tokens: np.ndarray) -> None:
+        self.builder.add_document(torch.from_numpy(tokens.astype(np.int64)), [len(tokens)])
+        self.filled += len(tokens)
+
     def summary(self) -> dict[str, Any]:
         docs = [0, 0] if self.first_doc is None else [self.first_doc, self.last_doc + 1]
         return {
-            "file": f"{self.name}.npy",
+            "file": self.name,  # the indexed dataset's path prefix, relative to the data directory
             "tokens": self.filled,
             "documents": docs,  # [start, end) in corpus order
             "truncated_last_document": self.truncated_last,
@@ -150,19 +158,19 @@ def build_token_shards(
              described, out_dir, wanted["tokenizer"], train_tokens, calib_tokens, heldout_tokens)
     start = time.perf_counter()
     # Only our own files are there (a leftover of a killed run, or overwrite): replace them.
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    dtype = DType.optimal_dtype(vocab_size)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        splits = [
-            _Split(name, n, np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=TOKEN_DTYPE, shape=(n,)))
-            for name, n in budgets.items()
-        ]
+        splits = [_Split(name, n, IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype))
+                  for name, n in budgets.items()]
         n_docs, n_chars = _fill(splits, documents, tokenizer, eos, docs_per_batch, described)
         for split in splits:
-            split.array.flush()
-            del split.array
+            split.builder.finalize(str(tmp / f"{split.name}.idx"))
         meta = {
             "format_version": FORMAT_VERSION,
             **wanted,
-            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "dtype": np.dtype(dtype).name,
             "seed": int(seed),
             "splits": {s.name: s.summary() for s in splits},
             "documents_read": n_docs,
@@ -193,8 +201,7 @@ def _fill(
                 split = pending[0]
                 tokens = np.asarray(ids + [eos], dtype=TOKEN_DTYPE)
                 take = min(len(tokens), split.budget - split.filled)
-                split.array[split.filled : split.filled + take] = tokens[:take]
-                split.filled += take
+                split.add(tokens[:take])
                 if split.first_doc is None:
                     split.first_doc = doc_index
                 split.last_doc = doc_index
@@ -223,8 +230,30 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
 
 
 def load_split(data_dir: str | Path, split: str) -> np.ndarray:
-    """The tokens of one split, memory-mapped (read-only uint32)."""
+    """The tokens of one split as one flat array, memory-mapped read-only (documents back to back)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     meta = read_meta(data_dir)
-    return np.load(Path(data_dir) / meta["splits"][split]["file"], mmap_mode="r")
+    path = Path(data_dir) / meta["splits"][split]["file"]
+    if path.suffix == ".npy":  # format version 1
+        return np.load(path, mmap_mode="r")
+    return read_indexed_tokens(path)
+
+
+def read_indexed_tokens(prefix: str | Path) -> np.ndarray:
+    """Every token of the Megatron-Core indexed dataset at `prefix` (PREFIX.bin/.idx), memory-mapped.
+
+    The .bin file is the documents' tokens back to back in the index's dtype (what
+    IndexedDataset reads document by document), so it maps as one array.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = str(prefix)
+    if not (Path(prefix + ".bin").exists() and Path(prefix + ".idx").exists()):
+        raise FileNotFoundError(f"no Megatron indexed dataset at {prefix} ({prefix}.bin and {prefix}.idx)")
+    index = IndexedDataset(prefix).index
+    tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
+    if len(tokens) != int(index.sequence_lengths.sum()):
+        raise ValueError(f"{prefix}.bin holds {len(tokens)} tokens but {prefix}.idx indexes "
+                         f"{int(index.sequence_lengths.sum())}; the dataset is damaged, rebuild it")
+    return tokens
