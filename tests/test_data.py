@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -410,3 +411,40 @@ def test_cli_builds_shards_from_sample(tmp_path):
                               "--source", str(tmp_path / "missing")])
     with pytest.raises(UserError, match="does not exist"):
         args.func(args)
+
+
+def test_data_stage_on_two_ranks_writes_what_one_writes(tmp_path):
+    """`megatron-puzzle data` under torchrun on 2 ranks (tokenizing spread over them) writes the same
+    Megatron indexed datasets, byte for byte, as one process; megatron.core.datasets reads them back."""
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_puzzle.model.parallel import free_port
+
+    docs = synthetic_docs(600)
+    corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
+    make_tokenizer(docs).save_pretrained(tmp_path / "tok")
+    args = ["data", "--tokenizer", str(tmp_path / "tok"), "--source", str(corpus), "--train-tokens", "6000",
+            "--calib-tokens", "1000", "--heldout-tokens", "2000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    one = subprocess.run([sys.executable, "-m", "megatron_puzzle", *args, "--run-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          f"--master-port={free_port()}", "-m", "megatron_puzzle", *args,
+                          "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 rank(s)" in two.stderr and two.stdout.count("token shards in") == 2
+    a, b = tmp_path / "one" / "data", tmp_path / "two" / "data"
+    ma, mb = read_meta(a), read_meta(b)
+    ma.pop("wall_s"), mb.pop("wall_s")
+    assert ma == mb and ma["documents_read"] > 4 * 64 * 2 // 2  # several chunks of 2 x 64 documents
+    ref = reference_splits(make_tokenizer(docs), docs, {"train": 6000, "calib": 1000, "heldout": 2000})
+    for name in ("train", "calib", "heldout"):
+        for ext in (".bin", ".idx"):
+            assert (a / f"{name}{ext}").read_bytes() == (b / f"{name}{ext}").read_bytes()
+        mds = IndexedDataset(str(b / name))
+        assert np.concatenate([mds[i] for i in range(len(mds))]).tolist() == ref[name][0]
+    assert not [p for p in (tmp_path / "two").rglob(".*")]  # no temporaries left

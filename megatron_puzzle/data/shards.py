@@ -24,9 +24,11 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from megatron_puzzle.data.sources import describe_source, load_corpus
+from megatron_puzzle.model import parallel
 from megatron_puzzle.utils.io import DONE_MARKER, atomic_dir, atomic_write_json, is_done, read_json
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,10 @@ def build_token_shards(
     `tokenizer_label` (default: the tokenizer's `name_or_path`) names it in meta.json.
     If `out_dir` already holds finished shards built with the same settings, they are
     kept and their meta returned; different settings need `overwrite=True`.
-    Returns the meta dict.
+    Returns the meta dict (on rank 0; the settings asked, on the others).
+
+    With torch.distributed started, every rank must call this: the tokenizing is spread
+    over the ranks and rank 0 writes the same shards as one process would.
     """
     out_dir = Path(out_dir)
     budgets = {"train": train_tokens, "calib": calib_tokens, "heldout": heldout_tokens}
@@ -154,9 +159,15 @@ def build_token_shards(
         raise FileExistsError(f"{out_dir} holds files that are not token shards ({', '.join(foreign[:5])}); "
                               "choose an empty or new output directory")
     documents = load_corpus(source)  # raises for a missing path before any output is made
-    log.info("tokenizing %s into %s with %s (train %d, calib %d, heldout %d tokens)",
-             described, out_dir, wanted["tokenizer"], train_tokens, calib_tokens, heldout_tokens)
+    rank, world = (parallel.rank(), parallel.world_size()) if dist.is_initialized() else (0, 1)
+    if rank != 0:  # tokenize a share for rank 0, which alone writes
+        _encode_for_rank0(documents, tokenizer, docs_per_batch, rank, world)
+        return wanted
+    log.info("tokenizing %s into %s with %s on %d rank(s) (train %d, calib %d, heldout %d tokens)",
+             described, out_dir, wanted["tokenizer"], world, train_tokens, calib_tokens, heldout_tokens)
     start = time.perf_counter()
+    encoded = (_encoded(documents, tokenizer, docs_per_batch) if world == 1 else
+               _encoded_over_ranks(documents, tokenizer, docs_per_batch, rank, world))
     # Only our own files are there (a leftover of a killed run, or overwrite): replace them.
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -164,7 +175,10 @@ def build_token_shards(
     with atomic_dir(out_dir, overwrite=True) as tmp:
         splits = [_Split(name, n, IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype))
                   for name, n in budgets.items()]
-        n_docs, n_chars = _fill(splits, documents, tokenizer, eos, docs_per_batch, described)
+        try:
+            n_docs, n_chars = _fill(splits, encoded, eos, described)
+        finally:
+            encoded.close()  # under several ranks: tells the others to stop
         for split in splits:
             split.builder.finalize(str(tmp / f"{split.name}.idx"))
         meta = {
@@ -183,16 +197,58 @@ def build_token_shards(
     return meta
 
 
-def _fill(
-    splits: list[_Split], documents: Iterable[str], tokenizer, eos: int, docs_per_batch: int, source: str
-) -> tuple[int, int]:
+def _encoded(documents: Iterable[str], tokenizer, docs_per_batch: int) -> Iterator[list[tuple[str, list[int]]]]:
+    """(text, token ids) of every document, in corpus order, a batch at a time (one process)."""
+    for texts in _batched(documents, docs_per_batch):
+        yield list(zip(texts, _encode_batch(tokenizer, texts)))
+
+
+def _encoded_over_ranks(documents: Iterable[str], tokenizer, docs_per_batch: int, rank: int,
+                        world: int) -> Iterator[list[tuple[str, list[int]]]]:
+    """As `_encoded`, with the tokenizing spread over the ranks: rank r encodes the r-th slice of each
+    chunk of `world` batches, and rank 0 gathers them back in corpus order.
+
+    Every rank reads the corpus (cheap next to tokenizing). Rank 0 consumes what this yields; the other
+    ranks run `_encode_for_rank0` alongside. Before each chunk rank 0 broadcasts whether it wants more,
+    so when the splits are full (or the corpus ends) every rank stops at the same chunk.
+    """
+    chunks = _batched(documents, docs_per_batch * world)
+    try:
+        while True:
+            dist.broadcast_object_list([True], src=0)
+            texts = next(chunks, [])
+            mine = texts[rank * docs_per_batch:(rank + 1) * docs_per_batch]
+            parts: list = [None] * world
+            dist.gather_object(_encode_batch(tokenizer, mine) if mine else [], parts, dst=0)
+            if not texts:
+                return
+            yield list(zip(texts, (ids for part in parts for ids in part)))
+    finally:  # the splits are full, the corpus ended, or rank 0 failed: the other ranks stop too
+        dist.broadcast_object_list([False], src=0)
+
+
+def _encode_for_rank0(documents: Iterable[str], tokenizer, docs_per_batch: int, rank: int, world: int) -> None:
+    """The other ranks' side of `_encoded_over_ranks`."""
+    chunks = _batched(documents, docs_per_batch * world)
+    while True:
+        more = [None]
+        dist.broadcast_object_list(more, src=0)
+        if not more[0]:
+            return
+        texts = next(chunks, [])
+        mine = texts[rank * docs_per_batch:(rank + 1) * docs_per_batch]
+        dist.gather_object(_encode_batch(tokenizer, mine) if mine else [], None, dst=0)
+
+
+def _fill(splits: list[_Split], encoded: Iterable[list[tuple[str, list[int]]]], eos: int,
+          source: str) -> tuple[int, int]:
     """Copy document tokens into the splits in order; return (documents read, characters read)."""
     pending = [s for s in splits if s.budget > 0]
     total = sum(s.budget for s in splits)
     n_docs = n_chars = 0
     with tqdm(total=total, unit="tok", desc="tokenize", disable=None) as bar:
-        for texts in _batched(documents, docs_per_batch):
-            for text, ids in zip(texts, _encode_batch(tokenizer, texts)):
+        for batch in encoded:
+            for text, ids in batch:
                 if not pending:
                     return n_docs, n_chars
                 doc_index = n_docs

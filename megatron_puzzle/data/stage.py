@@ -1,7 +1,7 @@
 """The data stage over a run directory: a corpus tokenized with the parent's tokenizer -> RUN/data.
 
-Only rank 0 works (the corpus is read and tokenized once, then moved into place); under torchrun
-the pipeline keeps the other ranks at a barrier meanwhile.
+Every rank works: under torchrun the ranks tokenize shares of the corpus and rank 0 writes the
+shards (the same tokens as one process writes).
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ def run_data(run_dir: str | Path, cfg: DataConfig, tokenizer: Any = None, tokeni
         if tokenizer is None:
             raise FileNotFoundError(f"{run / 'parent'} has no tokenizer; re-import the parent from a checkpoint "
                                     "with one, or pass --tokenizer")
-    return build_token_shards(run / "data", tokenizer, source=cfg.source, train_tokens=cfg.train_tokens,
-                              calib_tokens=cfg.calib_tokens, heldout_tokens=cfg.heldout_tokens, seed=cfg.seed,
-                              tokenizer_label=tokenizer_label, overwrite=cfg.overwrite)
+    from ..model import parallel
+    from .shards import read_meta
+
+    if parallel.world_size() > 1:
+        parallel.init_process_group()
+    build_token_shards(run / "data", tokenizer, source=cfg.source, train_tokens=cfg.train_tokens,
+                       calib_tokens=cfg.calib_tokens, heldout_tokens=cfg.heldout_tokens, seed=cfg.seed,
+                       tokenizer_label=tokenizer_label, overwrite=cfg.overwrite)
+    parallel.barrier()  # rank 0 has moved the shards into place
+    return read_meta(run / "data")

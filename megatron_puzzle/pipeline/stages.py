@@ -175,7 +175,7 @@ class Stage:
 
 PIPELINE: list[Stage] = [
     Stage("import", stage_import, "all"),  # a distributed checkpoint save; rank 0 writes the tokenizer
-    Stage("data", stage_data, "rank0"),  # reads and tokenizes the corpus once
+    Stage("data", stage_data, "all"),  # ranks tokenize shares of the corpus; rank 0 writes
     Stage("init", stage_init, "all"),  # entries dealt over ranks
     Stage("bld", stage_bld, "all"),  # entries dealt over data-parallel ranks, TP inside
     Stage("score", stage_score, "all"),  # entries dealt over data-parallel ranks; rank 0 merges
