@@ -448,3 +448,45 @@ def test_data_stage_on_two_ranks_writes_what_one_writes(tmp_path):
         mds = IndexedDataset(str(b / name))
         assert np.concatenate([mds[i] for i in range(len(mds))]).tolist() == ref[name][0]
     assert not [p for p in (tmp_path / "two").rglob(".*")]  # no temporaries left
+
+
+def _write_indexed(prefix: Path, docs: list[list[int]]) -> Path:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for d in docs:
+        b.add_document(torch.tensor(d), [len(d)])
+    b.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def test_existing_megatron_datasets_and_blends_as_input(tmp_path):
+    """Pre-tokenized Megatron datasets are taken as stored (no EOS added), a blend interleaved by weight."""
+    tok = make_tokenizer(synthetic_docs(20))
+    v = len(tok)
+    a = [[1 + i % (v - 1)] * 5 for i in range(40)]  # document i of A: five tokens (i % (v-1)) + 1
+    b = [[2, 3, 4] for _ in range(40)]
+    pa, pb = _write_indexed(tmp_path / "a_text", a), _write_indexed(tmp_path / "b_text", b)
+
+    meta = build_token_shards(tmp_path / "one", tok, source=pa, train_tokens=50, calib_tokens=10, heldout_tokens=20)
+    flat = [t for d in a for t in d]
+    assert load_split(tmp_path / "one", "train").tolist() == flat[:50]
+    assert load_split(tmp_path / "one", "heldout").tolist() == flat[60:80]
+    assert meta["source"] == f"megatron:1 {pa}" and meta["splits"]["calib"]["documents"] == [10, 12]
+
+    # equal weights alternate A, B; 2:1 takes A, A, B, ...
+    build_token_shards(tmp_path / "eq", tok, source=f"megatron:1 {pa} 1 {pb}", train_tokens=16, calib_tokens=0,
+                       heldout_tokens=0)
+    assert load_split(tmp_path / "eq", "train").tolist() == a[0] + b[0] + a[1] + b[1]
+    build_token_shards(tmp_path / "w", tok, source=f"megatron:2 {pa} 1 {pb}", train_tokens=26, calib_tokens=0,
+                       heldout_tokens=0)
+    assert load_split(tmp_path / "w", "train").tolist() == a[0] + a[1] + b[0] + a[2] + a[3] + b[1]
+
+    with pytest.raises(FileNotFoundError, match="no Megatron indexed dataset"):
+        build_token_shards(tmp_path / "x", tok, source=f"megatron:1 {pa} 1 {tmp_path / 'nope'}", train_tokens=8)
+    with pytest.raises(ValueError, match="weight-prefix pairs"):
+        build_token_shards(tmp_path / "x", tok, source=f"megatron:1 {pa} 1", train_tokens=8)
+    big = _write_indexed(tmp_path / "big", [[v + 3, 1]])
+    with pytest.raises(ValueError, match="tokenized with another tokenizer"):
+        build_token_shards(tmp_path / "x", tok, source=big, train_tokens=2)
+    assert not (tmp_path / "x").exists()

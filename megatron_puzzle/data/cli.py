@@ -56,7 +56,8 @@ def register(sub) -> None:
         default="web",
         help="web (World English Bible, Debian package sword-text-web), sample (shipped excerpt), fortunes, "
         "or a path: .txt file (documents split at blank lines), .jsonl file ('text' field), "
-        "a directory of them, or a SWORD zText module (default: web)",
+        "a directory of them, or a SWORD zText module; or tokens already in Megatron's indexed format: a "
+        "PREFIX of PREFIX.bin/.idx, or a blend 'megatron:0.7 PREFIX_A 0.3 PREFIX_B' (default: web)",
     )
     for name, default in DEFAULT_BUDGETS.items():
         p.add_argument(f"--{name}-tokens", type=int, default=default, metavar="N",

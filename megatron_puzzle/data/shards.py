@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from megatron_puzzle.data.indexed import blend_documents, describe_blend, indexed_blend
 from megatron_puzzle.data.sources import describe_source, load_corpus
 from megatron_puzzle.model import parallel
 from megatron_puzzle.utils.io import DONE_MARKER, atomic_dir, atomic_write_json, is_done, read_json
@@ -139,7 +140,8 @@ def build_token_shards(
     vocab_size = len(tokenizer)
     if vocab_size > np.iinfo(TOKEN_DTYPE).max:
         raise ValueError(f"vocabulary of {vocab_size} tokens does not fit {np.dtype(TOKEN_DTYPE).name}")
-    described = describe_source(source)
+    blend = indexed_blend(source)  # existing Megatron datasets: already tokens
+    described = describe_blend(blend) if blend else describe_source(source)
     wanted = {"tokenizer": tokenizer_label or tokenizer_name(tokenizer), "vocab_size": vocab_size, "eos_id": eos,
               "source": described, "tokens": {k: int(v) for k, v in budgets.items()}}
 
@@ -158,16 +160,21 @@ def build_token_shards(
     if foreign:
         raise FileExistsError(f"{out_dir} holds files that are not token shards ({', '.join(foreign[:5])}); "
                               "choose an empty or new output directory")
-    documents = load_corpus(source)  # raises for a missing path before any output is made
+    documents = load_corpus(source) if blend is None else None  # raises for a missing path before any output
     rank, world = (parallel.rank(), parallel.world_size()) if dist.is_initialized() else (0, 1)
-    if rank != 0:  # tokenize a share for rank 0, which alone writes
-        _encode_for_rank0(documents, tokenizer, docs_per_batch, rank, world)
+    if rank != 0:  # tokenize a share for rank 0, which alone writes (nothing to tokenize in a Megatron dataset)
+        if blend is None:
+            _encode_for_rank0(documents, tokenizer, docs_per_batch, rank, world)
         return wanted
     log.info("tokenizing %s into %s with %s on %d rank(s) (train %d, calib %d, heldout %d tokens)",
              described, out_dir, wanted["tokenizer"], world, train_tokens, calib_tokens, heldout_tokens)
     start = time.perf_counter()
-    encoded = (_encoded(documents, tokenizer, docs_per_batch) if world == 1 else
-               _encoded_over_ranks(documents, tokenizer, docs_per_batch, rank, world))
+    if blend is not None:
+        encoded = _batched((("", doc) for doc in blend_documents(blend, vocab_size)), docs_per_batch)
+    elif world == 1:
+        encoded = _encoded(documents, tokenizer, docs_per_batch)
+    else:
+        encoded = _encoded_over_ranks(documents, tokenizer, docs_per_batch, rank, world)
     # Only our own files are there (a leftover of a killed run, or overwrite): replace them.
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -176,7 +183,7 @@ def build_token_shards(
         splits = [_Split(name, n, IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype))
                   for name, n in budgets.items()]
         try:
-            n_docs, n_chars = _fill(splits, encoded, eos, described)
+            n_docs, n_chars = _fill(splits, encoded, None if blend else eos, described)
         finally:
             encoded.close()  # under several ranks: tells the others to stop
         for split in splits:
@@ -240,9 +247,10 @@ def _encode_for_rank0(documents: Iterable[str], tokenizer, docs_per_batch: int, 
         dist.gather_object(_encode_batch(tokenizer, mine) if mine else [], None, dst=0)
 
 
-def _fill(splits: list[_Split], encoded: Iterable[list[tuple[str, list[int]]]], eos: int,
+def _fill(splits: list[_Split], encoded: Iterable[list[tuple[str, list[int]]]], eos: int | None,
           source: str) -> tuple[int, int]:
-    """Copy document tokens into the splits in order; return (documents read, characters read)."""
+    """Copy document tokens into the splits in order, each followed by `eos` (None: documents already
+    end as they should); return (documents read, characters read)."""
     pending = [s for s in splits if s.budget > 0]
     total = sum(s.budget for s in splits)
     n_docs = n_chars = 0
@@ -255,7 +263,7 @@ def _fill(splits: list[_Split], encoded: Iterable[list[tuple[str, list[int]]]], 
                 n_docs += 1
                 n_chars += len(text)
                 split = pending[0]
-                tokens = np.asarray(ids + [eos], dtype=TOKEN_DTYPE)
+                tokens = np.asarray(ids if eos is None else [*ids, eos], dtype=TOKEN_DTYPE)
                 take = min(len(tokens), split.budget - split.filled)
                 split.add(tokens[:take])
                 if split.first_doc is None:
