@@ -37,6 +37,7 @@ class UserError(Exception):
 # modules already imported (an error class whose module was never loaded cannot have been raised), so this
 # list imports nothing. A plain ValueError is not here: it may be a bug and keeps its traceback.
 INPUT_ERRORS = (
+    ("megatron_puzzle.utils.errors", "InputError"),
     ("megatron_puzzle.pipeline.config", "ConfigError"),
     ("megatron_puzzle.pipeline.realize", "RealizeError"),
     ("megatron_puzzle.arch.block_config", "BlockConfigError"),

@@ -17,6 +17,7 @@ from ..arch.search_space import SearchSpaceConfig, configured_search_space
 from ..init.stage import run_init
 from ..init.variants import InitConfig
 from ..library import Library
+from ..utils.errors import InputError
 from .bld import BLDConfig, BLDReport, run_bld
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = N
             raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
                                     f"`{'import' if need == 'parent' else 'data'}` stage first")
     model, tensors = _load_parent(run, rc.bld.tensor_parallel)
-    space = configured_search_space(model.puzzle_config, rc.space)
+    try:
+        space = configured_search_space(model.puzzle_config, rc.space)
+    except ValueError as e:  # a search space that does not fit this parent
+        raise InputError(f"search_space: {e}") from None
     calib = _batches(run, "calib", rc.bld, shuffle=False)
     calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
     with torch.no_grad():
