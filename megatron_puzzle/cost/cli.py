@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from .measure import MeasureError
     from .stage import MeasureConfig, run_measure
 
+    from ..model.parallel import is_rank0
+
+    if not is_rank0():  # one process times (ranks timing at once would time each other); the rest are done
+        log.info("measure: rank 0 measures, this rank has nothing to do")
+        return 0
     mc = MeasureConfig(scenario=args.scenario, source=args.source, gpu=args.gpu, threads=args.threads,
                        warmup=args.warmup, repeats=args.repeats, clock=args.clock, telemetry=not args.no_telemetry,
                        compute_efficiency=args.compute_efficiency, memory_efficiency=args.memory_efficiency,

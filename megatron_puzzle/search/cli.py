@@ -60,6 +60,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
+    from ..model.parallel import is_rank0
+
+    if not is_rank0():  # one MIP solve, written by rank 0 (under torchrun the other ranks are done)
+        log.info("search: rank 0 solves, this rank has nothing to do")
+        return 0
 
     try:
         return _run(args)
