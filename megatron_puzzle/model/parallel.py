@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 # How long a collective may wait for a slow rank before the process group gives up. NCCL's
-# default (10 min) is shorter than some rank-0-only stages (eval, measure) that the other ranks
+# default (10 min) is shorter than some rank-0-only stages (measure, search) that the other ranks
 # wait out at a barrier; PUZZLE_DIST_TIMEOUT_MIN overrides it.
 TIMEOUT_ENV = "PUZZLE_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 30.0
