@@ -5,7 +5,7 @@ package graph (every import counted, those inside functions too) must have no cy
 """
 
 import ast
-import importlib
+import os
 import pkgutil
 import subprocess
 import sys
@@ -94,5 +94,5 @@ def test_every_module_imports():
              if ".hf_modeling." not in m.name]  # the modeling code shipped with exports imports transformers' remote API
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\nprint('ok')"
     p = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
