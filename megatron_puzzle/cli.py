@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # Megatron's indexed datasets log every index they open
+        logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     try:
         rc = args.func(args)
     except Exception as e:

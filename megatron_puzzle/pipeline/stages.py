@@ -95,15 +95,15 @@ def stage_data(run: Path, cfg: dict) -> None:
 
 
 def stage_init(run: Path, cfg: dict) -> None:
-    from ..distill.bld_run import build_library
+    from ..distill.bld_run import RunConfig, run_init
 
-    build_library(run, run / "config.yaml", init_only=True)
+    run_init(run, RunConfig.from_dict(cfg))
 
 
 def stage_bld(run: Path, cfg: dict) -> None:
-    from ..distill.bld_run import build_library
+    from ..distill.bld_run import RunConfig, run_bld
 
-    build_library(run, run / "config.yaml")
+    run_bld(run, RunConfig.from_dict(cfg))
 
 
 def stage_score(run: Path, cfg: dict) -> None:
