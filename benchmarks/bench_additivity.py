@@ -52,7 +52,7 @@ def windows(ids: torch.Tensor, batches: int, batch_size: int, seq_len: int) -> l
 
 def random_architectures(cfg, space, n: int, rng: random.Random):
     """`n` children, each replacing k random subblocks (k spread from 2 to a quarter of all subblocks)."""
-    from megatron_puzzle.score import candidate_block
+    from megatron_puzzle.score import entry_block
 
     slots = [(layer, kind) for layer in range(cfg.num_layers) for kind in ("attn", "ffn")]
     parent_names = {(i, "attn"): b.attention.name for i, b in enumerate(cfg.blocks)}
@@ -66,7 +66,7 @@ def random_architectures(cfg, space, n: int, rng: random.Random):
             chosen.append((layer, rng.choice(options)))
         blocks = list(cfg.blocks)
         for layer, name in chosen:
-            blocks[layer] = candidate_block(cfg.with_blocks(blocks), layer, name)
+            blocks[layer] = entry_block(cfg.with_blocks(blocks), layer, name)
         archs.append((sorted(chosen), cfg.with_blocks(blocks)))
     return archs
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     items = [(layer, n) for layer in range(cfg.num_layers) for n in names]
     print(f"parent {path.name}: {cfg.num_layers} layers; {len(items)} (layer, variant) items; "
           f"held-out {args.heldout_batches} x {args.batch_size} x {args.seq_len} tokens", flush=True)
-    scorer = ReplaceScorer(parent, variant_weights, max_candidates=len(items))
+    scorer = ReplaceScorer(parent, variant_weights, max_entries=len(items))
     one_block, parent_m = scorer.score(items, heldout, progress=False)
     t_score = time.perf_counter() - t
     print(f"scored {len(items)} items in {t_score:.0f} s ({t_score / len(items):.2f} s each); "

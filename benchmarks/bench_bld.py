@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_puzzle.model.parallel import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -161,14 +163,6 @@ def table(args):
         print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["all", "throughput", "table"], default="all")
@@ -188,7 +182,7 @@ def main():
     out = args.out or tempfile.mkdtemp(prefix="bench_bld_")
     if args.part in ("all", "throughput"):
         for ranks in (1, 2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={_free_port()}",
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
                    __file__, "--ranks", str(ranks), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                    "--batch-size", str(args.batch_size), "--out", out]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

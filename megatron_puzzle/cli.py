@@ -1,8 +1,10 @@
 """The `megatron-puzzle` command.
 
 Each stage module registers its own subcommand through `register(subparsers)`;
-this file only lists them. Errors the user can fix (`UserError`) print one line and
-exit with status 2.
+this file only lists them. Errors the user can fix (`UserError`, the stages' input
+errors listed in INPUT_ERRORS, missing or existing paths) print one line and exit
+with status 2; anything else is a bug and keeps its traceback. Under torchrun the
+failing rank exits at once, so the launcher stops the other ranks.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
@@ -28,6 +31,40 @@ COMMAND_MODULES = [  # in pipeline order, as `--help` lists them
 
 class UserError(Exception):
     """Bad input the user can fix; printed as one line, exit code 2."""
+
+
+# The stages' own bad-input errors (module, class): printed as one line like UserError. Looked up only in
+# modules already imported (an error class whose module was never loaded cannot have been raised), so this
+# list imports nothing. A plain ValueError is not here: it may be a bug and keeps its traceback.
+INPUT_ERRORS = (
+    ("megatron_puzzle.utils.errors", "InputError"),
+    ("megatron_puzzle.pipeline.config", "ConfigError"),
+    ("megatron_puzzle.pipeline.realize", "RealizeError"),
+    ("megatron_puzzle.arch.block_config", "BlockConfigError"),
+    ("megatron_puzzle.library.store", "LibraryError"),
+    ("megatron_puzzle.score.library", "LibraryError"),
+    ("megatron_puzzle.score.stage", "ScoreError"),
+    ("megatron_puzzle.convert.hf_io", "HFCheckpointError"),
+    ("megatron_puzzle.data.ztext", "ZTextError"),
+    ("megatron_puzzle.data.shards", "CorpusTooSmallError"),
+    ("megatron_puzzle.search.problem", "SearchError"),
+    ("megatron_puzzle.cost.costs", "CostsError"),
+    ("megatron_puzzle.cost.gpus", "UnknownGPUError"),
+    ("megatron_puzzle.cost.scenario", "ScenarioError"),
+    ("megatron_puzzle.cost.measure", "MeasureError"),
+    ("megatron_puzzle.model.gpt", "GPUOnlyOptionError"),
+)
+
+
+def is_input_error(e: BaseException) -> bool:
+    """True for bad input the user can fix (one line), False for a bug (a traceback)."""
+    if isinstance(e, (UserError, FileNotFoundError, FileExistsError, NotADirectoryError)):
+        return True
+    for module, name in INPUT_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,18 +100,34 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # Megatron's indexed datasets log every index they open
+        logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     try:
         rc = args.func(args)
-    except UserError as e:
-        print(f"megatron-puzzle {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        # Input problems surfaced by lower layers (bad paths, malformed configs).
-        if args.verbose:
-            raise
-        print(f"megatron-puzzle {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not is_input_error(e) or args.verbose:
+            if not launched:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            _exit_now(1)
+        where = f" (rank {os.environ.get('RANK')})" if launched else ""
+        print(f"megatron-puzzle {args.command}{where}: error: {e}", file=sys.stderr)
+        if launched:
+            _exit_now(2)
         return 2
     return int(rc or 0)
+
+
+def _exit_now(code: int) -> None:
+    """Under torchrun, leave at once rather than tear down process groups (which waits on the other ranks):
+    the launcher sees this rank fail and stops the others, none left waiting in a collective."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # `python -m megatron_puzzle.cli`: use the package's module, not a __main__ copy

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from megatron_puzzle.arch import AttentionVariant as A, BlockConfig, FFNVariant as F, ModelConfig
+from megatron_puzzle.model.parallel import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,6 @@ def every_variant_child(tie: bool = False) -> ModelConfig:
         BlockConfig(A("full", 2), F("linear")),
     ]
     return tiny_parent(num_layers=len(blocks), tie=tie).with_blocks(blocks)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

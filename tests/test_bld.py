@@ -75,7 +75,7 @@ def built(parent, tmp_path_factory):
 
 def test_parent_activations_reproduce_each_block(parent):
     from megatron_puzzle.convert.megatron_layout import load_block
-    from megatron_puzzle.distill.activations import parent_activations
+    from megatron_puzzle.model.activations import parent_activations
     from megatron_puzzle.model.gpt import build_layer
 
     model, tensors = parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -246,6 +247,8 @@ def reference_splits(tokenizer, docs, budgets):
 
 
 def test_build_token_shards_matches_reference(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     docs = synthetic_docs(300)
     corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
     tok = make_tokenizer(docs)
@@ -261,9 +264,12 @@ def test_build_token_shards_matches_reference(tmp_path):
     seen_docs = []
     for name, budget in budgets.items():
         arr = load_split(data, name)
-        assert arr.dtype == np.uint32 and arr.shape == (budget,)
+        assert arr.dtype == np.uint16 == np.dtype(meta["dtype"]) and arr.shape == (budget,)  # Megatron's for a small vocab
         assert arr.tolist() == ref[name][0]
         start, end = meta["splits"][name]["documents"]
+        # Megatron-Core reads the split as an indexed dataset: one document per corpus document kept
+        mds = IndexedDataset(str(data / name))
+        assert len(mds) == end - start and np.concatenate([mds[i] for i in range(len(mds))]).tolist() == ref[name][0]
         assert list(range(start, end)) == ref[name][1]
         # the documents a split holds, read back from the text itself
         markers = {w for w in tok.decode(arr.tolist()).split() if w.startswith("doc")}
@@ -405,3 +411,82 @@ def test_cli_builds_shards_from_sample(tmp_path):
                               "--source", str(tmp_path / "missing")])
     with pytest.raises(UserError, match="does not exist"):
         args.func(args)
+
+
+def test_data_stage_on_two_ranks_writes_what_one_writes(tmp_path):
+    """`megatron-puzzle data` under torchrun on 2 ranks (tokenizing spread over them) writes the same
+    Megatron indexed datasets, byte for byte, as one process; megatron.core.datasets reads them back."""
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_puzzle.model.parallel import free_port
+
+    docs = synthetic_docs(600)
+    corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
+    make_tokenizer(docs).save_pretrained(tmp_path / "tok")
+    args = ["data", "--tokenizer", str(tmp_path / "tok"), "--source", str(corpus), "--train-tokens", "6000",
+            "--calib-tokens", "1000", "--heldout-tokens", "2000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    one = subprocess.run([sys.executable, "-m", "megatron_puzzle", *args, "--run-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          f"--master-port={free_port()}", "-m", "megatron_puzzle", *args,
+                          "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 rank(s)" in two.stderr and two.stdout.count("token shards in") == 2
+    a, b = tmp_path / "one" / "data", tmp_path / "two" / "data"
+    ma, mb = read_meta(a), read_meta(b)
+    ma.pop("wall_s"), mb.pop("wall_s")
+    assert ma == mb and ma["documents_read"] > 4 * 64 * 2 // 2  # several chunks of 2 x 64 documents
+    ref = reference_splits(make_tokenizer(docs), docs, {"train": 6000, "calib": 1000, "heldout": 2000})
+    for name in ("train", "calib", "heldout"):
+        for ext in (".bin", ".idx"):
+            assert (a / f"{name}{ext}").read_bytes() == (b / f"{name}{ext}").read_bytes()
+        mds = IndexedDataset(str(b / name))
+        assert np.concatenate([mds[i] for i in range(len(mds))]).tolist() == ref[name][0]
+    assert not [p for p in (tmp_path / "two").rglob(".*")]  # no temporaries left
+
+
+def _write_indexed(prefix: Path, docs: list[list[int]]) -> Path:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for d in docs:
+        b.add_document(torch.tensor(d), [len(d)])
+    b.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def test_existing_megatron_datasets_and_blends_as_input(tmp_path):
+    """Pre-tokenized Megatron datasets are taken as stored (no EOS added), a blend interleaved by weight."""
+    tok = make_tokenizer(synthetic_docs(20))
+    v = len(tok)
+    a = [[1 + i % (v - 1)] * 5 for i in range(40)]  # document i of A: five tokens (i % (v-1)) + 1
+    b = [[2, 3, 4] for _ in range(40)]
+    pa, pb = _write_indexed(tmp_path / "a_text", a), _write_indexed(tmp_path / "b_text", b)
+
+    meta = build_token_shards(tmp_path / "one", tok, source=pa, train_tokens=50, calib_tokens=10, heldout_tokens=20)
+    flat = [t for d in a for t in d]
+    assert load_split(tmp_path / "one", "train").tolist() == flat[:50]
+    assert load_split(tmp_path / "one", "heldout").tolist() == flat[60:80]
+    assert meta["source"] == f"megatron:1 {pa}" and meta["splits"]["calib"]["documents"] == [10, 12]
+
+    # equal weights alternate A, B; 2:1 takes A, A, B, ...
+    build_token_shards(tmp_path / "eq", tok, source=f"megatron:1 {pa} 1 {pb}", train_tokens=16, calib_tokens=0,
+                       heldout_tokens=0)
+    assert load_split(tmp_path / "eq", "train").tolist() == a[0] + b[0] + a[1] + b[1]
+    build_token_shards(tmp_path / "w", tok, source=f"megatron:2 {pa} 1 {pb}", train_tokens=26, calib_tokens=0,
+                       heldout_tokens=0)
+    assert load_split(tmp_path / "w", "train").tolist() == a[0] + a[1] + b[0] + a[2] + a[3] + b[1]
+
+    with pytest.raises(FileNotFoundError, match="no Megatron indexed dataset"):
+        build_token_shards(tmp_path / "x", tok, source=f"megatron:1 {pa} 1 {tmp_path / 'nope'}", train_tokens=8)
+    with pytest.raises(ValueError, match="weight-prefix pairs"):
+        build_token_shards(tmp_path / "x", tok, source=f"megatron:1 {pa} 1", train_tokens=8)
+    big = _write_indexed(tmp_path / "big", [[v + 3, 1]])
+    with pytest.raises(ValueError, match="tokenized with another tokenizer"):
+        build_token_shards(tmp_path / "x", tok, source=big, train_tokens=2)
+    assert not (tmp_path / "x").exists()

@@ -17,7 +17,8 @@ from _models import REPO, torchrun
 sys.path.insert(0, str(REPO / "tests" / "workers"))
 from gkd_worker import VOCAB, fixed_logits, make_run  # noqa: E402
 
-from megatron_puzzle.distill import losses, train_utils  # noqa: E402
+from megatron_puzzle.distill import train_utils  # noqa: E402
+from megatron_puzzle.model import losses  # noqa: E402
 from megatron_puzzle.convert.megatron_layout import canonical_state  # noqa: E402
 from megatron_puzzle.distill.gkd import GKDConfig, latest_checkpoint, run_gkd  # noqa: E402
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _models import REPO
+from _models import REPO, free_port
 
 TORCHRUN_DIR = REPO / "examples" / "torchrun"
 SLURM_DIR = REPO / "examples" / "slurm"
@@ -130,7 +130,7 @@ def test_sbatch_runs_a_two_process_cpu_job(tmp_path):
     """srun stand-in that runs its command: the rendered torchrun rendezvous really starts 2 ranks."""
     run_body = 'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n'  # drop srun's own options, run the rest
     env = _slurm_env(tmp_path, run_body, FAKE_HOSTS="127.0.0.1", SLURM_JOB_ID="77", SLURM_NNODES="1",
-                     SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()))
+                     SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
     out = _run(["bash", str(SLURM_DIR / "puzzle.sbatch"), "search", "--help"], env)
     assert out.stdout.count("usage: megatron-puzzle search") == 2, out.stdout[-2000:]
 
@@ -168,12 +168,6 @@ def test_sbatch_usr1_makes_the_ranks_stop_then_requeues(tmp_path):
     assert "--cpus-per-task=32" in (tmp_path / "fake" / "srun").read_text().splitlines()
     assert not stop.exists(), "the request is cleared for the requeued job"
     assert "USR1: asking the ranks to save and stop" in out
-
-
-def _free_port() -> int:
-    from _models import free_port
-
-    return free_port()
 
 
 def test_submit_pipeline_chains_stages_with_dependencies(tmp_path):

@@ -15,8 +15,8 @@ sys.path.insert(0, str(REPO / "tests" / "workers"))
 import score_common as sc  # noqa: E402
 
 from megatron_puzzle.score import (  # noqa: E402
-    ALL_METRICS, MetricSums, Reference, ReplaceScorer, Settings, assemble, items_of, library_weights, read_space,
-    run_score, split_batch,
+    ALL_METRICS, MetricSums, Reference, ReplaceScorer, Settings, assemble, entries_of, library_weights, read_space,
+    score_space, split_batch,
 )
 
 WORKER = REPO / "tests" / "workers" / "score_worker.py"
@@ -89,7 +89,7 @@ def test_replaced_block_equals_full_forward_of_replaced_model(tiny):
     vw = _weights_fn(cfg, tensors)
     items = [(0, "attn_kv1"), (0, "attn_linear"), (0, "ffn_48"), (1, "attn_no_op"), (1, "ffn_linear"),
              (2, "attn_kv4"), (2, "ffn_no_op"), (1, "attn_kv1+ffn_32")]
-    scorer = ReplaceScorer(parent, vw, max_candidates=3)  # several groups: several parent passes
+    scorer = ReplaceScorer(parent, vw, max_entries=3)  # several groups: several parent passes
     scores, parent_m = scorer.score(items, batches, progress=False)
     tokens = [split_batch(b)[0] for b in batches]
     targets = torch.cat([split_batch(b)[1] for b in batches])
@@ -101,7 +101,7 @@ def test_replaced_block_equals_full_forward_of_replaced_model(tiny):
             child = build_model(child_cfg)
             load_canonical(child, assemble(cfg, tensors, child_cfg, vw))
             direct = [child(input_ids=t, position_ids=None, attention_mask=None) for t in tokens]  # GPTModel.forward
-            mine = scorer.candidate_logits(layer, scorer.build_candidate(layer, name), inputs, rope)
+            mine = scorer.entry_logits(layer, scorer.build_entry(layer, name), inputs, rope)
             assert (mine - direct[0]).abs().max().item() < 1e-5, (layer, name)
             want = reference_metrics(parent_logits, torch.cat(direct), targets)
             for m in ALL_METRICS:
@@ -113,7 +113,7 @@ def test_replaced_block_equals_full_forward_of_replaced_model(tiny):
 def test_parents_own_variant_is_not_rerun(tiny):
     cfg, tensors, parent, batches = tiny
     scorer = ReplaceScorer(parent, _weights_fn(cfg, tensors))
-    assert scorer.build_candidate(0, "attn_kv2") is None and scorer.build_candidate(2, "ffn_96") is None
+    assert scorer.build_entry(0, "attn_kv2") is None and scorer.build_entry(2, "ffn_96") is None
     scores, parent_m = scorer.score([(0, "attn_kv2"), (0, "ffn_96")], batches, progress=False)
     assert scores[(0, "attn_kv2")] == parent_m
 
@@ -122,23 +122,23 @@ def test_bad_variant_weights_name_the_entry(tiny):
     cfg, tensors, parent, _ = tiny
     scorer = ReplaceScorer(parent, lambda layer, name: {})
     with pytest.raises(ValueError, match="layer 1 variant attn_kv1"):
-        scorer.build_candidate(1, "attn_kv1")
+        scorer.build_entry(1, "attn_kv1")
 
 
 def test_cache_skips_scored_items_and_scores_json_format(tiny, tmp_path, monkeypatch):
     cfg, tensors, parent, batches = tiny
     calls, runs = [], []
-    real = ReplaceScorer.candidate_logits
-    monkeypatch.setattr(ReplaceScorer, "candidate_logits",
+    real = ReplaceScorer.entry_logits
+    monkeypatch.setattr(ReplaceScorer, "entry_logits",
                         lambda self, layer, *a: runs.append(layer) or real(self, layer, *a))
     settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=16, batch_size=2)
 
     def go(settings=settings, batches=batches, **kw):
-        return run_score(parent, _weights_fn(cfg, tensors, calls), sc.SPACE, batches, tmp_path / "score",
+        return score_space(parent, _weights_fn(cfg, tensors, calls), sc.SPACE, batches, tmp_path / "score",
                          settings=settings, progress=False, **kw)
 
     first = go()
-    n_items = len(items_of(sc.SPACE))
+    n_items = len(entries_of(sc.SPACE))
     assert len(runs) == (n_items - 3) * len(batches)  # three items are the parent's own blocks
     calls.clear(), runs.clear()
     second = go()
@@ -167,13 +167,13 @@ def test_cache_skips_scored_items_and_scores_json_format(tiny, tmp_path, monkeyp
     assert calls == [] and kl_only["layers"][1]["ffn_32"] == {"kl_div": first["layers"][1]["ffn_32"]["kl_div"]}
     # other held-out settings invalidate the cache
     go(settings=Settings(tokens=32, seq_len=16, batch_size=2), batches=batches[:1])
-    assert len(set(calls)) == len(items_of(sc.SPACE))
+    assert len(set(calls)) == len(entries_of(sc.SPACE))
 
 
 def test_coupled_pairs(tiny, tmp_path):
     cfg, tensors, parent, batches = tiny
     settings = Settings(tokens=64, seq_len=16, batch_size=2)
-    out = run_score(parent, _weights_fn(cfg, tensors), sc.SPACE, batches, tmp_path, settings=settings, coupled=True,
+    out = score_space(parent, _weights_fn(cfg, tensors), sc.SPACE, batches, tmp_path, settings=settings, coupled=True,
                     only=["attn_kv1", "attn_no_op", "ffn_32", "ffn_linear", "ffn_48"], progress=False)
     assert sorted(out["layers"][1]) == ["attn_kv1+ffn_32", "attn_kv1+ffn_linear", "attn_no_op+ffn_32",
                                         "attn_no_op+ffn_linear"]
@@ -186,7 +186,7 @@ def test_tp2_and_dp2_equal_tp1(tiny, tmp_path):
     lib = tmp_path / "library"
     sc.write_library(lib, cfg, tensors)
     settings = Settings(tokens=64, seq_len=16, batch_size=2)
-    tp1 = run_score(parent, library_weights(lib), read_space(lib), batches, tmp_path / "tp1", settings=settings,
+    tp1 = score_space(parent, library_weights(lib), read_space(lib), batches, tmp_path / "tp1", settings=settings,
                     library_dir=lib, progress=False)
     torchrun(WORKER, 2, "--tp", "2", "1", "--library", str(lib), "--score-dir", str(tmp_path / "tp2"),
              str(tmp_path / "dp2"), "--metrics-out", str(tmp_path / "m.json"))
@@ -195,7 +195,7 @@ def test_tp2_and_dp2_equal_tp1(tiny, tmp_path):
     for m in ALL_METRICS:
         assert got[m] == pytest.approx(want[m], abs=1e-6), m
     dp2_cache = sorted(p.name for p in (tmp_path / "dp2" / "cache").iterdir())
-    assert len(dp2_cache) == len(items_of(sc.SPACE)) + 1  # both ranks' items and the parent
+    assert len(dp2_cache) == len(entries_of(sc.SPACE)) + 1  # both ranks' items and the parent
     for other in ("tp2", "dp2"):
         scores = json.loads((tmp_path / other / "scores.json").read_text())
         assert scores["tokens"] == tp1["tokens"] and scores["parent"] == pytest.approx(tp1["parent"], abs=1e-5)

@@ -18,15 +18,11 @@ import torch
 
 from ..model import checkpoint
 from ..model.gpt import RuntimeOptions, build_model
-from ..model.parallel import init_distributed
+from ..model.parallel import init_distributed, is_rank0 as _rank0
 from .megatron_layout import canonical_state, load_canonical
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
-
-
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False):

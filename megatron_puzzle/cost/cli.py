@@ -6,10 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..utils.io import DONE_MARKER, atomic_write_text, is_done, read_json
-from .costs import CostsError, CostTable, load_costs, space_layers
+from .costs import CostsError, CostTable
 from .gpus import Efficiency, UnknownGPUError
-from .scenario import PRESETS, Scenario, ScenarioError, load_scenario
+from .scenario import PRESETS, ScenarioError
 
 log = logging.getLogger(__name__)
 
@@ -43,91 +42,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _space(run_dir: Path, cfg):
-    path = run_dir / "library" / "space.json"
-    if path.exists():
-        return space_layers(read_json(path))
-    from ..arch.search_space import default_search_space
-
-    log.info("no %s: using the default search space", path)
-    return default_search_space(cfg)
-
-
-def build_table(cfg, space, scenario: Scenario, source: str, args=None) -> CostTable:
-    """Costs of every variant of `space` from the `source` ("measured" or "analytic")."""
-    layers = space_layers(space)
-    names = sorted({n for layer in layers for n in layer})
-    if source == "analytic":
-        from .analytic import AnalyticCostModel
-
-        eff = Efficiency(getattr(args, "compute_efficiency", Efficiency.compute),
-                         getattr(args, "memory_efficiency", Efficiency.memory))
-        model = AnalyticCostModel(cfg, scenario, getattr(args, "gpu", None), eff)
-        by_name = {n: model.variant_cost(n) for n in names}
-        non_block = model.non_block_cost()
-        device = model.device_info()
-    else:
-        from .measure import MeasuredCostModel
-
-        model = MeasuredCostModel(
-            cfg, scenario, warmup=getattr(args, "warmup", 2), repeats=getattr(args, "repeats", 5),
-            threads=getattr(args, "threads", None), telemetry=not getattr(args, "no_telemetry", False),
-            clock=getattr(args, "clock", "wall"), cuda_graphs=not getattr(args, "no_cuda_graphs", False),
-        )
-        log.info("timing %d variants and the non-block parts on %s", len(names), model.device)
-        with model.session():
-            model.measure(names)  # all variants interleaved, so background load hits them alike
-            by_name = {n: model.variant_cost(n) for n in names}
-            non_block = model.non_block_cost()
-        device = model.device_info()
-    return CostTable(scenario, source, device, non_block, [{n: by_name[n] for n in layer} for layer in layers],
-                     parent=[[b.attention.name, b.ffn.name] for b in cfg.blocks])
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..arch import ModelConfig
     from ..cli import UserError
     from .measure import MeasureError
+    from .stage import MeasureConfig, run_measure
 
-    run_dir: Path = args.run_dir
-    cfg_path = run_dir / "parent" / "model_config.json"
-    if not cfg_path.exists():
-        raise UserError(f"{cfg_path} not found: import a parent into {run_dir} first (megatron-puzzle import)")
+    from ..model.parallel import is_rank0
+
+    if not is_rank0():  # one process times (ranks timing at once would time each other); the rest are done
+        log.info("measure: rank 0 measures, this rank has nothing to do")
+        return 0
+    mc = MeasureConfig(scenario=args.scenario, source=args.source, gpu=args.gpu, threads=args.threads,
+                       warmup=args.warmup, repeats=args.repeats, clock=args.clock, telemetry=not args.no_telemetry,
+                       cuda_graphs=not args.no_cuda_graphs,
+                       compute_efficiency=args.compute_efficiency, memory_efficiency=args.memory_efficiency,
+                       force=args.force)
     try:
-        cfg = ModelConfig.load(cfg_path)
-        scenario = load_scenario(args.scenario)
-        space = _space(run_dir, cfg)
-        source = args.source or ("measured" if scenario.is_local else "analytic")
-        out_dir = run_dir / "measure"
-        out = out_dir / "costs.json"
-        if not args.force and is_done(out_dir) and out.exists() and source in ("measured", "analytic"):
-            old = load_costs(out)
-            if old.scenario == scenario and old.source == source and not _missing(old, space):
-                print(f"{out} already holds {source} costs for scenario {scenario.name!r} (use --force to redo)")
-                return 0
-        if source in ("measured", "analytic"):
-            table = build_table(cfg, space, scenario, source, args)
-        else:
-            table = load_costs(source, space, as_user_file=True)
-            if table.scenario != scenario:
-                raise UserError(
-                    f"costs file {source} is for scenario {table.scenario.to_dict()}, not "
-                    f"{scenario.to_dict()}; pass the matching --scenario or re-measure"
-                )
-    except (ScenarioError, UnknownGPUError, CostsError, MeasureError) as e:
+        table, fresh = run_measure(args.run_dir, mc)
+    except (ScenarioError, UnknownGPUError, CostsError, MeasureError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
-    table.save(out)
-    atomic_write_text(out_dir / DONE_MARKER, "ok\n")
+    out = args.run_dir / "measure" / "costs.json"
+    if not fresh:
+        print(f"{out} already holds {table.source} costs for scenario {table.scenario.name!r} (use --force to redo)")
+        return 0
     _print_summary(table, out)
     return 0
-
-
-def _missing(table: CostTable, space) -> bool:
-    try:
-        table.check_space(space)
-    except CostsError:
-        return True
-    return False
 
 
 def _print_summary(table: CostTable, out: Path) -> None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from megatron_puzzle.cli import UserError
-from megatron_puzzle.data.shards import DEFAULT_BUDGETS, build_token_shards
+from megatron_puzzle.data.shards import DEFAULT_BUDGETS
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,15 @@ def load_tokenizer(spec: str | Path):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from megatron_puzzle.data.stage import DataConfig, run_data
+
     out_dir = Path(args.run_dir) / "data"
     tokenizer = load_tokenizer(args.tokenizer)
+    cfg = DataConfig(source=args.source, train_tokens=args.train_tokens, calib_tokens=args.calib_tokens,
+                     heldout_tokens=args.heldout_tokens, seed=args.seed, overwrite=args.overwrite)
     try:
-        meta = build_token_shards(
-            out_dir,
-            tokenizer,
-            source=args.source,
-            train_tokens=args.train_tokens,
-            calib_tokens=args.calib_tokens,
-            heldout_tokens=args.heldout_tokens,
-            seed=args.seed,
-            tokenizer_label=str(args.tokenizer),
-            overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        meta = run_data(args.run_dir, cfg, tokenizer, tokenizer_label=str(args.tokenizer))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad budgets, sources, existing shards
         raise UserError(str(e)) from None
     counts = ", ".join(f"{name} {s['tokens']}" for name, s in meta["splits"].items())
     print(f"token shards in {out_dir}: {counts} tokens from {meta['source']} ({meta['tokenizer']})")
@@ -62,7 +56,8 @@ def register(sub) -> None:
         default="web",
         help="web (World English Bible, Debian package sword-text-web), sample (shipped excerpt), fortunes, "
         "or a path: .txt file (documents split at blank lines), .jsonl file ('text' field), "
-        "a directory of them, or a SWORD zText module (default: web)",
+        "a directory of them, or a SWORD zText module; or tokens already in Megatron's indexed format: a "
+        "PREFIX of PREFIX.bin/.idx, or a blend 'megatron:0.7 PREFIX_A 0.3 PREFIX_B' (default: web)",
     )
     for name, default in DEFAULT_BUDGETS.items():
         p.add_argument(f"--{name}-tokens", type=int, default=default, metavar="N",

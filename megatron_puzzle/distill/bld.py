@@ -43,7 +43,7 @@ from ..model.gpt import build_layer
 from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_path, atomic_write_text
 from ..init.variants import InitConfig, init_pair, init_variant, method_for
-from .activations import ParentActivations, parent_activations
+from ..model.activations import ParentActivations, parent_activations
 
 log = logging.getLogger(__name__)
 PARTIAL_DIR = ".partial"

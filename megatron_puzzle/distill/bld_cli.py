@@ -16,18 +16,21 @@ import argparse
 
 def _run(args: argparse.Namespace, init_only: bool) -> int:
     from ..cli import UserError
-    from ..library import LibraryError
     from ..utils.io import sweep_before_start
-    from .bld_run import build_library, load_run_config
+    from .bld_run import load_run_config, run_bld, run_init
 
     sweep_before_start(args.run_dir)
-    try:
+    try:  # a bad config section is the user's to fix; errors while building keep their tracebacks
         rc = load_run_config(args.run_dir, args.config)
-        if args.no_progress:
-            rc.bld.progress = False
-        report = build_library(args.run_dir, rc, init_only=init_only)
-    except (LibraryError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+    if args.no_progress:
+        rc.bld.progress = False
+    if init_only:
+        run_init(args.run_dir, rc)
+        report = None
+    else:
+        report = run_bld(args.run_dir, rc)  # LibraryError: one line, by the CLI
     if report is not None:
         t = report.throughput()
         print(f"bld: {report.entries_written} entries written, {report.steps_run} steps, "

@@ -1,5 +1,7 @@
 """The init and BLD stages over a run directory: RUN/parent + RUN/data -> RUN/init, RUN/library.
 
+Entry functions: `run_init(run_dir, RunConfig)` and `run_bld(run_dir, RunConfig)`.
+
 The run config (YAML; `--config FILE`, else RUN/config.yaml when present) may hold
 three sections, each optional: `search_space` (`arch.search_space.SearchSpaceConfig`),
 `init` (`init.InitConfig`) and `bld` (`distill.bld.BLDConfig`).
@@ -14,10 +16,11 @@ from pathlib import Path
 import torch
 
 from ..arch.search_space import SearchSpaceConfig, configured_search_space
-from ..init.stage import run_init
+from ..init.stage import run_init as init_entries
 from ..init.variants import InitConfig
 from ..library import Library
-from .bld import BLDConfig, BLDReport, run_bld
+from ..utils.errors import InputError
+from .bld import BLDConfig, BLDReport, run_bld as train_entries
 
 log = logging.getLogger(__name__)
 SECTIONS = ("search_space", "init", "bld")
@@ -80,18 +83,32 @@ def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = N
             raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
                                     f"`{'import' if need == 'parent' else 'data'}` stage first")
     model, tensors = _load_parent(run, rc.bld.tensor_parallel)
-    space = configured_search_space(model.puzzle_config, rc.space)
+    try:
+        space = configured_search_space(model.puzzle_config, rc.space)
+    except ValueError as e:  # a search space that does not fit this parent
+        raise InputError(f"search_space: {e}") from None
     calib = _batches(run, "calib", rc.bld, shuffle=False)
     calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
     with torch.no_grad():
-        init_dir = run_init(model, tensors, run / "init", space, rc.init, calib_tokens, seed=rc.bld.seed,
+        init_dir = init_entries(model, tensors, run / "init", space, rc.init, calib_tokens, seed=rc.bld.seed,
                             progress=rc.bld.progress)
     if init_only:
         return None
     train = _batches(run, "train", rc.bld, shuffle=True)
     held = _batches(run, "heldout", rc.bld, shuffle=False)
     eval_tokens = [held.batch(i) for i in range(min(rc.bld.eval_batches, held.batches_per_epoch))]
-    report = run_bld(model, tensors, run / "library", space, rc.bld, rc.init, train.batch, eval_tokens,
+    report = train_entries(model, tensors, run / "library", space, rc.bld, rc.init, train.batch, eval_tokens,
                      Library(init_dir), **hooks)
     log.info("BLD: %s", report.throughput())
     return report
+
+
+def run_init(run_dir: str | Path, config: RunConfig) -> None:
+    """The init stage: RUN/parent + RUN/data -> RUN/init. Every rank works (entries dealt over ranks)."""
+    build_library(run_dir, config, init_only=True)
+
+
+def run_bld(run_dir: str | Path, config: RunConfig) -> BLDReport:
+    """The bld stage (init first, if not done): RUN/init -> RUN/library. Every rank works (entries dealt over
+    data-parallel ranks)."""
+    return build_library(run_dir, config)

@@ -43,9 +43,11 @@ import torch.distributed as dist
 
 from ..model import checkpoint, forward
 from ..model.gpt import RuntimeOptions, check_runtime
+from ..model.parallel import rank as _rank, world_size as _world
 from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
-from . import losses, train_utils
+from ..model import losses
+from . import train_utils
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +232,10 @@ def _all_reduce_dp(values: torch.Tensor) -> torch.Tensor:
 def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> dict[str, float]:
     """Held-out KL(parent || child), LM loss, top-1 agreement with the parent and next-token accuracy.
 
-    The metrics are the scoring stage's (score.metrics), token-weighted over all batches
+    The metrics are the scoring stage's (model.metrics), token-weighted over all batches
     and data-parallel ranks. Also the parent's own LM loss and accuracy, for reference.
     """
-    from ..score.metrics import ALL_METRICS, MetricSums, Reference
+    from ..model.metrics import ALL_METRICS, MetricSums, Reference
 
     was_training = student.training
     student.eval()
@@ -303,14 +305,6 @@ def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig,
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step_{step:07d}"

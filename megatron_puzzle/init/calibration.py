@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..distill.activations import parent_activations
+from ..model.activations import parent_activations
 from .methods import LstsqAccumulator, ffn_activations
 
 log = logging.getLogger(__name__)

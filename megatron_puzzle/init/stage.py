@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..library import write_entry, write_non_block, write_space
 from ..library.store import entry_dir
@@ -37,8 +36,7 @@ def run_init(parent_model, parent_tensors: dict[str, torch.Tensor], init_dir: st
     cfg = parent_model.puzzle_config
     root = Path(init_dir)
     settings = init_settings(init, seed)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = parallel.rank(), parallel.world_size()
     if (root / DONE_MARKER).exists():
         meta = json.loads((root / "space.json").read_text())
         if meta.get("settings", {}).get("settings") == settings and meta["layers"] == [list(n) for n in space]:

@@ -14,23 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from ..arch import ModelConfig
 from ..utils.io import DONE_MARKER, atomic_write_json, is_done, move_dir_into_place
+from .parallel import barrier, is_rank0
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "model_config.json"
 EXTRA_NAME = "extra.json"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def save(model, path: str | Path, extra: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None) -> Path:
@@ -44,21 +34,21 @@ def save(model, path: str | Path, extra: dict[str, Any] | None = None, extra_sta
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    if _rank() == 0:
+    if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     sharded = model.sharded_state_dict()
     if extra_state:
         sharded.update({f"extra.{k}": v for k, v in extra_state.items()})
     dist_checkpointing.save(sharded, str(tmp))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if is_rank0():
         model.puzzle_config.save(tmp / CONFIG_NAME)
         atomic_write_json(tmp / EXTRA_NAME, extra or {})
         (tmp / DONE_MARKER).write_text("ok\n")
         move_dir_into_place(tmp, path)
-    _barrier()
+    barrier()
     log.info("saved checkpoint %s", path)
     return path
 

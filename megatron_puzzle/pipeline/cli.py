@@ -17,21 +17,18 @@ def _run(args: argparse.Namespace) -> int:
     except run_config.ConfigError as e:
         raise UserError(str(e)) from None
     run_dir = Path(args.run_dir or ("runs/quick" if args.quick else "runs/default"))
-    try:
-        run_pipeline(run_dir, cfg, from_stage=args.from_stage, until=args.until)
-    except run_config.ConfigError as e:
-        raise UserError(str(e)) from None
-    print(summary(run_dir))
+    run_pipeline(run_dir, cfg, from_stage=args.from_stage, until=args.until)  # input errors: one line, by main
+    from ..model.parallel import is_rank0
+
+    if is_rank0():
+        print(summary(run_dir))
     return 0
 
 
 def _realize(args: argparse.Namespace) -> int:
-    from .realize import RealizeError, realize
+    from .realize import RealizeConfig, run_realize
 
-    try:
-        r = realize(args.run_dir, args.solution, force=args.force)
-    except RealizeError as e:
-        raise UserError(str(e)) from None
+    r = run_realize(args.run_dir, RealizeConfig(solution=args.solution, force=args.force))
     m = r.get("measured", {})
     print(f"realized solution {args.solution} into {Path(args.run_dir) / 'child'}"
           + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent), decode "

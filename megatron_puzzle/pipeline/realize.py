@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,25 @@ def measure_model(cfg: ModelConfig, scenario, warmup: int = 2, repeats: int = 5)
             "decode_throughput": s.batch_size / decode}
 
 
+@dataclass
+class RealizeConfig:
+    """The realize stage's settings: which solution, and how the child is checked after saving."""
+
+    solution: int = 0  # index into RUN/search/solutions.json
+    evaluate: bool = True  # score the child on held-out tokens
+    eval_tokens: int = 4096
+    seq_len: int = 128
+    batch_size: int = 8
+    warmup: int = 2  # timing of the child and the parent (rank 0)
+    repeats: int = 5
+    force: bool = False  # realize again even if RUN/child is complete
+
+
+def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
+    """The realize stage: RUN/search + RUN/library -> RUN/child (+ realize.json). Every rank works."""
+    return realize(run_dir, **asdict(cfg))
+
+
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
             seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured)."""
@@ -64,7 +84,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     from ..library import Library
     from ..model import checkpoint
     from ..model.gpt import build_model
-    from ..model.parallel import init_distributed
+    from ..model.parallel import barrier, init_distributed, is_rank0
 
     run = Path(run_dir)
     out = run / "child"
@@ -79,7 +99,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     load_canonical(model, tensors)
     checkpoint.save(model, out, extra={"stage": "realize", "solution": solution, "variants": sol.get("variants")})
     tok = run / "parent" / TOKENIZER_DIR
-    if tok.is_dir() and not (out / TOKENIZER_DIR).exists():
+    if is_rank0() and tok.is_dir() and not (out / TOKENIZER_DIR).exists():  # one copy, not one per rank
         shutil.copytree(tok, out / f".{TOKENIZER_DIR}.tmp")
         (out / f".{TOKENIZER_DIR}.tmp").rename(out / TOKENIZER_DIR)
 
@@ -90,7 +110,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         from ..cost.costs import load_costs
 
         scenario = load_costs(costs_path).scenario
-        if scenario.is_local:
+        if scenario.is_local and is_rank0():  # timed alone: other ranks timing at once would slow it
             report["measured"] = measure_model(child, scenario, warmup, repeats)
             report["measured_parent"] = measure_model(checkpoint.load_config(run / "parent"), scenario, warmup, repeats)
             m, mp = report["measured"], report["measured_parent"]
@@ -104,7 +124,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         batches = heldout_batches(run / "data", eval_tokens, seq_len, batch_size)
         with torch.no_grad():
             report["measured_quality"] = evaluate_model(model, parent, batches)
-    atomic_write_json(out / "realize.json", report)
+    if is_rank0():
+        atomic_write_json(out / "realize.json", report)
+    barrier()  # realize.json (the stage's last output) is there for every rank
     _log_report(report)
     return report
 

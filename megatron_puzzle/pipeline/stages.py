@@ -1,9 +1,11 @@
 """The stages of `megatron-puzzle run`, in order, over one run directory.
 
-Each stage is a function of (run_dir, config); `is_complete` says whether its
-outputs are all there (the `done` marker each stage writes last), so a killed run
-resumes at the first incomplete stage. Stages resume inside themselves too (BLD
-entries, score cache, GKD checkpoints).
+Each stage is a function of (run_dir, config) that calls its stage's entry function
+with a typed config (the same one its CLI command calls), and declares the ranks it
+works on (`PIPELINE`). `is_complete` says whether its outputs are all there (the
+`done` marker each stage writes last), so a killed run resumes at the first
+incomplete stage. Stages resume inside themselves too (BLD entries, score cache,
+GKD checkpoints).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..utils.io import is_done
+from . import config as run_config
 from .config import STAGES
 
 log = logging.getLogger(__name__)
@@ -63,92 +67,73 @@ def _import_truncated(src: Path, out: Path, layers: int, tp: int) -> None:
     from ..convert.megatron_layout import load_canonical
     from ..model import checkpoint
     from ..model.gpt import build_model
-    from ..model.parallel import init_distributed
+    from ..model.parallel import barrier, init_distributed, is_rank0
 
     cfg, tensors = read_hf_checkpoint(src)
     if layers > cfg.num_layers:
-        raise ValueError(f"parent_layers={layers} but the parent has only {cfg.num_layers} layers")
+        raise run_config.ConfigError(f"parent_layers={layers} but the parent has only {cfg.num_layers} layers; "
+                                     "lower parent_layers")
     cfg = replace(cfg, num_layers=layers, blocks=cfg.blocks[:layers])
     keep = {k: v for k, v in tensors.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     init_distributed(tp)
     model = build_model(cfg)
     load_canonical(model, keep)
     checkpoint.save(model, out, extra={"source": str(src), "parent_layers": layers})
-    tok = load_tokenizer(src)
-    tmp = out / f".{TOKENIZER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    tmp.rename(out / TOKENIZER_DIR)
+    if is_rank0():  # one writer: other ranks moving the same directory into place would race
+        tok = load_tokenizer(src)
+        tmp = out / f".{TOKENIZER_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        tmp.rename(out / TOKENIZER_DIR)
+    barrier()
 
 
 def stage_data(run: Path, cfg: dict) -> None:
-    from ..convert.megatron_io import load_checkpoint_tokenizer
-    from ..data import build_token_shards
+    from ..data.stage import DataConfig, run_data
 
-    d = cfg["data"]
-    tok = load_checkpoint_tokenizer(run / "parent")
-    if tok is None:
-        raise ValueError(f"{run / 'parent'} has no tokenizer; re-import the parent from a checkpoint with one")
-    build_token_shards(run / "data", tok, source=d["source"], train_tokens=d["train_tokens"],
-                       calib_tokens=d["calib_tokens"], heldout_tokens=d["heldout_tokens"], seed=cfg["seed"],
-                       overwrite=True)
+    run_data(run, DataConfig.from_dict(dict(cfg["data"], seed=cfg["seed"], overwrite=True)))
 
 
 def stage_init(run: Path, cfg: dict) -> None:
-    from ..distill.bld_run import build_library
+    from ..distill.bld_run import RunConfig, run_init
 
-    build_library(run, run / "config.yaml", init_only=True)
+    run_init(run, RunConfig.from_dict(cfg))
 
 
 def stage_bld(run: Path, cfg: dict) -> None:
-    from ..distill.bld_run import build_library
+    from ..distill.bld_run import RunConfig, run_bld
 
-    build_library(run, run / "config.yaml")
+    run_bld(run, RunConfig.from_dict(cfg))
 
 
 def stage_score(run: Path, cfg: dict) -> None:
-    from ..cli import main
+    from ..score.stage import ScoreConfig, run_score
 
-    s = cfg["score"]
-    argv = ["score", "--run-dir", str(run), "--tokens", str(s["tokens"]), "--batch-size", str(s["batch_size"]),
-            "--seq-len", str(s["seq_len"]), "--tensor-parallel", str(cfg["tensor_parallel"])]
-    if s.get("coupled"):
-        argv.append("--coupled")
-    _check(main(argv), "score")
+    run_score(run, ScoreConfig.from_dict(dict(cfg["score"], tensor_parallel=cfg["tensor_parallel"])))
 
 
 def stage_measure(run: Path, cfg: dict) -> None:
-    from ..cli import main
-    from ..utils.io import atomic_write_json
+    from ..cost.stage import MeasureConfig, run_measure
 
-    m, scenario = cfg["measure"], cfg["scenario"]
-    if isinstance(scenario, dict):  # the measure command takes a preset or a file
-        path = run / "scenario.json"
-        atomic_write_json(path, scenario)
-        scenario = str(path)
-    argv = ["measure", "--run-dir", str(run), "--scenario", str(scenario),
-            "--warmup", str(m.get("warmup", 2)), "--repeats", str(m.get("repeats", 5))]
-    if m.get("source"):
-        argv += ["--source", str(m["source"])]
-    if m.get("gpu"):
-        argv += ["--gpu", str(m["gpu"])]
-    _check(main(argv), "measure")
+    run_measure(run, MeasureConfig.from_dict(dict(cfg["measure"], scenario=cfg["scenario"])))
 
 
 def stage_search(run: Path, cfg: dict) -> None:
-    from ..search.run import search_run_dir
+    from ..search.run import SearchConfig, run_search
 
     s = cfg["search"]
-    search_run_dir(run, s["constraints"], s["objective"], num_solutions=s["num_solutions"],
-                   min_diff=s["min_diff"], pareto=s.get("pareto"), seed=cfg["seed"])
+    run_search(run, SearchConfig(constraints=list(s["constraints"]), objective=s["objective"],
+                                 num_solutions=s["num_solutions"], min_diff=s["min_diff"], pareto=s.get("pareto"),
+                                 seed=cfg["seed"]))
 
 
 def stage_realize(run: Path, cfg: dict) -> None:
-    from .realize import realize
+    from .realize import RealizeConfig, run_realize
 
     s, m = cfg["score"], cfg["measure"]
-    realize(run, cfg["realize"]["solution"], eval_tokens=s["tokens"], seq_len=s["seq_len"],
-            batch_size=s["batch_size"], warmup=m.get("warmup", 2), repeats=m.get("repeats", 5), force=True)
+    run_realize(run, RealizeConfig(solution=cfg["realize"]["solution"], eval_tokens=s["tokens"], seq_len=s["seq_len"],
+                                   batch_size=s["batch_size"], warmup=m.get("warmup", 2), repeats=m.get("repeats", 5),
+                                   force=True))
 
 
 def stage_gkd(run: Path, cfg: dict) -> None:
@@ -159,8 +144,11 @@ def stage_gkd(run: Path, cfg: dict) -> None:
 
 def stage_export(run: Path, cfg: dict) -> None:
     from ..convert.megatron_io import export_hf
+    from ..model.parallel import barrier, is_rank0
 
-    shutil.rmtree(run / "export", ignore_errors=True)
+    if is_rank0():
+        shutil.rmtree(run / "export", ignore_errors=True)
+    barrier()
     export_hf(run / "gkd" / "final", run / "export", tp=cfg["tensor_parallel"])
 
 
@@ -170,17 +158,39 @@ def stage_eval(run: Path, cfg: dict) -> None:
     make_report(run, cfg)
 
 
-def _check(rc: int, stage: str) -> None:
-    if rc:
-        raise RuntimeError(f"stage {stage} failed (exit code {rc}); see the message above")
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline and the ranks it works on.
+
+    `ranks`: "all" (every rank works; the stage's collectives need them all), "rank0" (global rank 0
+    works, the others wait at a barrier; the stage must make no collective call) or "rank0-alone"
+    (the launch's process group is shut down, rank 0 works in a world of its own and the other ranks
+    are done: for a last stage whose work is not split over ranks but that builds models).
+    """
+
+    name: str
+    run: Callable[[Path, dict], None]
+    ranks: str
 
 
-RUNNERS: dict[str, Callable[[Path, dict], None]] = {
-    "import": stage_import, "data": stage_data, "init": stage_init, "bld": stage_bld, "score": stage_score,
-    "measure": stage_measure, "search": stage_search, "realize": stage_realize, "gkd": stage_gkd,
-    "export": stage_export, "eval": stage_eval,
-}
-assert list(RUNNERS) == STAGES
+PIPELINE: list[Stage] = [
+    Stage("import", stage_import, "all"),  # a distributed checkpoint save; rank 0 writes the tokenizer
+    Stage("data", stage_data, "all"),  # ranks tokenize shares of the corpus; rank 0 writes
+    Stage("init", stage_init, "all"),  # entries dealt over ranks
+    Stage("bld", stage_bld, "all"),  # entries dealt over data-parallel ranks, TP inside
+    Stage("score", stage_score, "all"),  # entries dealt over data-parallel ranks; rank 0 merges
+    Stage("measure", stage_measure, "rank0"),  # timing: ranks timing at once would measure each other
+    Stage("search", stage_search, "rank0"),  # one MIP solve
+    Stage("realize", stage_realize, "all"),  # checkpoint save and evaluation; rank 0 times and writes realize.json
+    Stage("gkd", stage_gkd, "all"),  # Megatron-Core data/tensor parallel training
+    Stage("export", stage_export, "all"),  # a distributed checkpoint load; rank 0 writes
+    Stage("eval", stage_eval, "rank0-alone"),  # timings pick the baselines: one process decides and measures
+]
+STAGE = {s.name: s for s in PIPELINE}
+RUNNERS: dict[str, Callable[[Path, dict], None]] = {s.name: s.run for s in PIPELINE}
+assert list(RUNNERS) == STAGES and all(s.ranks in ("all", "rank0", "rank0-alone") for s in PIPELINE)
+# after a rank0-alone stage the other ranks have left: only such stages may follow it
+assert all(b.ranks == "rank0-alone" for a, b in zip(PIPELINE, PIPELINE[1:]) if a.ranks == "rank0-alone")
 
 
 def set_aside(run: Path, stages: list[str]) -> Path | None:

@@ -6,42 +6,28 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli import UserError
-from .metrics import ALL_METRICS, METRICS
+from ..model.metrics import ALL_METRICS, METRICS
 
 log = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..model import checkpoint, parallel
-    from ..utils.io import is_done, sweep_before_start
-    from . import library as lib
-    from .stage import Settings, heldout_batches, run_score
+    from ..model import parallel
+    from ..utils.io import sweep_before_start
+    from .stage import ScoreConfig, run_score
 
     run = Path(args.run_dir)
     sweep_before_start(run / "score")
-    for sub, stage in (("parent", "import"), ("data", "data"), ("library", "bld")):
-        if not is_done(run / sub):
-            raise UserError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")
+    cfg = ScoreConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, coupled=args.coupled,
+                      metrics=args.metric, variants=args.variants, tensor_parallel=args.tensor_parallel,
+                      max_entries=args.max_entries, force=args.force)
     try:
-        space = lib.read_space(run / "library")
-        batches = heldout_batches(run / "data", args.tokens, args.seq_len, args.batch_size)
-    except (lib.LibraryError, ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
-    settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=args.seq_len, batch_size=args.batch_size)
-    parallel.init_distributed(tensor_parallel=args.tensor_parallel)
-    try:
-        parent = checkpoint.load(run / "parent")
-        scores = run_score(parent, lib.library_weights(run / "library"), space, batches, run / "score",
-                           settings=settings, metrics=args.metric, coupled=args.coupled, only=args.variants,
-                           library_dir=run / "library", max_candidates=args.max_candidates, force=args.force)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        scores = run_score(run, cfg)
     finally:
         parallel.shutdown()
     if scores is not None:
         n = sum(len(layer) for layer in scores["layers"])
-        print(f"scored {n} (layer, variant) items on {scores['tokens']} held-out tokens: {run / 'score' / 'scores.json'}")
+        print(f"scored {n} (layer, variant) entries on {scores['tokens']} held-out tokens: {run / 'score' / 'scores.json'}")
     return 0
 
 
@@ -62,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--variants", type=_names, default=None, metavar="A,B,...",
                    help="score only these variant names (a reduced set, e.g. for --coupled)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
-    p.add_argument("--max-candidates", type=int, default=64,
-                   help="candidate layers kept in memory at once (one parent pass per batch per group)")
+    p.add_argument("--max-entries", type=int, default=64,
+                   help="entries (built layers) kept in memory at once (one parent pass per batch per group)")
     p.add_argument("--force", action="store_true", help="score again even what is cached")
     p.set_defaults(func=_run)

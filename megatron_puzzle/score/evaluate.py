@@ -12,8 +12,8 @@ import torch
 
 from ..arch import ModelConfig
 from ..model import forward
-from .library import VariantWeights
-from .metrics import ALL_METRICS, MetricSums, Reference
+from .library import LibraryError, VariantWeights
+from ..model.metrics import ALL_METRICS, MetricSums, Reference
 from .replace import model_device, replace_subblock, split_batch
 
 
@@ -64,7 +64,7 @@ def assemble(parent_cfg: ModelConfig, parent_tensors: Mapping[str, torch.Tensor]
         for v, parent_v in ((block.attention, own.attention), (block.ffn, own.ffn)):
             w = variant_weights(i, v.name)
             if w is None and v != parent_v:
-                raise ValueError(f"no weights for layer {i} variant {v.name}: the library lacks that entry")
+                raise LibraryError(f"no weights for layer {i} variant {v.name}: the library lacks that entry")
             if w is not None:
                 layer = replace_subblock(child_cfg, i, layer, v.name, w)
         out.update(layer)

@@ -1,11 +1,11 @@
 """Replace-1-block scoring: put one variant into the otherwise unchanged parent and compare.
 
 For each batch of held-out tokens the parent runs once, keeping the hidden state
-entering every layer and its logits. A candidate for layer l (the variant in one
+entering every layer and its logits. An entry for layer l (the variant in one
 subblock, the parent's weights in the other) is a standalone layer; only layers
-l..L rerun, from the parent's cached input of layer l, with the candidate in place
-of layer l. Candidate layers are built once and reused over all batches; at most
-`max_candidates` are alive at a time (one parent pass per batch per group of them).
+l..L rerun, from the parent's cached input of layer l, with the entry in place
+of layer l. Entry layers are built once and reused over all batches; at most
+`max_entries` are alive at a time (one parent pass per batch per group of them).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from ..arch import AttentionVariant, BlockConfig, ModelConfig, variant_from_name
 from ..arch.shapes import variant_shapes
 from ..model import forward
-from .library import VariantWeights
-from .metrics import ALL_METRICS, MetricSums, Reference
+from .library import LibraryError, VariantWeights
+from ..model.metrics import ALL_METRICS, MetricSums, Reference
 
 log = logging.getLogger(__name__)
 
-Item = tuple[int, str]  # (layer, variant name or "attn_...+ffn_..." pair)
+Entry = tuple[int, str]  # (layer, variant name or "attn_...+ffn_..." pair)
 _OWNED = {"attention": ("input_layernorm.", "self_attn."), "ffn": ("post_attention_layernorm.", "mlp.")}
 
 
@@ -38,7 +38,7 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def candidate_block(cfg: ModelConfig, layer: int, name: str) -> BlockConfig:
+def entry_block(cfg: ModelConfig, layer: int, name: str) -> BlockConfig:
     """The parent's block of `layer` with the subblock(s) named by `name` replaced."""
     block = cfg.blocks[layer]
     attn, ffn = block.attention, block.ffn
@@ -64,7 +64,7 @@ def replace_subblock(cfg: ModelConfig, layer: int, tensors: dict, name: str, wei
     if got != want:
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-        raise ValueError(
+        raise LibraryError(
             f"layer {layer} variant {name}: weights do not match the variant (missing {missing[:3]}, "
             f"unexpected {extra[:3]}, wrong shape {wrong[:3]}); rebuild that library entry"
         )
@@ -74,16 +74,16 @@ def replace_subblock(cfg: ModelConfig, layer: int, tensors: dict, name: str, wei
 
 
 class ReplaceScorer:
-    """Scores (layer, variant) items of one parent model against the parent itself."""
+    """Scores (layer, variant) entries of one parent model against the parent itself."""
 
-    def __init__(self, parent, variant_weights: VariantWeights, max_candidates: int = 64):
+    def __init__(self, parent, variant_weights: VariantWeights, max_entries: int = 64):
         self.parent = parent.eval()
         self.cfg: ModelConfig = parent.puzzle_config
         self.variant_weights = variant_weights
-        self.max_candidates = max(1, int(max_candidates))
+        self.max_entries = max(1, int(max_entries))
         self._parent_layer: dict[int, dict[str, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ candidates
+    # ------------------------------------------------------------------ entries
     def parent_layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         from ..convert.megatron_layout import block_canonical
 
@@ -92,7 +92,7 @@ class ReplaceScorer:
                 self.parent.decoder.layers[layer], self.cfg, layer, self.cfg.blocks[layer])
         return self._parent_layer[layer]
 
-    def candidate_tensors(self, layer: int, name: str) -> dict[str, torch.Tensor]:
+    def entry_tensors(self, layer: int, name: str) -> dict[str, torch.Tensor]:
         tensors = self.parent_layer_tensors(layer)
         parent_block = self.cfg.blocks[layer]
         for part in name.split("+"):
@@ -100,33 +100,33 @@ class ReplaceScorer:
             if w is None:  # no library entry: only the parent's own variant may fall back to the parent's weights
                 own = parent_block.attention.name if _subblock(part) == "attention" else parent_block.ffn.name
                 if part != own:
-                    raise ValueError(f"the library has no weights for layer {layer} variant {part}")
+                    raise LibraryError(f"the library has no weights for layer {layer} variant {part}")
                 continue
             tensors = replace_subblock(self.cfg, layer, tensors, part, w)
         return tensors
 
     def is_parent(self, layer: int, name: str, tensors: dict) -> bool:
-        """True when the candidate is the parent's own block with the parent's exact weights."""
+        """True when the entry is the parent's own block with the parent's exact weights."""
         ref = self.parent_layer_tensors(layer)
-        return (candidate_block(self.cfg, layer, name) == self.cfg.blocks[layer] and tensors.keys() == ref.keys()
+        return (entry_block(self.cfg, layer, name) == self.cfg.blocks[layer] and tensors.keys() == ref.keys()
                 and all(torch.equal(tensors[k], ref[k]) for k in ref))
 
-    def build_candidate(self, layer: int, name: str):
-        """A standalone layer holding the candidate block of `layer`, or None when it equals the parent's."""
+    def build_entry(self, layer: int, name: str):
+        """A standalone layer holding the entry block of `layer`, or None when it equals the parent's."""
         from ..convert.megatron_layout import load_block
         from ..model.gpt import build_layer
 
-        tensors = self.candidate_tensors(layer, name)
+        tensors = self.entry_tensors(layer, name)
         if self.is_parent(layer, name, tensors):
             return None
-        block = candidate_block(self.cfg, layer, name)
+        block = entry_block(self.cfg, layer, name)
         module = build_layer(self.cfg, block, layer_number=layer + 1)
         load_block(module, self.cfg, layer, block, tensors)
         return module.eval()
 
     # ------------------------------------------------------------------ the parent pass
     def parent_pass(self, tokens: torch.Tensor, targets: torch.Tensor):
-        """(inputs of every layer, rope, parent logits, Reference) of one batch: computed once, reused by every candidate."""
+        """(inputs of every layer, rope, parent logits, Reference) of one batch: computed once, reused by every entry."""
         rope = forward.rotary(self.parent, tokens.shape[1])
         h0 = forward.embed(self.parent, tokens)
         out, outs = forward.run_layers(self.parent, h0, rope=rope, collect=True)
@@ -134,49 +134,49 @@ class ReplaceScorer:
         logits = forward.head(self.parent, out)
         return inputs, rope, logits, Reference.from_logits(logits, targets)
 
-    def candidate_logits(self, layer: int, module, inputs, rope) -> torch.Tensor:
+    def entry_logits(self, layer: int, module, inputs, rope) -> torch.Tensor:
         h = forward.run_layers(self.parent, inputs[layer], start=layer, rope=rope, layers={layer: module})
         return forward.head(self.parent, h)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score(self, items: Sequence[Item], batches: Iterable[torch.Tensor], *, parent_metrics: bool = True,
-              on_done: Callable[[Item, dict], None] | None = None, progress: bool = True):
-        """Metrics (token-weighted means of ALL_METRICS, plus "tokens") of every item; and the parent's own.
+    def score(self, entries: Sequence[Entry], batches: Iterable[torch.Tensor], *, parent_metrics: bool = True,
+              on_done: Callable[[Entry, dict], None] | None = None, progress: bool = True):
+        """Metrics (token-weighted means of ALL_METRICS, plus "tokens") of every entry; and the parent's own.
 
         `batches` yields held-out windows [batch, seq + 1] and must be re-iterable (it is read
-        once per group of candidates). `on_done(item, metrics)` runs as each item finishes
-        (the stage caches scores there). Returns (scores by item, parent metrics or None).
+        once per group of entries). `on_done(entry, metrics)` runs as each entry finishes
+        (the stage caches scores there). Returns (scores by entry, parent metrics or None).
         """
         from tqdm.auto import tqdm
 
-        items = list(items)
+        entries = list(entries)
         batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
-        groups = [items[i : i + self.max_candidates] for i in range(0, len(items), self.max_candidates)]
+        groups = [entries[i : i + self.max_entries] for i in range(0, len(entries), self.max_entries)]
         if not groups and parent_metrics:
             groups = [[]]
-        results: dict[Item, dict] = {}
+        results: dict[Entry, dict] = {}
         parent_sums = MetricSums() if parent_metrics else None
-        bar = tqdm(total=len(items) * len(batches), unit="variant-batch", desc="score",
+        bar = tqdm(total=len(entries) * len(batches), unit="variant-batch", desc="score",
                    disable=not progress or None)
         for gi, group in enumerate(groups):
-            modules = {item: self.build_candidate(*item) for item in group}
-            sums = {item: MetricSums() for item in group}
+            modules = {entry: self.build_entry(*entry) for entry in group}
+            sums = {entry: MetricSums() for entry in group}
             for window in batches:
                 tokens, targets = split_batch(window, model_device(self.parent))
                 inputs, rope, parent_logits, ref = self.parent_pass(tokens, targets)
                 if gi == 0 and parent_sums is not None:
                     parent_sums.add(parent_logits, ref)
-                for item in group:
-                    layer, module = item[0], modules[item]
+                for entry in group:
+                    layer, module = entry[0], modules[entry]
                     # module None: the parent's own block with its own weights, so its logits are the parent's
-                    logits = parent_logits if module is None else self.candidate_logits(layer, module, inputs, rope)
-                    sums[item].add(logits, ref)
+                    logits = parent_logits if module is None else self.entry_logits(layer, module, inputs, rope)
+                    sums[entry].add(logits, ref)
                     bar.update(1)
-            for item in group:
-                results[item] = dict(sums[item].means(ALL_METRICS), tokens=sums[item].tokens)
+            for entry in group:
+                results[entry] = dict(sums[entry].means(ALL_METRICS), tokens=sums[entry].tokens)
                 if on_done is not None:
-                    on_done(item, results[item])
+                    on_done(entry, results[entry])
             del modules
         bar.close()
         parent = None if parent_sums is None else dict(parent_sums.means(ALL_METRICS), tokens=parent_sums.tokens)

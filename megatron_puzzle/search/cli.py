@@ -60,6 +60,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
+    from ..model.parallel import is_rank0
+
+    if not is_rank0():  # one MIP solve, written by rank 0 (under torchrun the other ranks are done)
+        log.info("search: rank 0 solves, this rank has nothing to do")
+        return 0
 
     try:
         return _run(args)
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .run import search_library_stats, search_run_dir
+    from .run import SearchConfig, run_search, search_library_stats
 
     if args.num_solutions < 1 or args.min_diff < 0:
         raise SearchError("--num-solutions must be >= 1 and --min-diff >= 0")
@@ -84,13 +89,13 @@ def _run(args: argparse.Namespace) -> int:
             totals = ", ".join(f"{q}={v:.6g}" for q, v in s["constrained"].items())
             log.info("solution %d: %s=%.6g %s", k, res["objective"], s["objective"], totals)
         return 0
-    res = search_run_dir(
-        args.run_dir, args.constraint, args.objective or "kl_div", sense=args.sense,
+    res = run_search(args.run_dir, SearchConfig(
+        constraints=list(args.constraint or []), objective=args.objective or "kl_div", sense=args.sense,
         num_solutions=args.num_solutions, min_diff=args.min_diff, pareto=args.pareto, scores_path=args.scores,
         costs_paths=args.costs, space=args.space, mode=args.mode, parent=args.parent, solver=args.solver,
         hidden_size=args.hidden_size, num_attention_heads=args.num_heads, plots=not args.no_plots,
         seed=args.seed,
-    )
+    ))
     for k, s in enumerate(res["solutions"]):
         t = s["totals"]
         parts = [f"{res['objective']}={s['objective']:.6g}"]

@@ -9,9 +9,11 @@ pareto.csv + pareto.png; the `done` marker comes last.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..utils.config import from_section
 from ..utils.io import atomic_dir, atomic_write_json
 from .constraints import RATE_QUANTITIES, as_constraints
 from .mip import InfeasibleError, Solution, make_solution, parse_objective, solve
@@ -20,6 +22,39 @@ from .problem import Problem, SearchError, load_library_stats, load_problem, loa
 from .sweeps import batch_sweep, infeasible_sweep_message, pareto_sweep, write_pareto_csv
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchConfig:
+    """The search stage's settings (the `search` section of a run config, and `megatron-puzzle search`)."""
+
+    constraints: list[str] = field(default_factory=list)  # e.g. decode_throughput>=2x, memory<=1GiB
+    objective: str = "kl_div"
+    sense: str | None = None
+    num_solutions: int = 1
+    min_diff: int = 0  # layers in which each further solution differs from the earlier ones
+    pareto: str | None = None  # quantity:from:to:points
+    scores_path: str | None = None  # default RUN/score/scores.json
+    costs_paths: list[str] | None = None  # default RUN/measure/costs.json
+    space: Any = None  # default RUN/library/space.json
+    mode: str = "auto"
+    parent: str | None = None
+    solver: str = "auto"
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    plots: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SearchConfig":
+        return from_section(cls, d, "search")
+
+
+def run_search(run_dir: str | Path, cfg: SearchConfig) -> dict:
+    """The search stage: RUN/score + RUN/measure -> RUN/search/solutions.json. Rank 0 only (a MIP solve)."""
+    if cfg.num_solutions < 1 or cfg.min_diff < 0:
+        raise SearchError("num_solutions must be >= 1 and min_diff >= 0")
+    return search_run_dir(run_dir, **asdict(cfg))
 
 
 def model_shape(run_dir: Path, hidden_size: int | None, num_attention_heads: int | None) -> tuple[int, int]:

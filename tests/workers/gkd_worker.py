@@ -76,7 +76,7 @@ def check_losses(out: dict) -> None:
     """Vocab-parallel KL / CE / argmax on this rank's shard; values and gathered gradients into `out`."""
     from megatron.core import parallel_state
 
-    from megatron_puzzle.distill import losses
+    from megatron_puzzle.model import losses
     from megatron_puzzle.model.parallel import tp_rank, tp_size
 
     t, s, targets = fixed_logits()

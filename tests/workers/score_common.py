@@ -62,9 +62,9 @@ def heldout(cfg, batches: int = 2, batch_size: int = 2, seq_len: int = 16):
 
 
 def child_with(cfg, layer: int, name: str):
-    from megatron_puzzle.score import candidate_block
+    from megatron_puzzle.score import entry_block
 
     blocks = list(cfg.blocks)
-    blocks[layer] = candidate_block(cfg, layer, name)
+    blocks[layer] = entry_block(cfg, layer, name)
     return cfg.with_blocks(blocks)
 

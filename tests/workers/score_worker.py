@@ -22,7 +22,7 @@ def main():
     from megatron_puzzle.convert.megatron_layout import load_canonical
     from megatron_puzzle.model import parallel
     from megatron_puzzle.model.gpt import build_model
-    from megatron_puzzle.score import MetricSums, Reference, Settings, library_weights, read_space, run_score
+    from megatron_puzzle.score import MetricSums, Reference, Settings, library_weights, read_space, score_space
 
     parallel.init_distributed(2)
     if a.metrics_out:
@@ -43,7 +43,7 @@ def main():
         parallel.init_distributed(tp)  # the same two processes: TP 2, or TP 1 x DP 2
         model = build_model(cfg)
         load_canonical(model, sc.parent_weights(cfg))
-        run_score(model, library_weights(a.library), read_space(a.library), batches, Path(score_dir),
+        score_space(model, library_weights(a.library), read_space(a.library), batches, Path(score_dir),
                   settings=settings, library_dir=Path(a.library), progress=False)
     parallel.shutdown()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..distill import losses
+from . import losses
 
 METRICS = ("kl_div", "lm_loss", "top1_agreement")
 ALL_METRICS = METRICS + ("accuracy",)
