@@ -215,7 +215,8 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
 def test_recompute_matches_plain_backward_with_less_memory(mcore, tmp_path, report, fp8):
     if fp8 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip(f"FP8 needs compute capability >= 9.0 (Hopper); this is {torch.cuda.get_device_name()}")
-    from megatron_puzzle.distill import gkd, losses
+    from megatron_puzzle.distill import gkd
+    from megatron_puzzle.model import losses
     from megatron_puzzle.model import checkpoint
 
     parent_cfg, child_cfg = _gpu_parent(), _gpu_child()
