@@ -52,7 +52,7 @@ class StageSettings:
     teacher_dtype: torch.dtype = torch.bfloat16
     recompute: bool = False
     distributed_optimizer: bool = False
-    variants: tuple = ()  # bld: the layer's trained variants (BlockConfig per entry)
+    variants: tuple = ()  # bld: the layer's trained entries, (BlockConfig, trained subblocks) each
 
 
 def _pp_position():
@@ -150,6 +150,8 @@ def prepare_score(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
 
 # --------------------------------------------------------------------------- bld
 
+_OWN = {"attention": ("input_layernorm.", "self_attention."), "ffn": ("pre_mlp_layernorm.", "mlp.")}  # as bld.Unit
+
 def prepare_bld(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
     """The rank's parent layers up to one layer; that layer's entries trained for two steps on its input and output."""
     from ..distill.bld import nmse
@@ -158,9 +160,15 @@ def prepare_bld(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
 
     parent = _build(cfg, s.dtype)
     parent.requires_grad_(False)
-    entries = [build_layer(cfg, block, opts=RuntimeOptions(dtype=torch.float32, recompute=s.recompute))
-               for block in s.variants]
-    params = [p for e in entries for p in e.parameters()]
+    entries, params = [], []
+    for block, subblocks in s.variants:
+        entry = build_layer(cfg, block, opts=RuntimeOptions(dtype=torch.float32))
+        own = tuple(p for sub in subblocks for p in _OWN[sub])
+        for name, p in entry.named_parameters():  # the parent's subblock beside the variant stays frozen
+            p.requires_grad_(name.startswith(own))
+            if p.requires_grad:
+                params.append(p)
+        entries.append(entry)
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False, fused=False) if params else None
     tracker.weights(parent, *entries)
 
