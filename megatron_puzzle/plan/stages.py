@@ -12,7 +12,8 @@ rank's peak bytes split into weights, gradients, optimizer state and activations
 - score: the parent forward with one block replaced, reference and candidate logits at once;
 - gkd: Megatron-Core's DistributedDataParallel (fp32 main grads) + get_megatron_optimizer (bf16 params,
   fp32 master copies; the distributed optimizer with `shard_optimizer`) + its pipeline schedule, two
-  iterations; the student is trained and the teacher frozen, both holding this stage's layers; the loss
+  iterations (the first of one micro-batch makes the Adam moments, the second runs as many micro-batches
+  as can be in flight at once); the student is trained and the teacher frozen, both holding this stage's layers; the loss
   is the per-layer cosine on this stage's hidden states plus KL on vocab-parallel logits.
 
 The student and the child are planned at the parent's shape: the search can only shrink them.
@@ -199,6 +200,7 @@ def prepare_bld(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
 
 def prepare_gkd(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
     """Two iterations of Megatron-Core's engine on the student, the frozen teacher beside it."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -245,13 +247,17 @@ def prepare_gkd(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
     tracker.optimizer_state(megatron_optimizer_tensors(optimizer))
     schedule = get_forward_backward_func()
 
+    # Adam moments exist only after a first step, which one micro-batch makes. In the second, micro-batches past
+    # those that can be in flight at once (PP + 1 in 1F1B, 2 without PP) repeat the same pattern of memory.
+    in_flight = min(s.num_microbatches, parallel_state.get_pipeline_model_parallel_world_size() + 1)
+
     def run():
-        for _ in range(2):  # Adam moments exist after the first step
+        for n in (1, in_flight):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            data = iter([_tokens(s, cfg) for _ in range(s.num_microbatches)])
-            schedule(forward_step_func=step, data_iterator=data, model=[ddp], num_microbatches=s.num_microbatches,
-                seq_length=s.seq_len, micro_batch_size=s.micro_batch_size, forward_only=False)
+            data = iter([_tokens(s, cfg) for _ in range(n)])
+            schedule(forward_step_func=step, data_iterator=data, model=[ddp], num_microbatches=n,
+                     seq_length=s.seq_len, micro_batch_size=s.micro_batch_size, forward_only=False)
             optimizer.step()
             tracker.optimizer_state(megatron_optimizer_tensors(optimizer))
 

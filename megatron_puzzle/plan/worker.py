@@ -16,6 +16,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    # the distributed optimizer reads `.grad` of its shard views; harmless, and printed once per step
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # parameter lists and configs of every build
     from .plan import PlanError, plan_in_process
 
     request = json.loads(sys.stdin.read())
