@@ -200,8 +200,9 @@ def plan_in_process(cfg: dict, stages: tuple[str, ...] = STAGES) -> dict[str, An
         s = settings[stage]
         entry = {**b.to_dict(), "tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
                  "fits": None if limit is None else b.peak_bytes <= limit,
-                 "pipeline_stage": rank // (tp * dp), "micro_batch_size": s.micro_batch_size, "seq_len": s.seq_len,
-                 "dtype": str(s.dtype).replace("torch.", "")}
+                 "pipeline_stage": rank // (tp * dp), "dtype": str(s.dtype).replace("torch.", "")}
+        if stage not in ("import", "realize"):  # these hold weights only: no batch
+            entry.update(micro_batch_size=s.micro_batch_size, seq_len=s.seq_len)
         if stage == "gkd":
             entry.update(num_microbatches=s.num_microbatches, recompute=s.recompute,
                          distributed_optimizer=s.distributed_optimizer,
@@ -244,18 +245,26 @@ def advice(cfg: dict, stage: str, entry: dict) -> str:
         if part == "activations_bytes":
             if stage == "gkd" and not entry.get("recompute"):
                 tips.append("gkd.recompute: true")
-            if stage == "gkd" and entry["micro_batch_size"] > 1:
+            if stage == "gkd" and entry.get("micro_batch_size", 1) > 1:
                 tips.append(f"plan.micro_batch_size: {max(1, entry['micro_batch_size'] // 2)}")
-            if stage in ("bld", "score") and entry["micro_batch_size"] > 1:
+            if stage in ("bld", "score") and entry.get("micro_batch_size", 1) > 1:
                 tips.append(f"{stage}.batch_size: {max(1, entry['micro_batch_size'] // 2)}")
-        elif part == "optimizer_bytes" and stage == "gkd" and not entry.get("distributed_optimizer") and dp > 1:
-            tips.append("gkd.shard_optimizer: true")
+        elif part == "optimizer_bytes" and stage == "gkd":
+            if not entry.get("distributed_optimizer") and dp > 1:
+                tips.append("gkd.shard_optimizer: true")
+            elif entry.get("distributed_optimizer"):
+                tips.append(f"plan.world_size: {2 * tp * pp * dp} (Adam state over {2 * dp} data-parallel groups)")
         elif part in ("weights_bytes", "gradients_bytes") and stage == "gkd" and entry.get("teacher_dtype") == "float32":
             tips.append("gkd.teacher_dtype: bfloat16")
-    tips.append(f"pipeline_parallel: {pp * 2} (with plan.world_size x2 to keep {dp} data-parallel groups)")
+    tips.append(f"pipeline_parallel: {pp * 2} (plan.world_size: {2 * tp * pp * dp} keeps {dp} data-parallel "
+                f"group{'s' if dp > 1 else ''})")
     if tp < 8:
         tips.append(f"tensor_parallel: {tp * 2}")
     return ", ".join(dict.fromkeys(tips))
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.1f} GB" if abs(n) >= 0.05 * GB else f"{n / 1e6:.1f} MB"
 
 
 def verdict(cfg: dict, result: dict) -> str | None:
@@ -265,11 +274,11 @@ def verdict(cfg: dict, result: dict) -> str | None:
         return None
     for stage, e in result["stages"].items():
         if not e["fits"]:
-            return (f"stage {stage} needs {e['peak_bytes'] / GB:.1f} GB per GPU at TP {e['tensor_parallel']} x "
-                    f"PP {e['pipeline_parallel']} x DP {e['data_parallel']} (weights {e['weights_bytes'] / GB:.1f}, "
-                    f"gradients {e['gradients_bytes'] / GB:.1f}, optimizer {e['optimizer_bytes'] / GB:.1f}, "
-                    f"activations {e['activations_bytes'] / GB:.1f}), {(e['peak_bytes'] - limit) / GB:.1f} GB over "
-                    f"{limit / GB:.1f} GB ({result['device']}); to fit, try {advice(cfg, stage, e)}")
+            return (f"stage {stage} needs {_size(e['peak_bytes'])} per GPU at TP {e['tensor_parallel']} x "
+                    f"PP {e['pipeline_parallel']} x DP {e['data_parallel']} (weights {_size(e['weights_bytes'])}, "
+                    f"gradients {_size(e['gradients_bytes'])}, optimizer {_size(e['optimizer_bytes'])}, "
+                    f"activations {_size(e['activations_bytes'])}), {_size(e['peak_bytes'] - limit)} over "
+                    f"{_size(limit)} ({result['device']}); to fit, try {advice(cfg, stage, e)}")
     return None
 
 
@@ -294,9 +303,10 @@ def markdown(result: dict) -> str:
     limit = result.get("limit_bytes")
     for stage, e in result["stages"].items():
         fits = "-" if e["fits"] is None else ("yes" if e["fits"] else "**no**")
+        batch = f"{e['micro_batch_size']} x {e['seq_len']}" if "micro_batch_size" in e else "-"
         share = f" ({e['peak_bytes'] / result['device_memory_bytes']:.0%})" if result.get("device_memory_bytes") else ""
         rows.append(f"| {stage} | {e['tensor_parallel']} x {e['pipeline_parallel']} x {e['data_parallel']} | "
-                    f"{e['micro_batch_size']} x {e['seq_len']} | {e['weights_bytes'] / GB:.1f} GB | "
+                    f"{batch} | {e['weights_bytes'] / GB:.1f} GB | "
                     f"{e['gradients_bytes'] / GB:.1f} GB | {e['optimizer_bytes'] / GB:.1f} GB | "
                     f"{e['activations_bytes'] / GB:.1f} GB | {e['peak_bytes'] / GB:.1f} GB{share} | {fits} |")
     if limit:
