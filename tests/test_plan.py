@@ -149,3 +149,18 @@ def test_plan_cli_exit_status_says_it_does_not_fit(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "does not fit: stage import needs" in proc.stdout
     assert "| import | 1 x 1 x 1 |" in proc.stdout
+
+
+def test_layout_keys_are_checked():
+    from megatron_puzzle.pipeline import config as run_config
+    from megatron_puzzle.plan.plan import PlanError, layout, parse_bytes
+
+    with pytest.raises(run_config.ConfigError, match="pipeline_parallel must be a positive integer"):
+        run_config.resolve({"pipeline_parallel": 0})
+    cfg = run_config.resolve({"tensor_parallel": 2, "pipeline_parallel": 2, "plan": {"world_size": 16}})
+    assert layout(cfg) == (16, 2, 2, 4)
+    with pytest.raises(PlanError, match="not a multiple of tensor_parallel x pipeline_parallel = 4"):
+        layout(run_config.resolve({"tensor_parallel": 2, "pipeline_parallel": 2, "plan": {"world_size": 6}}))
+    assert parse_bytes("80GB") == 80_000_000_000 and parse_bytes("1 GiB") == 2**30 and parse_bytes(5) == 5
+    with pytest.raises(PlanError, match="write it like 80GB"):
+        parse_bytes("eighty")

@@ -39,5 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="run config (YAML), as for `megatron-puzzle run`")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--quick", action="store_true", help="plan the quick profile under the config")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=None, help=f"stages to plan (default: all of {', '.join(STAGES)})")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=None,
+                   help=f"stages to plan (default: all of {', '.join(STAGES)})")
     p.set_defaults(func=_plan)

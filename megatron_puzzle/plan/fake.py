@@ -21,14 +21,11 @@ fake world is open, and undone when it closes):
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-
-log = logging.getLogger(__name__)
 
 
 class _NoData(TorchDispatchMode):

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from ..arch import ModelConfig
+from .stages import STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("import", "bld", "score", "realize", "gkd")
 GB = 1e9
 
 # Published config.json values of parents a run config may name without a local copy.
@@ -73,8 +73,8 @@ def model_shape(cfg: dict) -> ModelConfig:
         shape = ModelConfig(**given)
     elif isinstance(given, str):
         if given not in SHAPES:
-            raise PlanError(f"plan.model {given!r} is not a known shape ({', '.join(SHAPES)}); give a mapping of "
-                            "ModelConfig fields or point parent at a directory with config.json")
+            raise PlanError(f"plan.model {given!r} is not a known shape ({', '.join(SHAPES)}); give a mapping "
+                            "of ModelConfig fields or point parent at a directory with config.json")
         shape = ModelConfig(**SHAPES[given])
     elif cfg.get("parent") == "default":
         shape = ModelConfig(**SHAPES["smollm2-135m"])
@@ -137,7 +137,8 @@ def stage_settings(cfg: dict, shape: ModelConfig, on_gpu: bool):
     return {
         "import": base,
         "realize": base,
-        "score": replace(base, micro_batch_size=int(score.get("batch_size", 1)), seq_len=int(score.get("seq_len", 128))),
+        "score": replace(base, micro_batch_size=int(score.get("batch_size", 1)),
+                         seq_len=int(score.get("seq_len", 128))),
         "bld": replace(base, micro_batch_size=int(bld.get("batch_size", 1)), seq_len=int(bld.get("seq_len", 128)),
                        variants=tuple(bld_entries(cfg, shape))),
         "gkd": replace(base, micro_batch_size=mbs, num_microbatches=batch // mbs, seq_len=int(gkd.get("seq_len", 128)),
@@ -147,7 +148,7 @@ def stage_settings(cfg: dict, shape: ModelConfig, on_gpu: bool):
 
 
 def bld_entries(cfg: dict, shape: ModelConfig) -> list:
-    """The trained library entries of the layer with the most of them (BLDs units, as BLD deals them)."""
+    """The trained library entries of the layer with the most of them, as BLD lists them (`bld.units_of_space`)."""
     from ..arch.search_space import configured_search_space
     from ..distill.bld import BLDConfig, pairs_of_space, units_of_space
     from ..init.variants import InitConfig
@@ -313,18 +314,6 @@ def markdown(result: dict) -> str:
         rows.append(f"\nLimit: {limit / GB:.1f} GB per GPU ({result['device']}, "
                     f"{limit / result['device_memory_bytes']:.0%} of {result['device_memory_bytes'] / GB:.0f} GB).")
     return "\n".join(rows)
-
-
-def gpu_hours(shape: ModelConfig, tokens: float, flops_per_token_factor: float, gpu: str = "h100-sxm",
-              mfu: float = 0.35) -> float:
-    """GPU-hours of `factor x params x tokens` FLOPs at `mfu` of the card's dense bf16 peak (an estimate)."""
-    from ..cost.gpus import get_gpu
-    from ..cost.memory import non_block_params, subblock_params
-
-    parent = shape.parent_block()
-    params = non_block_params(shape) + shape.num_layers * sum(
-        subblock_params(shape, v) for v in (parent.attention.name, parent.ffn.name))
-    return flops_per_token_factor * params * tokens / (get_gpu(gpu).peak_flops("bfloat16") * mfu) / 3600
 
 
 __all__ = ["PlanError", "SHAPES", "STAGES", "check_fits", "markdown", "plan_config", "plan_in_process", "verdict"]

@@ -13,15 +13,15 @@ rank's peak bytes split into weights, gradients, optimizer state and activations
 - gkd: Megatron-Core's DistributedDataParallel (fp32 main grads) + get_megatron_optimizer (bf16 params,
   fp32 master copies; the distributed optimizer with `shard_optimizer`) + its pipeline schedule, two
   iterations (the first of one micro-batch makes the Adam moments, the second runs as many micro-batches
-  as can be in flight at once); the student is trained and the teacher frozen, both holding this stage's layers; the loss
-  is the per-layer cosine on this stage's hidden states plus KL on vocab-parallel logits.
+  as can be in flight at once); the student is trained and the teacher frozen, both holding this stage's
+  layers; the loss is the per-layer cosine on this stage's hidden states plus KL on vocab-parallel logits.
 
 The student and the child are planned at the parent's shape: the search can only shrink them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
