@@ -1,95 +1,95 @@
 #!/usr/bin/env python
-"""Paper plan for a Puzzle run: variants, memory per rank per stage, tokens, FLOPs and GPU-hour estimates.
+"""A run config's budget: the memory plan of `megatron-puzzle plan`, and GPU-hours per stage from FLOPs.
 
-Estimates, not measurements: FLOPs from parameter counts (training 6 x params x tokens, forward
-2 x params x tokens; attention score FLOPs left out), GPU-hours at an assumed fraction (MFU) of the
-card's dense bf16 peak from megatron_puzzle.cost.gpus. Memory counts weights and optimizer state only
-(activations come on top and depend on micro-batch and sequence length).
+Memory per GPU comes from `megatron_puzzle.plan` (the stages' own modules stepped on fake tensors).
+Time is an estimate: FLOPs from parameter counts (6 x params x tokens to train, 2 x params x tokens
+forward; attention-score FLOPs left out) at an assumed fraction (MFU) of the card's dense bf16 peak.
 
-    python tools/plan_budget.py --model llama-3.1-70b --nodes 8 --gpus-per-node 8 --tp 8
+    python tools/plan_budget.py examples/configs/llama3.1-70b-h100-fp8.yaml
+    python tools/plan_budget.py examples/configs/llama3.1-70b-h100-fp8.yaml --update docs/scale-out.md
+
+`--update DOC` rewrites the block between `<!-- plan: CONFIG -->` and `<!-- /plan -->` in DOC.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import re
+import sys
+from pathlib import Path
 
-from megatron_puzzle.arch import ModelConfig
-from megatron_puzzle.arch.search_space import default_search_space
+from megatron_puzzle.arch.search_space import configured_search_space
 from megatron_puzzle.cost.gpus import get_gpu
 from megatron_puzzle.cost.memory import non_block_params, subblock_params
-
-MODELS = {  # published config.json values
-    "llama-3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32,
-                                num_kv_heads=8, intermediate_size=14336, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                max_position_embeddings=131072, tie_word_embeddings=False),
-    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, num_layers=80, num_attention_heads=64,
-                                 num_kv_heads=8, intermediate_size=28672, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                 max_position_embeddings=131072, tie_word_embeddings=False),
-}
-GB = 1e9
-TRAIN_BYTES = 16  # fp32 weights (master) + fp32 grads + two fp32 AdamW moments per trained parameter
-FROZEN_BYTES = 4  # the stages keep fp32 parameters (bf16 autocast computes); frozen models: weights only
+from megatron_puzzle.pipeline import config as run_config
+from megatron_puzzle.plan.plan import bld_entries, layout, markdown, model_shape, plan_config
 
 
-def plan(model: str, nodes: int, gpus_per_node: int, tp: int, gpu: str, mfu: float, bld_tokens: float,
-         score_tokens: float, gkd_tokens: float, child_fraction: float) -> list[tuple[str, str]]:
-    cfg = MODELS[model]
-    space = default_search_space(cfg)[0]
-    parent = cfg.parent_block()
-    parent_names = {parent.attention.name, parent.ffn.name}
-    trained = [v for v in space if v not in parent_names and subblock_params(cfg, v) > 0]
-    p_parent = non_block_params(cfg) + cfg.num_layers * sum(subblock_params(cfg, v) for v in parent_names)
-    p_trained_layer = sum(subblock_params(cfg, v) for v in trained)
-    units = len(trained) * cfg.num_layers
-    world = nodes * gpus_per_node
-    dp = world // tp
+def gpu_hours_rows(cfg: dict, gpu: str, mfu: float, child_fraction: float) -> list[tuple[str, str, str, str]]:
+    """(stage, tokens, FLOPs, GPU-hours) estimated from the config's token budgets."""
+    shape = model_shape(cfg)
+    parent = shape.parent_block()
+    p_parent = non_block_params(shape) + shape.num_layers * sum(
+        subblock_params(shape, v) for v in (parent.attention.name, parent.ffn.name))
+    entries = bld_entries(cfg, shape)
+    p_entries = sum(subblock_params(shape, v) for block, subs in entries
+                    for v in ((block.attention.name,) if subs == ("attention",) else (block.ffn.name,)
+                              if subs == ("ffn",) else (block.attention.name, block.ffn.name)))
+    world, tp, pp, dp = layout(cfg)
     peak = get_gpu(gpu).peak_flops("bfloat16") * mfu
-    hours = lambda flops: flops / peak / 3600  # noqa: E731  GPU-hours
+    bld, score, gkd = cfg["bld"], cfg["score"], cfg["gkd"]
+    bld_tokens = bld["steps"] * bld["batch_size"] * bld["seq_len"]
+    bld_flops = dp * 2 * p_parent * bld_tokens + 6 * p_entries * shape.num_layers * bld_tokens
+    space = configured_search_space(shape, cfg.get("search_space"))
+    scored = sum(len(names) - 2 for names in space)  # the parent's own two subblocks need no score
+    score_flops = scored * 2 * (p_parent / 2) * score["tokens"]  # a replaced layer reruns half the model on average
+    gkd_tokens = gkd.get("tokens") or gkd["steps"] * gkd["batch_size"] * gkd["seq_len"] * dp
+    gkd_flops = 6 * child_fraction * p_parent * gkd_tokens + 2 * p_parent * gkd_tokens
+    h = lambda flops: f"{flops / peak / 3600:,.0f}"  # noqa: E731
+    return [("bld", f"{bld_tokens:.2g} per entry", f"{bld_flops:.1e}", h(bld_flops)),
+            ("score", f"{score['tokens']:.2g} per entry, {scored} entries", f"{score_flops:.1e}", h(score_flops)),
+            ("gkd", f"{gkd_tokens:.2g}", f"{gkd_flops:.1e}", h(gkd_flops))]
 
-    bld_flops = dp * 2 * p_parent * bld_tokens + 6 * p_trained_layer * cfg.num_layers * bld_tokens
-    scored = len([v for v in space if v not in parent_names]) * cfg.num_layers
-    score_flops = scored * 2 * (p_parent / 2) * score_tokens  # a replaced layer reruns half the model on average
-    p_child = child_fraction * p_parent
-    gkd_flops = 6 * p_child * gkd_tokens + 2 * p_parent * gkd_tokens
-    bld_mem = (p_parent * FROZEN_BYTES + units / dp * (p_trained_layer / len(trained)) * TRAIN_BYTES) / tp
-    rows = [
-        ("parent parameters", f"{p_parent / 1e9:.2f} B ({p_parent * 2 / GB:.0f} GB in bf16)"),
-        ("variants per layer (search space)", f"{len(space)}: {', '.join(space)}"),
-        ("trained library entries", f"{units} ({len(trained)} per layer x {cfg.num_layers} layers)"),
-        ("world / TP / DP groups", f"{world} GPUs / TP {tp} / {dp}"),
-        ("import: memory per rank", f"{p_parent * FROZEN_BYTES / tp / GB:.1f} GB (fp32 weights / TP)"),
-        ("BLD: memory per rank", f"{bld_mem / GB:.1f} GB (frozen parent + {units / dp:.0f} entries with AdamW)"),
-        ("score: memory per rank", f"{p_parent * FROZEN_BYTES / tp / GB:.1f} GB (+ one candidate layer)"),
-        ("GKD: memory per rank", f"{(p_child * TRAIN_BYTES + p_parent * FROZEN_BYTES) / tp / GB:.1f} GB "
-                                 f"(child {p_child / 1e9:.1f} B with AdamW + frozen parent), no optimizer sharding"),
-        ("BLD tokens / FLOPs / GPU-hours", f"{bld_tokens:.2g} / {bld_flops:.2e} / {hours(bld_flops):,.0f}"),
-        ("score tokens / FLOPs / GPU-hours", f"{score_tokens:.2g} per entry / {score_flops:.2e} / {hours(score_flops):,.0f}"),
-        ("GKD tokens / FLOPs / GPU-hours", f"{gkd_tokens:.2g} / {gkd_flops:.2e} / {hours(gkd_flops):,.0f}"),
-        ("assumed rate", f"{mfu:.0%} of {get_gpu(gpu).full_name} dense bf16 peak = {peak / 1e12:.0f} TFLOP/s"),
-    ]
-    return rows
+
+def report(config: str, gpu: str, mfu: float, child_fraction: float) -> str:
+    cfg = run_config.load(config)
+    result = plan_config(cfg)
+    world, tp, pp, dp = layout(cfg)
+    lines = [f"Planned (not measured) with `megatron-puzzle plan --config {config}`: {world} GPUs, "
+             f"TP {tp} x PP {pp} x DP {dp}, bf16 weights, one rank per stage (the larger of the first and "
+             "last pipeline stage).", "", markdown(result), "",
+             f"GPU-hours estimated from FLOPs at {mfu:.0%} of the {get_gpu(gpu).full_name} dense bf16 peak "
+             f"(child = {child_fraction:.0%} of the parent's parameters for GKD):", "",
+             "| stage | tokens | FLOPs | GPU-hours |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in gpu_hours_rows(cfg, gpu, mfu, child_fraction)]
+    return "\n".join(lines)
+
+
+def update(doc: Path, config: str, text: str) -> None:
+    pattern = re.compile(rf"(<!-- plan: {re.escape(config)} -->\n).*?(<!-- /plan -->)", re.DOTALL)
+    old = doc.read_text()
+    if not pattern.search(old):
+        raise SystemExit(f"{doc} has no block <!-- plan: {config} --> ... <!-- /plan -->")
+    tmp = doc.with_name(f".{doc.name}.tmp")
+    tmp.write_text(pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), old))
+    tmp.replace(doc)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), default="llama-3.1-70b")
-    ap.add_argument("--nodes", type=int, default=8)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--tp", type=int, default=8)
-    ap.add_argument("--gpu", default="h100-sxm")
-    ap.add_argument("--mfu", type=float, default=0.35, help="assumed fraction of dense bf16 peak")
-    ap.add_argument("--bld-tokens", type=float, default=1e9)
-    ap.add_argument("--score-tokens", type=float, default=1e6)
-    ap.add_argument("--gkd-tokens", type=float, default=45e9)
-    ap.add_argument("--child-fraction", type=float, default=0.73, help="child params / parent params (51B/70B)")
+    ap.add_argument("config", help="run config (YAML)")
+    ap.add_argument("--gpu", default="h100-sxm", help="card whose bf16 peak the GPU-hours assume")
+    ap.add_argument("--mfu", type=float, default=0.35, help="assumed fraction of the dense bf16 peak")
+    ap.add_argument("--child-fraction", type=float, default=0.73, help="child / parent parameters (51B / 70B)")
+    ap.add_argument("--update", type=Path, default=None, metavar="DOC", help="rewrite this config's block in DOC")
     a = ap.parse_args(argv)
-    if (a.nodes * a.gpus_per_node) % a.tp:
-        ap.error("--tp must divide nodes x gpus-per-node")
-    rows = plan(a.model, a.nodes, a.gpus_per_node, a.tp, a.gpu, a.mfu, a.bld_tokens, a.score_tokens, a.gkd_tokens,
-                a.child_fraction)
-    print(f"| {a.model} | |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    text = report(a.config, a.gpu, a.mfu, a.child_fraction)
+    if a.update:
+        update(a.update, a.config, text)
+    else:
+        print(text)
     return 0
 
 

