@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import re
@@ -55,7 +56,9 @@ FINAL_DIR = "final"
 TRAINER_STATE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 # Fields that may change between a killed run and its resume without changing the curve.
-_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute"}
+_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute", "tp", "pp",
+                "pp_first_stage_layers", "pp_last_stage_layers", "micro_batch_size", "shard_optimizer",
+                "optimizer_cpu_offload"}
 
 
 @dataclass
@@ -75,9 +78,14 @@ class GKDConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     eval_tokens: int = 16384  # held-out tokens for the before/after evaluation; 0 skips it
     tp: int = 1
+    pp: int = 1  # pipeline-parallel stages (student and teacher split alike)
+    pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
+    pp_last_stage_layers: int | None = None
+    micro_batch_size: int | None = None  # sequences per micro-batch (None: the whole batch_size; PP wants several)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     fp8: str | None = None  # None, "hybrid" or "e4m3" (Transformer Engine, Hopper GPUs)
-    shard_optimizer: bool = False  # each data-parallel rank keeps AdamW state for ~1/DP of the parameters
+    shard_optimizer: bool | None = None  # Megatron-Core's distributed optimizer (None: on when data-parallel > 1)
+    optimizer_cpu_offload: bool = False  # Megatron-Core's optimizer CPU offload (GPU runs)
     teacher_dtype: str = "float32"  # the frozen parent's parameters: float32 or bfloat16 (half the memory)
     recompute: bool = False  # keep only each layer's input, recompute the layer in the backward (~1/3 more compute)
     seed: int = 1234
@@ -91,12 +99,14 @@ class GKDConfig:
         if unknown:
             raise ValueError(f"unknown loss term(s) {sorted(unknown)}; the terms are cosine, kl, lm")
         losses.LossWeights(**self.loss)  # validates
-        for name in ("batch_size", "seq_len", "tp"):
+        for name in ("batch_size", "seq_len", "tp", "pp"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"gkd {name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps", "warmup", "save_interval", "eval_tokens", "keep_checkpoints"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"gkd {name} must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
+            raise ValueError(f"gkd micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
         if self.tokens is not None and self.tokens <= 0:
             raise ValueError(f"gkd tokens must be positive, got {self.tokens}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -124,9 +134,15 @@ class GKDConfig:
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return getattr(torch, self.dtype)
 
+    def use_distributed_optimizer(self) -> bool:
+        from ..model.parallel import dp_size
+
+        return dp_size() > 1 if self.shard_optimizer is None else bool(self.shard_optimizer)
+
     def runtime(self) -> RuntimeOptions:
         """Model build options: fp32 parameters always (master weights); TE specs when FP8 is asked for."""
-        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8, recompute=self.recompute)
+        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8, recompute=self.recompute,
+                              first_stage_layers=self.pp_first_stage_layers, last_stage_layers=self.pp_last_stage_layers)
 
     def teacher_runtime(self) -> RuntimeOptions:
         """The frozen parent needs no master weights: it may hold bf16 parameters."""
@@ -260,45 +276,233 @@ def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> d
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
-# --------------------------------------------------------------------------- one step
+# --------------------------------------------------------------------------- the engine
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig, lr: float,
-               owners: dict[str, int] | None = None) -> dict[str, float]:
-    """One optimizer step on this rank's batch [batch, seq_len + 1]; returns the DP-averaged loss terms.
+class _SendWithLoss(torch.autograd.Function):
+    """What a non-last pipeline stage sends: its student and teacher hidden states, one tensor
+    along the sequence dim (the schedule's p2p carries one tensor). `loss` (the cosine term of
+    this stage's layers) joins the backward that the next stage's gradient starts here."""
 
-    `owners` (shard_optimizer): this rank's optimizer steps only its own parameters; the
-    updated values are then broadcast from each parameter's owner over the DP group.
-    """
-    weights = cfg.weights
-    batch = batch.to(_device())
-    tokens, targets = batch[:, :-1], batch[:, 1:]
-    t_logits = t_hidden = None
-    if weights.cosine or weights.kl:
-        with torch.no_grad():
-            t_logits, t_hidden = teacher_outputs(teacher, tokens, cfg, hidden=bool(weights.cosine),
-                                                 logits=bool(weights.kl))
-    s_logits, s_hidden = model_outputs(student, tokens, cfg, hidden=bool(weights.cosine))
-    loss, terms = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, weights, cfg.temperature)
-    loss.backward()
-    train_utils.average_gradients_dp(student)
-    grad_norm = train_utils.clip_grad_norm(student, cfg.clip)
-    train_utils.set_lr(optimizer, lr)
-    optimizer.step()
-    if owners is not None:
-        train_utils.broadcast_from_owners(student, owners)
-    # the model, not the optimizer: a sharded optimizer would leave the others' gradients behind
-    student.zero_grad(set_to_none=True)
-    names = ["loss", *terms]
-    values = torch.tensor([float(loss.detach()), *terms.values()], dtype=torch.float64, device=_device())
+    @staticmethod
+    def forward(ctx, student, teacher, loss):
+        ctx.seq = student.shape[0]
+        ctx.has_loss = loss is not None
+        return torch.cat([student, teacher.to(student.dtype)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_loss = torch.ones((), dtype=grad.dtype, device=grad.device) if ctx.has_loss else None
+        return grad[:ctx.seq], None, g_loss
+
+
+class GKDStage(torch.nn.Module):
+    """This pipeline stage of the student (trained) and of the teacher (frozen), run together in
+    one Megatron-Core schedule. Only the student is a submodule: DDP, the optimizer and
+    checkpoints see its parameters alone. Per-layer hidden states come from `LayerOutputs`."""
+
+    def __init__(self, student, teacher, cfg: "GKDConfig"):
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)  # a tuple keeps it out of parameters() and state_dict()
+        self.config = student.config
+        self.model_type = student.model_type
+        self.cfg = cfg
+        cosine = bool(cfg.weights.cosine)
+        self.s_layers = forward.LayerOutputs(student) if cosine else None
+        self.t_layers = forward.LayerOutputs(teacher) if cosine else None
+        self.needs_teacher = bool(cfg.weights.cosine or cfg.weights.kl)
+        self._input: torch.Tensor | None = None
+        self.records: list[torch.Tensor] = []  # per micro-batch [cosine, kl, lm] (this stage's share)
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    def set_input_tensor(self, input_tensor):
+        self._input = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def forward(self, tokens: torch.Tensor):
+        s_in = t_in = None
+        if self._input is not None:
+            s_in, t_in = self._input.chunk(2, dim=0)
+            t_in = t_in.detach().to(_teacher_dtype(self.cfg))
+        t_out = None
+        if self.needs_teacher:
+            with torch.no_grad():
+                t_out = forward.stage_forward(self.teacher, tokens, t_in, self.t_layers)
+        s_out = forward.stage_forward(self.student, tokens, s_in, self.s_layers)
+        return s_out, t_out
+
+
+def _teacher_dtype(cfg: "GKDConfig") -> torch.dtype:
+    return getattr(torch, cfg.teacher_dtype)
+
+
+@dataclass
+class Engine:
+    """Megatron-Core's training engine around one GKD stage: DDP, its optimizer, the schedule."""
+
+    model: Any  # megatron.core.distributed.DistributedDataParallel wrapping a GKDStage
+    optimizer: Any  # megatron.core.optimizer.MegatronOptimizer
+    stage: GKDStage
+
+
+def build_engine(student, teacher, cfg: "GKDConfig") -> Engine:
+    """Wrap built student / teacher stages in Megatron-Core's DDP and optimizer (reusable with fake tensors)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
     from ..model.parallel import dp_size
 
-    values = _all_reduce_dp(values) / dp_size()
-    out = {k: float(v) for k, v in zip(names, values)}
-    out.update(lr=lr, grad_norm=grad_norm)
+    stage = GKDStage(student, teacher, cfg)
+    distributed = cfg.use_distributed_optimizer()
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed)
+    model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=stage)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, adam_beta1=0.9,
+        adam_beta2=0.95, adam_eps=1e-8, clip_grad=cfg.clip, use_distributed_optimizer=distributed,
+        params_dtype=torch.float32, bf16=False, fp16=False,
+        optimizer_cpu_offload=cfg.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if cfg.optimizer_cpu_offload else 0.0,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=dp_size() > 1 and not torch.cuda.is_available())
+    config = student.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    config.pipeline_dtype = torch.float32
+    return Engine(model, optimizer, stage)
+
+
+def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, data_iterator, model):
+    """Megatron-Core's forward_step_func: one micro-batch through this stage of student and teacher."""
+    from megatron.core import parallel_state
+
+    stage: GKDStage = model.module if hasattr(model, "module") else model
+    batch = next(data_iterator).to(_device())
+    tokens, targets = batch[:, :-1], batch[:, 1:]
+    with _autocast(cfg):
+        s_out, t_out = model(tokens)
+    weights = cfg.weights
+    cos = None
+    if stage.s_layers is not None and stage.s_layers.hidden and not evaluate:
+        cos = losses.cosine_term(stage.s_layers.hidden, [h.float() for h in stage.t_layers.hidden])
+    if not parallel_state.is_pipeline_last_stage():
+        if t_out is None:
+            t_out = torch.zeros_like(s_out)
+        if cos is not None:
+            stage.records.append(torch.stack([cos.detach(), cos.new_zeros(()), cos.new_zeros(())]))
+            cos = weights.cosine * cos / num_microbatches  # the schedule scales the last stage's loss alike
+        return _SendWithLoss.apply(s_out, t_out, cos), None
+    return s_out, functools.partial(_loss, stage, cfg, evaluate, targets, t_out, cos)
+
+
+def _loss(stage: GKDStage, cfg: "GKDConfig", evaluate: bool, targets, t_logits, cos, s_logits):
+    """The last stage's loss: KL and LM terms on vocab-parallel logits (never gathered), plus the
+    cosine term of this stage's layers; in evaluation, the held-out metric sums."""
+    if evaluate:
+        from ..score.metrics import ALL_METRICS, MetricSums, Reference
+
+        ref = Reference.from_logits(t_logits.float(), targets)
+        child, parent = MetricSums(), MetricSums()
+        child.add(s_logits.float(), ref)
+        parent.add(t_logits.float(), ref)
+        stage.records.append(torch.tensor([child.tokens, *(child.sums[m] for m in ALL_METRICS),
+                                           parent.sums["lm_loss"], parent.sums["accuracy"]], dtype=torch.float64))
+        return s_logits.new_zeros(()), {}
+    weights = cfg.weights
+    zero = s_logits.new_zeros((), dtype=torch.float32)
+    kl = losses.vocab_parallel_kl(t_logits.float(), s_logits, cfg.temperature) if weights.kl else zero
+    lm = losses.vocab_parallel_cross_entropy(s_logits, targets) if weights.lm else zero
+    cos = zero if cos is None else cos
+    loss = weights.cosine * cos + weights.kl * kl + weights.lm * lm
+    stage.records.append(torch.stack([cos.detach(), kl.detach(), lm.detach()]))
+    return loss, {}
+
+
+def _run_schedule(engine: Engine, batch: torch.Tensor, cfg: "GKDConfig", evaluate: bool) -> torch.Tensor:
+    """One global step of this DP rank's batch through Megatron-Core's schedule (any PP, PP 1 too);
+    returns this stage's per-micro-batch records summed over micro-batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro = cfg.micro_batch_size or batch.shape[0]
+    chunks = list(batch.split(micro, dim=0))
+    engine.stage.records = []
+    get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, cfg, len(chunks), evaluate),
+        data_iterator=iter(chunks), model=[engine.model], num_microbatches=len(chunks),
+        seq_length=2 * (batch.shape[1] - 1), micro_batch_size=chunks[0].shape[0], forward_only=evaluate)
+    width = 1 + 4 + 2 if evaluate else 3
+    records = engine.stage.records
+    total = torch.stack(records).double().sum(0) if records else torch.zeros(width, dtype=torch.float64)
+    return total.to(_device())
+
+
+def _reduce_over(values: torch.Tensor, *groups) -> torch.Tensor:
+    for group in groups:
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(values, group=group)
+    return values
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dict[str, float]:
+    """Held-out KL(parent || child), LM loss, top-1 agreement with the parent and next-token accuracy.
+
+    The metrics are the scoring stage's (score.metrics), token-weighted over all batches
+    and data-parallel ranks, computed on the last pipeline stage. Also the parent's own LM
+    loss and accuracy, for reference.
+    """
+    from megatron.core import parallel_state
+
+    from ..score.metrics import ALL_METRICS
+
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(7, dtype=torch.float64, device=_device())
+    for batch in batches:
+        sums += _run_schedule(engine, batch, cfg, evaluate=True)
+    model.train(was_training)
+    _reduce_over(sums, parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group())
+    n = float(sums[0])
+    if n == 0:
+        return {"tokens": 0}
+    m = dict(zip(ALL_METRICS, (float(v) / n for v in sums[1:1 + len(ALL_METRICS)])))
+    return {"tokens": int(n), "kl_div": m["kl_div"], "lm_loss": m["lm_loss"], "top1_agreement": m["top1_agreement"],
+            "next_token_accuracy": m["accuracy"], "parent_lm_loss": float(sums[-2]) / n,
+            "parent_next_token_accuracy": float(sums[-1]) / n}
+
+
+def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float) -> dict[str, float]:
+    """One optimizer step on this rank's batch [batch, seq_len + 1]: Megatron-Core's schedule runs
+    forward and backward of every micro-batch, `finalize_model_grads` reduces the gradients,
+    its optimizer clips and steps. Returns the loss terms averaged over data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    from ..model.parallel import dp_size
+
+    engine.model.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    terms = _run_schedule(engine, batch, cfg, evaluate=False)
+    micro = cfg.micro_batch_size or batch.shape[0]
+    terms = terms / (-(-batch.shape[0] // micro))
+    _reduce_over(terms, parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group())
+    terms = terms / dp_size()
+    ok, grad_norm, _ = engine.optimizer.step()
+    if not ok:
+        raise FloatingPointError("the optimizer skipped a step (inf/nan gradients)")
+    w = cfg.weights
+    values = dict(zip(("cosine", "kl", "lm"), (float(v) for v in terms)))
+    out = {"loss": w.cosine * values["cosine"] + w.kl * values["kl"] + w.lm * values["lm"]}
+    out.update({k: v for k, v in values.items() if getattr(w, k)})
+    out.update(lr=lr, grad_norm=float(grad_norm))
     return out
 
 
@@ -324,8 +528,17 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(done, key=lambda p: int(_STEP_RE.match(p.name).group(1))) if done else None
 
 
-def save_training_checkpoint(ckpt_root: Path, student, optimizer, state: dict[str, Any]) -> Path:
-    """model/ + one optimizer/RNG file per rank + trainer.json, built under a temp name, renamed when complete."""
+def _optimizer_sharded(engine: Engine, model_sd, is_loading: bool):
+    # dp_reshardable: the distributed optimizer's flat shards, regathered for any DP size;
+    # the plain optimizer maps its state onto the model's sharded tensors (any layout)
+    if engine.optimizer.config.use_distributed_optimizer:
+        return engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, sharding_type="dp_reshardable")
+    return engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def save_training_checkpoint(ckpt_root: Path, engine: Engine, state: dict[str, Any]) -> Path:
+    """model/ (Megatron-Core distributed checkpoint of the student and its sharded optimizer
+    state) + trainer.json, built under a temp name and renamed when complete."""
     from ..model.parallel import barrier
 
     final = step_dir(ckpt_root, state["step"])
@@ -334,8 +547,10 @@ def save_training_checkpoint(ckpt_root: Path, student, optimizer, state: dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    checkpoint.save(student, tmp / "model", extra={"step": state["step"], "tokens": state["tokens"]})
-    train_utils.save_rank_state(tmp / f"rank_{_rank():05d}.safetensors", optimizer)
+    student = engine.stage.student
+    opt_sd = _optimizer_sharded(engine, student.sharded_state_dict(), is_loading=False)
+    checkpoint.save(student, tmp / "model", extra={"step": state["step"], "tokens": state["tokens"]},
+                    extra_state={"optimizer": opt_sd})
     barrier()
     if _rank() == 0:
         atomic_write_json(tmp / TRAINER_STATE, state)
@@ -353,16 +568,16 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_checkpoint(path: Path, student, optimizer, world: int, tp: int) -> dict[str, Any]:
+def load_training_checkpoint(path: Path, engine: Engine) -> dict[str, Any]:
+    """Weights and optimizer state saved at any TP x PP x DP layout, into this layout's engine."""
     state = read_json(path / TRAINER_STATE)
-    if state.get("world_size") != world or state.get("tp") != tp:
-        raise ValueError(
-            f"{path} was written by {state.get('world_size')} processes at TP {state.get('tp')}, "
-            f"but this run has {world} at TP {tp}; resume with the same launch (torchrun --nproc-per-node and --tp), "
-            "or remove the gkd directory to start over"
-        )
-    checkpoint.load_into(student, path / "model")
-    train_utils.load_rank_state(path / f"rank_{_rank():05d}.safetensors", optimizer)
+    student = engine.stage.student
+    train_utils.init_optimizer_state(engine.optimizer)
+    with torch.no_grad():  # fp32 main params are views of the trained parameters
+        opt_sd = _optimizer_sharded(engine, student.sharded_state_dict(), is_loading=True)
+        extras = checkpoint.load_into(student, path / "model", extra_state={"optimizer": opt_sd})
+        engine.optimizer.load_state_dict(extras["optimizer"])
+    train_utils.set_step_count(engine.optimizer, state["step"])
     return state
 
 
@@ -417,7 +632,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         log.info("gkd already finished in %s; keeping it (pass overwrite to redo)", out)
         return read_json(out / "eval.json")
     _check_inputs(run)
-    init_distributed(cfg.tp, seed=cfg.seed)
+    init_distributed(cfg.tp, seed=cfg.seed, pipeline_parallel=cfg.pp)
     if overwrite and _rank() == 0 and out.exists():
         shutil.rmtree(out)
     barrier()
@@ -431,33 +646,34 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     if student.puzzle_config.num_layers != teacher.puzzle_config.num_layers and cfg.weights.cosine:
         raise ValueError(f"child has {student.puzzle_config.num_layers} layers, parent "
                          f"{teacher.puzzle_config.num_layers}: the cosine term needs equal counts; set loss.cosine: 0")
-    owners = None
-    if cfg.shard_optimizer and dp_size() > 1:
-        owners = train_utils.shard_owners(student, dp_size())
-    owned = None if owners is None else {n for n, r in owners.items() if r == dp_rank()}
-    optimizer = train_utils.build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, owned=owned)
+    engine = build_engine(student, teacher, cfg)
     total = cfg.total_steps(dp_size())
     tokens_per_step = cfg.batch_size * cfg.seq_len * dp_size()
     cfg_dict = cfg.to_dict()
+    cfg_dict_global = {**cfg_dict, "batch_size": cfg.batch_size * dp_size()}  # what a resume must keep
 
     ckpt_root = out / CKPT_DIR
     state: dict[str, Any] = {"step": 0, "tokens": 0, "history": [], "eval_before": None,
-                             "world_size": _world(), "tp": cfg.tp, "config": cfg_dict}
+                             "world_size": _world(), "tp": cfg.tp, "pp": cfg.pp, "dp": dp_size(),
+                             "config": cfg_dict_global}
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         saved = read_json(latest / TRAINER_STATE)
-        changed = sorted(k for k in cfg_dict if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict[k])
+        changed = sorted(k for k in cfg_dict_global
+                         if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict_global[k])
         if changed:
             raise ValueError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
-                             f"same config, or rerun with overwrite to start over")
-        state = load_training_checkpoint(latest, student, optimizer, _world(), cfg.tp)
+                             f"same config (any TP x PP x DP with the same global batch), or rerun with overwrite "
+                             f"to start over")
+        state = load_training_checkpoint(latest, engine)
+        state.update(world_size=_world(), tp=cfg.tp, pp=cfg.pp, dp=dp_size(), config=cfg_dict_global)
         log.info("resuming gkd from %s (step %d)", latest, state["step"])
     if _rank() == 0:
         atomic_write_json(out / "config.json", cfg_dict)
 
     heldout = heldout_batches(run, cfg)
     if state["eval_before"] is None:
-        state["eval_before"] = evaluate(student, teacher, heldout, cfg)
+        state["eval_before"] = evaluate(engine, heldout, cfg)
         log.info("held-out before gkd: %s", state["eval_before"])
 
     writer = _summary_writer(out) if _rank() == 0 else None
@@ -471,7 +687,9 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         step = state["step"]
         lr = train_utils.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=total)
         t0 = time.perf_counter()
-        record = train_step(student, teacher, optimizer, next(batches), cfg, lr, owners)
+        # the one place a preemption request is checked (once per step, agreed over ranks):
+        # PREEMPT: if megatron_puzzle.utils.preempt.requested(): save_training_checkpoint(...); exit 0
+        record = train_step(engine, next(batches), cfg, lr)
         dt = time.perf_counter() - t0
         state["step"] = step + 1
         state["tokens"] += tokens_per_step
@@ -485,7 +703,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
                 if k not in ("step", "tokens"):
                     writer.add_scalar(f"gkd/{k}", v, step + 1)
         if cfg.save_interval and state["step"] % cfg.save_interval == 0 and state["step"] < total:
-            save_training_checkpoint(ckpt_root, student, optimizer, state)
+            save_training_checkpoint(ckpt_root, engine, state)
             if _rank() == 0:
                 prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
                 _write_log_csv(out / "log.csv", state["history"])
@@ -496,9 +714,9 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     if writer is not None:
         writer.close()
 
-    result = {"before": state["eval_before"], "after": evaluate(student, teacher, heldout, cfg),
+    result = {"before": state["eval_before"], "after": evaluate(engine, heldout, cfg),
               "steps": state["step"], "tokens": state["tokens"], "loss_weights": cfg.loss,
-              "tp": cfg.tp, "dp": dp_size(), "dtype": str(cfg.compute_dtype()).replace("torch.", ""),
+              "tp": cfg.tp, "pp": cfg.pp, "dp": dp_size(), "dtype": str(cfg.compute_dtype()).replace("torch.", ""),
               "fp8": cfg.fp8}
     log.info("held-out after gkd: %s", result["after"])
     checkpoint.save(student, out / FINAL_DIR, extra={"stage": "gkd", "steps": state["step"], "tokens": state["tokens"]})

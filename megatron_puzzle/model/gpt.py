@@ -41,6 +41,8 @@ class RuntimeOptions:
     fp8: str | None = None  # "hybrid" or "e4m3" through Transformer Engine (Hopper GPUs only)
     sequence_parallel: bool = False
     recompute: bool = False  # full activation recomputation per layer
+    first_stage_layers: int | None = None  # pipeline parallel: layers on the first stage (None: even split)
+    last_stage_layers: int | None = None  # pipeline parallel: layers on the last stage (None: even split)
 
 
 class GPUOnlyOptionError(RuntimeError):
@@ -110,13 +112,20 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
         recompute_granularity="full" if opts.recompute else None,
         recompute_method="uniform" if opts.recompute else None,
         recompute_num_layers=1 if opts.recompute else None,
+        num_layers_in_first_pipeline_stage=opts.first_stage_layers,
+        num_layers_in_last_pipeline_stage=opts.last_stage_layers,
         heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": cfg.block_configs_json()}),
         **fp8_kwargs,
     )
 
 
-def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_process: bool = True, post_process: bool = True):
+def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_process: bool | None = None,
+                post_process: bool | None = None):
     """A Megatron-Core GPTModel for `cfg` on the current TP group (call `init_distributed` first).
+
+    Under pipeline parallelism it is this rank's stage: the embedding on the first stage
+    (`pre_process`), the final norm and output layer on the last (`post_process`), and
+    the stage's layers (None: from Megatron-Core's pipeline state).
 
     Weights are randomly initialised; load real ones with `convert.megatron_layout`
     or `checkpoint.load`. The same seed gives the same weights at any TP size.
@@ -124,9 +133,15 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
 
+    from megatron.core import parallel_state
+
     opts = opts or RuntimeOptions()
     check_runtime(opts)
     cpu_support.apply()
+    if pre_process is None:
+        pre_process = not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_last_stage()
     tcfg = transformer_config(cfg, opts)
     spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te)
     model = GPTModel(
@@ -143,7 +158,7 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     )
     # Megatron-Core's llama3 RoPE scaling hard-codes three of its four parameters;
     # set the exact frequencies of this model (computed in float64) instead.
-    if model.rotary_pos_emb is not None:
+    if getattr(model, "rotary_pos_emb", None) is not None:
         inv = cfg.rope_inv_freq().to(torch.float32)
         model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
     model.puzzle_config = cfg  # the arch-level description travels with the module
