@@ -322,6 +322,22 @@ class GKDStage(torch.nn.Module):
     def teacher(self):
         return self._teacher[0]
 
+    # what finalize_model_grads asks the wrapped model (tied-embedding all-reduce under PP)
+    @property
+    def pre_process(self):
+        return self.student.pre_process
+
+    @property
+    def post_process(self):
+        return self.student.post_process
+
+    @property
+    def share_embeddings_and_output_weights(self):
+        return self.student.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.student.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor):
         self._input = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 

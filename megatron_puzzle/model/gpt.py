@@ -74,8 +74,15 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
     """Megatron-Core `HeterogeneousTransformerConfig` for a model config."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 
+    from megatron.core import parallel_state
+
     opts = opts or RuntimeOptions()
     on_gpu = torch.cuda.is_available()
+    # the layout Megatron-Core reads from the config (layer offsets of a pipeline stage, SP checks)
+    tp = pp = 1
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
     fp8_kwargs = {}
     if opts.fp8:
         fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,
@@ -112,6 +119,9 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
         recompute_granularity="full" if opts.recompute else None,
         recompute_method="uniform" if opts.recompute else None,
         recompute_num_layers=1 if opts.recompute else None,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,  # what stages send each other (fp32 master weights; GKD's p2p)
         num_layers_in_first_pipeline_stage=opts.first_stage_layers,
         num_layers_in_last_pipeline_stage=opts.last_stage_layers,
         heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": cfg.block_configs_json()}),

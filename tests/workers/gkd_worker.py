@@ -22,13 +22,14 @@ VOCAB = 128
 
 
 def child_of(parent_cfg):
-    """A child with fewer KV heads, a narrower FFN, a linear FFN and a no-op attention."""
+    """A child holding every variant kind: full, fewer KV heads, linear and no-op attention;
+    full, narrower, linear and no-op FFN."""
     from megatron_puzzle.arch import AttentionVariant as A, BlockConfig, FFNVariant as F
 
     blocks = list(parent_cfg.blocks)
     blocks[1] = BlockConfig(A("full", 1), F("full", 48))
-    blocks[2] = BlockConfig(A("full", 2), F("linear"))
-    blocks[3] = BlockConfig(A("no_op"), F("full", 96))
+    blocks[2] = BlockConfig(A("linear"), F("no_op"))
+    blocks[3] = BlockConfig(A("no_op"), F("linear"))
     return parent_cfg.with_blocks(blocks)
 
 
@@ -107,6 +108,7 @@ def _stop(step: int, at: int) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, required=True)
+    ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--config", required=True, help="GKDConfig as JSON")
     ap.add_argument("--out", required=True)
@@ -117,9 +119,10 @@ def main():
     from megatron_puzzle.distill.gkd import GKDConfig, run_gkd
     from megatron_puzzle.model.parallel import init_distributed, shutdown
 
-    init_distributed(a.tp)
+    init_distributed(a.tp, pipeline_parallel=a.pp)
     out = {}
-    check_losses(out)
+    if a.pp == 1:
+        check_losses(out)
     result = run_gkd(a.run_dir, GKDConfig.from_dict(json.loads(a.config)))
     out["eval"] = result
     for extra in json.loads(a.also):
