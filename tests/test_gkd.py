@@ -85,20 +85,7 @@ def test_loss_terms_match_float64(mcore):
         losses.LossWeights(0, 0, 0)
 
 
-def test_clip_and_schedule_match_torch(mcore):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
-    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
-    ref.load_state_dict(model.state_dict())
-    x = torch.randn(4, 8)
-    for m in (model, ref):
-        (m(x) ** 2).sum().backward()
-    norm = train_utils.clip_grad_norm(model, 0.1)
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
-    assert abs(norm - ref_norm.item()) < 1e-5
-    for a, b in zip(model.parameters(), ref.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-7)
-
+def test_schedule(mcore):
     lr = lambda s: train_utils.lr_at(s, lr=1.0, min_lr=0.1, warmup=4, total=20)  # noqa: E731
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert abs(lr(12) - (0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 16)))) < 1e-12
@@ -219,21 +206,6 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "megatron-puzzle import" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_dp2_matches_one_process_with_the_global_batch(base_run, tmp_path):
-    """Two data-parallel ranks with 2 sequences each follow one process with 4 (the same windows)."""
-    cfg = GKDConfig(steps=3, save_interval=0, **TINY)
-    one = _copy_run(base_run, tmp_path / "one")
-    run_gkd(one, cfg)
-    dp2 = _copy_run(base_run, tmp_path / "dp2")
-    torchrun(WORKER, 2, "--tp", "1", "--run-dir", str(dp2), "--config",
-             json.dumps({**cfg.to_dict(), "batch_size": 2}), "--out", str(tmp_path / "dp2.json"))
-    for ra, rb in zip(_log(one), _log(dp2)):
-        for key in ("loss", "cosine", "kl", "grad_norm"):
-            assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
-    assert json.loads((dp2 / "gkd" / "eval.json").read_text())["dp"] == 2
-
-
 def _final_weights(run):
     from megatron_puzzle.convert.megatron_layout import canonical_state
     from megatron_puzzle.model import checkpoint
@@ -241,44 +213,49 @@ def _final_weights(run):
     return canonical_state(checkpoint.load(run / "gkd" / "final"))
 
 
-def test_sharded_optimizer_at_dp2_matches_replicated_and_resumes(base_run, tmp_path):
-    """ZeRO stage 1 over 2 data-parallel ranks follows replicated AdamW step for step; each rank's
-    state file holds only its share; a stopped sharded run resumes on the same curve."""
-    from safetensors.torch import load_file
+def _same_curve(ref, rows, name, tol=1e-5, keys=("loss", "cosine", "kl", "grad_norm")):
+    assert [r["step"] for r in rows] == [r["step"] for r in ref], name
+    for ra, rb in zip(ref, rows):
+        for key in keys:
+            assert abs(ra[key] - rb[key]) <= tol, (name, ra["step"], key, ra[key], rb[key])
 
+
+def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts(base_run, tmp_path):
+    """On 2 processes, Megatron-Core's engine: PP 2 (uneven 1 + 3 layers, 2 micro-batches), DP 2 with
+    the distributed optimizer, and a run stopped at PP 2 and resumed at DP 2 all follow the
+    single-process loss curve of the same child (every variant kind) and end at the same weights."""
     from megatron_puzzle.model import checkpoint
 
-    cfg = {**GKDConfig(steps=3, save_interval=0, **{**TINY, "batch_size": 2, "eval_tokens": 128}).to_dict()}
-    sharded_cfg = {**cfg, "shard_optimizer": True}
-    full, sharded, resumed = (_copy_run(base_run, tmp_path / n) for n in ("full", "sharded", "resumed"))
-    torchrun(WORKER, 2, "--tp", "1", "--run-dir", str(full), "--config", json.dumps(cfg),
-             "--out", str(tmp_path / "dp2.json"), "--also", json.dumps([
-                 {"run_dir": str(sharded), "config": sharded_cfg},
-                 {"run_dir": str(resumed), "config": {**sharded_cfg, "save_interval": 2}, "stop_after": 2}]))
-
-    ref = _log(full)
+    cfg = GKDConfig(steps=3, save_interval=0, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2})
+    one = _copy_run(base_run, tmp_path / "one")
+    run_gkd(one, cfg)
+    base = cfg.to_dict()
+    pp2 = {**base, "pp": 2, "pp_first_stage_layers": 1}
+    dp2 = {**base, "batch_size": 2, "micro_batch_size": 1}  # 2 ranks x 2 sequences = the same global batch
+    runs = {n: _copy_run(base_run, tmp_path / n) for n in ("pp2", "dp2", "moved")}
+    torchrun(WORKER, 2, "--tp", "1", "--pp", "2", "--run-dir", str(runs["pp2"]), "--config", json.dumps(pp2),
+             "--out", str(tmp_path / "w.json"), "--also", json.dumps([
+                 {"run_dir": str(runs["dp2"]), "config": dp2},
+                 {"run_dir": str(runs["moved"]), "config": {**pp2, "save_interval": 2, "shard_optimizer": False},
+                  "stop_after": 2, "resume_config": {**dp2, "save_interval": 2, "shard_optimizer": False}}]))
+    ref = _log(one)
     assert len(ref) == 3
-    for other in (sharded, resumed):
-        rows = _log(other)
-        assert [r["step"] for r in rows] == [1, 2, 3]
-        for ra, rb in zip(ref, rows):
-            for key in ("loss", "cosine", "kl", "grad_norm"):
-                assert abs(ra[key] - rb[key]) <= 1e-6, (other.name, ra["step"], key, ra[key], rb[key])
-    ref_w = _final_weights(full)
+    for name, run in runs.items():
+        _same_curve(ref, _log(run), name)
+    assert json.loads((runs["dp2"] / "gkd" / "eval.json").read_text())["dp"] == 2
+    assert json.loads((runs["pp2"] / "gkd" / "eval.json").read_text())["pp"] == 2
+    ref_w = _final_weights(one)
     child_w = canonical_state(checkpoint.load(base_run / "child"))
     assert max((ref_w[k] - child_w[k]).abs().max().item() for k in ref_w) > 1e-4  # training moved the weights
-    for other in (sharded, resumed):
-        w = _final_weights(other)
+    for name, run in runs.items():
+        w = _final_weights(run)
         assert w.keys() == ref_w.keys()
-        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-6, other.name
-
-    # the two ranks' AdamW moments cover the child's parameters exactly once, about half each
-    total = sum(v.numel() for v in child_w.values())
-    assert not (resumed / "gkd" / "ckpt").exists()  # a finished run keeps only final/
-    ckpt = Path(f"{resumed}_ckpt_at_stop") / "step_0000002"
-    held = [sum(v.numel() for k, v in load_file(str(ckpt / f"rank_{r:05d}.safetensors")).items()
-                if k.endswith(".exp_avg")) for r in (0, 1)]
-    assert sum(held) == total and max(held) < 0.75 * total, (held, total)
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-5, name
+    # the stopped run left a checkpoint written at PP 2; the resume read it at DP 2
+    assert (Path(f"{runs['moved']}_ckpt_at_stop") / "step_0000002" / "model").is_dir()
+    after = [json.loads((run / "gkd" / "eval.json").read_text())["after"]["kl_div"] for run in runs.values()]
+    ref_after = json.loads((one / "gkd" / "eval.json").read_text())["after"]["kl_div"]
+    assert max(abs(a - ref_after) for a in after) <= 1e-5
 
 
 def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):

@@ -113,7 +113,8 @@ def main():
     ap.add_argument("--config", required=True, help="GKDConfig as JSON")
     ap.add_argument("--out", required=True)
     ap.add_argument("--also", default="[]",
-                    help='JSON list of {"run_dir", "config", "stop_after" (optional step)}')
+                    help='JSON list of {"run_dir", "config", "stop_after" (optional step), '
+                         '"resume_config" (optional: resume at another layout)}')
     a = ap.parse_args()
 
     from megatron_puzzle.distill.gkd import GKDConfig, run_gkd
@@ -138,6 +139,8 @@ def main():
             if torch.distributed.get_rank() == 0:
                 shutil.copytree(Path(extra["run_dir"]) / "gkd" / "ckpt", Path(extra["run_dir"] + "_ckpt_at_stop"))
             torch.distributed.barrier()
+        if extra.get("resume_config"):
+            cfg = GKDConfig.from_dict(extra["resume_config"])
         run_gkd(extra["run_dir"], cfg)
     if torch.distributed.get_rank() == 0:
         Path(a.out).write_text(json.dumps(out))
