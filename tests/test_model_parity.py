@@ -94,3 +94,67 @@ def test_standalone_layers_reproduce_model_layers(mcore):
             assert torch.equal(out, outs[i])
             back = block_canonical(layer, cfg, i, b)
             assert back.keys() and all(torch.equal(v, w[k]) for k, v in back.items())
+
+
+# The CPU redirections (model/cpu_support.py): each spot must still exist in the installed
+# Megatron-Core, and still need redirecting; when Megatron changes one, this test names it.
+_NEEDS = {  # (module, attribute) -> text its original source still contains
+    ("megatron.core.optimizer.optimizer", "torch"): "device='cuda'",
+    ("megatron.core.optimizer.clip_grads", "torch"): "device='cuda'",
+    ("megatron.core.optimizer.grad_scaler", "torch"): "device='cuda'",
+    ("megatron.core.utils", "torch"): 'device="cuda"',
+    ("megatron.core.pipeline_parallel.schedules", "torch"): 'device="cuda"',
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"): "'torch.cuda.FloatTensor'",
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): "'torch.cuda.FloatTensor'",
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "__init__"): "_build_model_and_main_param_groups",
+    ("megatron.core.models.common.language_module.language_module.LanguageModule",
+     "setup_embeddings_and_output_layer"): "weight.data.cuda()",
+    ("megatron.core.transformer.utils", "get_default_causal_mask"): 'device="cuda"',
+}
+
+
+def _resolve(path: str):
+    import importlib
+
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(path)
+
+
+def test_cpu_redirections_still_match_megatron(mcore):
+    import inspect
+
+    from megatron_puzzle.model import cpu_support
+
+    assert set(_NEEDS) <= set(cpu_support.REDIRECTED)
+    for module, attr in cpu_support.REDIRECTED:
+        owner = _resolve(module)
+        assert hasattr(owner, attr), f"{module}.{attr} no longer exists in megatron-core: revisit cpu_support"
+    if torch.cuda.is_available():
+        return
+    for (module, attr), text in _NEEDS.items():
+        owner = _resolve(module)
+        if attr == "torch":  # the module's own source still allocates on "cuda"
+            source = inspect.getsource(owner)
+            assert isinstance(owner.torch, cpu_support._CPUTorch), f"{module}.torch is not redirected"
+        else:
+            fn = getattr(owner, attr)
+            assert getattr(fn, "_cpu_support_wrapped", False) or module.endswith("transformer.utils"), (module, attr)
+            source = inspect.getsource(inspect.unwrap(fn)) if attr != "get_default_causal_mask" else \
+                inspect.getsource(_resolve(module))
+        assert text in source, f"{module}.{attr}: megatron-core no longer has {text!r}; drop or update the redirection"
+    # the DistributedOptimizer's setup still checks CUDA type strings (in a helper it calls)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    assert "'torch.cuda.FloatTensor'" in inspect.getsource(DistributedOptimizer._build_model_and_main_param_groups)
+    # and the type names are CUDA ones only inside the redirected calls
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with cpu_support._cuda_type_names():
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
