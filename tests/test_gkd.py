@@ -259,6 +259,36 @@ def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts
     assert max(abs(a - ref_after) for a in after) <= 1e-5
 
 
+def test_tp2_pp2_on_four_processes_and_resume_at_another_tp_and_pp(base_run, tmp_path):
+    """TP 2 x PP 2 (4 processes) follows one process; a run stopped at TP 1 x PP 1 resumes at TP 2 x PP 2
+    from its distributed checkpoint (model and optimizer state) and continues the same curve."""
+    cfg = GKDConfig(steps=3, save_interval=2, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2,
+                                                  "shard_optimizer": False, "loss": {"lm": 0.5}})
+    one = _copy_run(base_run, tmp_path / "one")
+
+    def stop(step, record):
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill after step 2")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_gkd(one, cfg, on_step=stop)
+    moved = tmp_path / "moved"
+    shutil.copytree(one, moved)
+    run_gkd(one, cfg)
+    fresh = _copy_run(base_run, tmp_path / "fresh")
+    layout = {**cfg.to_dict(), "tp": 2, "pp": 2}
+    torchrun(WORKER, 4, "--tp", "2", "--pp", "2", "--run-dir", str(fresh), "--config", json.dumps(layout),
+             "--out", str(tmp_path / "w.json"), "--also", json.dumps([{"run_dir": str(moved), "config": layout}]))
+    ref = _log(one)
+    keys = ("loss", "cosine", "kl", "lm", "grad_norm")
+    _same_curve(ref, _log(fresh), "tp2 x pp2", keys=keys)
+    _same_curve(ref, _log(moved), "resumed at tp2 x pp2", keys=keys)
+    ref_w = _final_weights(one)
+    for run in (fresh, moved):
+        w = _final_weights(run)
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-5, run.name
+
+
 def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
     from megatron_puzzle.distill.gkd import teacher_outputs
     from megatron_puzzle.model import checkpoint
