@@ -233,12 +233,14 @@ def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts
     base = cfg.to_dict()
     pp2 = {**base, "pp": 2, "pp_first_stage_layers": 1}
     dp2 = {**base, "batch_size": 2, "micro_batch_size": 1}  # 2 ranks x 2 sequences = the same global batch
-    runs = {n: _copy_run(base_run, tmp_path / n) for n in ("pp2", "dp2", "moved")}
+    runs = {n: _copy_run(base_run, tmp_path / n) for n in ("pp2", "dp2", "moved", "dist_resumed")}
     torchrun(WORKER, 2, "--tp", "1", "--pp", "2", "--run-dir", str(runs["pp2"]), "--config", json.dumps(pp2),
              "--out", str(tmp_path / "w.json"), "--also", json.dumps([
                  {"run_dir": str(runs["dp2"]), "config": dp2},
                  {"run_dir": str(runs["moved"]), "config": {**pp2, "save_interval": 2, "shard_optimizer": False},
-                  "stop_after": 2, "resume_config": {**dp2, "save_interval": 2, "shard_optimizer": False}}]))
+                  "stop_after": 2, "resume_config": {**dp2, "save_interval": 2, "shard_optimizer": False}},
+                 # the distributed optimizer's sharded state (dp_reshardable) saved and loaded at DP 2
+                 {"run_dir": str(runs["dist_resumed"]), "config": {**dp2, "save_interval": 2}, "stop_after": 2}]))
     ref = _log(one)
     assert len(ref) == 3
     for name, run in runs.items():
