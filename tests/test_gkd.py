@@ -346,3 +346,36 @@ def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(base_run
     assert g0.keys() == g1.keys() and len(g0) > 0
     assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= 1e-6
     assert b1 < 0.5 * b0, (b0, b1)
+
+
+def test_parallel_sizes_the_model_cannot_take_are_refused_before_building(base_run, tmp_path, capsys):
+    """One line naming the layer, the size and the valid choices, from the config alone (so every
+    rank raises it alike, before any model or process group exists)."""
+    from megatron_puzzle.cli import main
+    from megatron_puzzle.model import checkpoint
+    from megatron_puzzle.model.gpt import LayoutError, check_layout
+
+    child = checkpoint.load_config(base_run / "child")  # 4 heads, KV 2/1/-/-, FFN 96/48/-/-, 4 layers
+    with pytest.raises(LayoutError, match=r"TP 3 does not split the model's 4 query heads; valid TP: 1, 2, 4"):
+        check_layout(child, tp=3)
+    with pytest.raises(LayoutError, match=r"layer 0: TP 4 does not split its FFN size 90; valid TP: 1, 2$"):
+        check_layout(child.with_blocks([child.blocks[0].__class__(child.blocks[0].attention,
+                                                                  child.blocks[1].ffn.__class__("full", 90))]
+                                       + list(child.blocks[1:])), tp=4)
+    with pytest.raises(LayoutError, match=r"PP 5 exceeds the model's 4 layers; valid PP: 1..4"):
+        check_layout(child, pp=5)
+    with pytest.raises(LayoutError, match=r"PP 3 does not split .* 4 layers evenly; valid PP: 1, 2, 4"):
+        check_layout(child, pp=3)
+    check_layout(child, pp=3, first_stage_layers=2)  # 2 + 1 + 1
+    with pytest.raises(LayoutError, match=r"6 processes are not a multiple of TP x PP = 2 x 2 = 4"):
+        check_layout(child, tp=2, pp=2, world=6)
+    with pytest.raises(LayoutError, match=r"layer 1: FP8 needs each TP shard's FFN size to be a multiple of 16, "
+                                          r"got 48 / TP 2 = 24"):
+        check_layout(child, tp=2, fp8=True)
+    check_layout(child, tp=2, pp=2, world=8)
+    # through the command: one line, nothing started
+    run = _copy_run(base_run, tmp_path / "run")
+    assert main(["gkd", "--run-dir", str(run), "--pp", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "PP 5 exceeds the child's 4 layers" in err, err
+    assert not (run / "gkd").exists()

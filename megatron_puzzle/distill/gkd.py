@@ -628,6 +628,19 @@ def _check_inputs(run: Path) -> None:
         raise FileNotFoundError(f"gkd needs token shards in {run / 'data'}; run `megatron-puzzle data` first")
 
 
+def _check_layout(run: Path, cfg: GKDConfig) -> None:
+    """TP / PP / world size against the parent's and the child's layers, before any model is built."""
+    import os
+
+    from ..model.gpt import check_layout
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("child", "parent"):
+        check_layout(checkpoint.load_config(run / name), tp=cfg.tp, pp=cfg.pp, world=world, fp8=bool(cfg.fp8),
+                     first_stage_layers=cfg.pp_first_stage_layers, last_stage_layers=cfg.pp_last_stage_layers,
+                     what=name)
+
+
 def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: bool = False,
             on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Uptrain RUN/child against RUN/parent; write RUN/gkd. Returns the eval.json content.
@@ -648,6 +661,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         log.info("gkd already finished in %s; keeping it (pass overwrite to redo)", out)
         return read_json(out / "eval.json")
     _check_inputs(run)
+    _check_layout(run, cfg)
     init_distributed(cfg.tp, seed=cfg.seed, pipeline_parallel=cfg.pp)
     if overwrite and _rank() == 0 and out.exists():
         shutil.rmtree(out)

@@ -204,3 +204,75 @@ def build_layer(cfg: ModelConfig, block, layer_number: int = 1, opts: RuntimeOpt
 def layer_prefix(layer_index: int) -> str:
     """Megatron-Core parameter-name prefix of decoder layer `layer_index` inside a GPTModel."""
     return f"decoder.layers.{layer_index}."
+
+
+class LayoutError(ValueError):
+    """Parallel sizes that cannot split this model; raised before any model is built."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _stage_layers(num_layers: int, pp: int, first: int | None, last: int | None) -> list[int] | None:
+    """Layers per pipeline stage as Megatron-Core splits them, or None when it cannot."""
+    if pp == 1:
+        return [num_layers] if first is None and last is None else None
+    fixed = [x for x in (first, last) if x is not None]
+    middle_stages = pp - len(fixed)
+    rest = num_layers - sum(fixed)
+    if any(x < 0 for x in fixed) or rest < 0 or (middle_stages == 0 and rest != 0):
+        return None
+    if middle_stages and (rest % middle_stages or rest == 0):
+        return None
+    each = rest // middle_stages if middle_stages else 0
+    stages = [each] * pp
+    if first is not None:
+        stages[0] = first
+    if last is not None:
+        stages[-1] = last
+    return stages
+
+
+def check_layout(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, world: int | None = None, fp8: bool = False,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                 what: str = "model") -> None:
+    """Refuse parallel sizes the model cannot be split by, in one line naming the layer, the size
+    and the valid choices. Pure arithmetic on the config: every rank raises the same error
+    before any model is built (no rank is left waiting in a collective)."""
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"tensor and pipeline parallel sizes must be >= 1, got TP {tp}, PP {pp}")
+    heads = cfg.num_attention_heads
+    if heads % tp:
+        raise LayoutError(f"TP {tp} does not split the {what}'s {heads} query heads; valid TP: "
+                          f"{', '.join(map(str, _divisors(heads)))}")
+    for i, block in enumerate(cfg.blocks):
+        kv = block.attention.num_kv_heads if block.attention.kind == "full" else None
+        if kv is not None and kv % tp and tp % kv:
+            valid = sorted({d for d in _divisors(heads) if kv % d == 0 or d % kv == 0})
+            raise LayoutError(f"layer {i}: TP {tp} neither splits nor replicates its {kv} KV heads; valid TP: "
+                              f"{', '.join(map(str, valid))}")
+        ffn = block.ffn.intermediate_size if block.ffn.kind == "full" else None
+        if ffn is not None and ffn % tp:
+            raise LayoutError(f"layer {i}: TP {tp} does not split its FFN size {ffn}; valid TP: "
+                              f"{', '.join(str(d) for d in _divisors(heads) if ffn % d == 0)}")
+        if fp8:
+            if ffn is not None and (ffn // tp) % 16:
+                raise LayoutError(f"layer {i}: FP8 needs each TP shard's FFN size to be a multiple of 16, got "
+                                  f"{ffn} / TP {tp} = {ffn // tp}; choose a round_to multiple of {16 * tp} or drop --fp8")
+            if kv is not None and (max(kv // tp, 1) * cfg.head_dim) % 16:
+                raise LayoutError(f"layer {i}: FP8 needs each TP shard's KV width to be a multiple of 16, got "
+                                  f"{max(kv // tp, 1)} heads x {cfg.head_dim}; change TP or drop --fp8")
+    layers = cfg.num_layers
+    if pp > layers:
+        raise LayoutError(f"PP {pp} exceeds the {what}'s {layers} layers; valid PP: 1..{layers}")
+    if _stage_layers(layers, pp, first_stage_layers, last_stage_layers) is None:
+        if first_stage_layers is None and last_stage_layers is None:
+            raise LayoutError(f"PP {pp} does not split the {what}'s {layers} layers evenly; valid PP: "
+                              f"{', '.join(map(str, _divisors(layers)))}, or set the first/last stage's layers")
+        raise LayoutError(f"first/last pipeline stage layers {first_stage_layers}/{last_stage_layers} leave "
+                          f"{layers} layers unsplittable over PP {pp}; the other stages must get equal, positive counts")
+    # the launch last: first what the model itself allows
+    if world is not None and world % (tp * pp):
+        raise LayoutError(f"{world} processes are not a multiple of TP x PP = {tp} x {pp} = {tp * pp}; launch a "
+                          f"multiple of {tp * pp} (torchrun --nproc-per-node) or change --tp/--pp")

