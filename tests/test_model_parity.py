@@ -158,3 +158,60 @@ def test_cpu_redirections_still_match_megatron(mcore):
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with cpu_support._cuda_type_names():
         assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+
+
+def test_te_extra_state_keys_and_local_checkpoints_load_into_each_other(mcore, tmp_path):
+    """Transformer Engine modules add `_extra_state` (FP8 scaling state) to a model's sharded state
+    dict. A model asking for them loads a local-spec (CPU) checkpoint, which has none; a checkpoint
+    holding them loads into local specs. Shown on CPU with the entries added as TE would add them."""
+    import io
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from _models import tiny_parent
+    from megatron_puzzle.model import checkpoint
+
+    keys = ("decoder.final_layernorm._extra_state", "decoder.layers.0.self_attention.linear_qkv._extra_state")
+
+    def asks_for_te_extra_state(model):
+        real = model.sharded_state_dict
+
+        def sharded_state_dict(*args, **kwargs):
+            out = real(*args, **kwargs)
+            for key in keys:
+                out[key] = ShardedObject(key, io.BytesIO(b"fp8 scaling state"), (1,), (0,), replica_id=0)
+            return out
+
+        model.sharded_state_dict = sharded_state_dict
+        return model
+
+    cfg = tiny_parent(num_layers=2)
+    torch.manual_seed(0)
+    local = build_model(cfg)
+    checkpoint.save(local, tmp_path / "local")
+    torch.manual_seed(1)
+    te_like = asks_for_te_extra_state(build_model(cfg))
+    # without dropping the absent keys, Megatron-Core's load fails on them
+    import traceback
+
+    with pytest.raises(BaseException) as failed:  # torch's CheckpointException is a BaseException
+        dist_checkpointing.load(te_like.sharded_state_dict(), str(tmp_path / "local"))
+    assert "Missing key in checkpoint state_dict: decoder.final_layernorm._extra_state" in \
+        "".join(traceback.format_exception(failed.value))
+    checkpoint.load_into(te_like, tmp_path / "local")
+    want = local.state_dict()
+    got = te_like.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if torch.is_tensor(v) and not k.endswith("_extra_state"))
+
+    checkpoint.save(te_like, tmp_path / "te")  # holds the extra state objects
+    meta = dist_checkpointing.serialization.load_sharded_metadata(str(tmp_path / "te"))
+    assert set(keys) <= {v.key for v in meta.values()}
+    torch.manual_seed(2)
+    plain = build_model(cfg)
+    checkpoint.load_into(plain, tmp_path / "te")
+    got = plain.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if torch.is_tensor(v) and not k.endswith("_extra_state"))
+    # a TE-spec checkpoint read by a TE-spec model keeps its extra state
+    assert set(keys) <= set(checkpoint._without_absent_extra_state(te_like.sharded_state_dict(), tmp_path / "te"))
+    assert not set(keys) & set(checkpoint._without_absent_extra_state(te_like.sharded_state_dict(), tmp_path / "local"))
