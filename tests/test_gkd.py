@@ -313,39 +313,37 @@ def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
         GKDConfig(teacher_dtype="float16")
 
 
-def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(base_run):
-    """Per-layer recomputation: loss and every gradient as without it (the cosine term on the
-    collected hidden states included), while autograd keeps far fewer activation bytes."""
-    from megatron_puzzle.distill.gkd import model_outputs, teacher_outputs
+def test_recompute_inside_megatrons_block_gives_the_same_step(base_run):
+    """Megatron-Core's full recompute (inside TransformerBlock) through the engine: the same loss,
+    gradient norm (the cosine term's gradient included) and updated weights as without it, while
+    each student layer really runs twice (forward, then again in the backward)."""
+    from megatron_puzzle.distill.gkd import build_engine, train_step
     from megatron_puzzle.model import checkpoint
 
-    tokens = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(5))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    teacher_cfg = GKDConfig(**TINY)
-    teacher = checkpoint.load(base_run / "parent", teacher_cfg.teacher_runtime())
-    with torch.no_grad():
-        t_logits, t_hidden = teacher_outputs(teacher, inputs, teacher_cfg, hidden=True)
+    batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(5))
     result = {}
     for recompute in (False, True):
         cfg = GKDConfig(recompute=recompute, **TINY)
+        teacher = checkpoint.load(base_run / "parent", cfg.teacher_runtime())
+        teacher.requires_grad_(False)
+        teacher.eval()
         student = checkpoint.load(base_run / "child", cfg.runtime())
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            s_logits, s_hidden = model_outputs(student, inputs, cfg, hidden=True)
-            loss, _ = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, cfg.weights)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-        result[recompute] = loss.item(), grads, sum(saved)
-    (l0, g0, b0), (l1, g1, b1) = result[False], result[True]
-    assert abs(l0 - l1) <= 1e-6
-    assert g0.keys() == g1.keys() and len(g0) > 0
-    assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= 1e-6
-    assert b1 < 0.5 * b0, (b0, b1)
+        student.train()
+        engine = build_engine(student, teacher, cfg)
+        calls = [0]
+        hooks = [layer.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+                 for layer in student.decoder.layers]
+        record = train_step(engine, batch, cfg, lr=1e-3)
+        for h in hooks:
+            h.remove()
+        weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+        result[recompute] = record, weights, calls[0]
+    (r0, w0, c0), (r1, w1, c1) = result[False], result[True]
+    n = len(w0) and 4  # the child's 4 layers
+    assert c0 == n and c1 == 2 * n, (c0, c1)
+    for key in ("loss", "cosine", "kl", "grad_norm"):
+        assert abs(r0[key] - r1[key]) <= 1e-6, (key, r0[key], r1[key])
+    assert max((w0[k] - w1[k]).abs().max().item() for k in w0) <= 1e-6
 
 
 def test_parallel_sizes_the_model_cannot_take_are_refused_before_building(base_run, tmp_path, capsys):

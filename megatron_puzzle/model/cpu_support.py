@@ -22,6 +22,9 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
 6. ``Tensor.type()`` string checks (``'torch.cuda.FloatTensor'``) in grad clipping
    and the distributed optimizer's setup: while those two functions run, CPU
    tensors report the CUDA type names of the same dtype.
+8. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+   state (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``): without CUDA there is none;
+   the CPU state and the tracker's states are still saved and restored.
 7. ``weight.data.cuda()`` of the tied embedding under pipeline parallelism
    (``LanguageModule.setup_embeddings_and_output_layer``): ``.cuda()`` stays on the
    CPU while that method runs.
@@ -171,6 +174,8 @@ REDIRECTED = [
     ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "__init__"),  # 6
     ("megatron.core.models.common.language_module.language_module.LanguageModule",
      "setup_embeddings_and_output_layer"),  # 7
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),  # 8
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),  # 8
 ]
 
 
@@ -195,6 +200,8 @@ def apply() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *a, **k: None
+    mcore_random._get_cuda_rng_state = lambda *a, **k: None  # 8
+    mcore_random._set_cuda_rng_state = lambda *a, **k: None
 
     from megatron.core import utils as mcore_core_utils
     from megatron.core.models.common.language_module.language_module import LanguageModule
