@@ -167,6 +167,16 @@ def test_tp2_matches_tp1_and_vocab_parallel_losses(base_run, tmp_path):
     assert abs(res["losses"]["ce"]["value"] - rv.item()) < 1e-5
     assert (torch.tensor(res["losses"]["ce"]["grad"]).double() - rg).abs().max() < 1e-6
     assert torch.equal(torch.tensor(res["losses"]["argmax"]), s.argmax(-1))
+    # the cosine term over 2 sequence-parallel slices equals the whole sequence's, gradients too
+    from gkd_worker import sequence_hidden
+
+    hs, ht = sequence_hidden()
+    xr = [h.double().requires_grad_(True) for h in hs]
+    ref = ref_cosine(xr, ht)
+    ref.backward()
+    assert abs(res["losses"]["cosine_sp"]["value"] - ref.item()) < 1e-6
+    for g, r in zip(res["losses"]["cosine_sp"]["grad"], xr):
+        assert (torch.tensor(g).double() - r.grad).abs().max() < 1e-6
     assert VOCAB % 2 == 0
 
     # the first steps' losses of a TP 2 run equal TP 1's
@@ -187,6 +197,18 @@ def test_fp8_on_cpu_fails_at_start(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gkd: error:" in err and "GPU" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_sequence_parallel_on_cpu_fails_at_start(tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    assert main(["gkd", "--run-dir", str(tmp_path / "run"), "--tp", "2", "--sequence-parallel"]) == 2
+    err = capsys.readouterr().err
+    assert "Transformer Engine norms" in err and "drop --sequence-parallel" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="needs tp >= 2"):
+        GKDConfig(sequence_parallel=True)
 
 
 def test_bad_settings_are_named(tmp_path, capsys):

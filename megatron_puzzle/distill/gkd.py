@@ -86,7 +86,9 @@ class GKDConfig:
     fp8: str | None = None  # None, "hybrid" or "e4m3" (Transformer Engine, Hopper GPUs)
     shard_optimizer: bool | None = None  # Megatron-Core's distributed optimizer (None: on when data-parallel > 1)
     optimizer_cpu_offload: bool = False  # Megatron-Core's optimizer CPU offload (GPU runs)
-    teacher_dtype: str = "float32"  # the frozen parent's parameters: float32 or bfloat16 (half the memory)
+    teacher_dtype: str = "auto"  # the frozen parent's parameters: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    fp8_recipe: str = "delayed"  # the student's FP8 scaling: delayed (amax history) or tensorwise (current scaling)
+    sequence_parallel: bool = False  # Megatron-Core sequence parallelism with TP > 1 (TE norms: GPU only)
     recompute: bool = False  # keep only each layer's input, recompute the layer in the backward (~1/3 more compute)
     seed: int = 1234
     data_seed: int | None = None  # None: the seed recorded with the token shards
@@ -115,8 +117,12 @@ class GKDConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.teacher_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"teacher_dtype must be float32 or bfloat16, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"teacher_dtype must be auto, float32 or bfloat16, got {self.teacher_dtype!r}")
+        if self.fp8_recipe not in ("delayed", "tensorwise"):
+            raise ValueError(f"fp8_recipe must be delayed or tensorwise (current scaling), got {self.fp8_recipe!r}")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tp >= 2")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ValueError(f"fp8 must be hybrid or e4m3 (or unset), got {self.fp8!r}")
 
@@ -139,14 +145,22 @@ class GKDConfig:
 
         return dp_size() > 1 if self.shard_optimizer is None else bool(self.shard_optimizer)
 
+    def teacher_torch_dtype(self) -> torch.dtype:
+        if self.teacher_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, self.teacher_dtype)
+
     def runtime(self) -> RuntimeOptions:
-        """Model build options: fp32 parameters always (master weights); TE specs when FP8 is asked for."""
-        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8, recompute=self.recompute,
+        """Student build options: fp32 parameters always (master weights); Transformer Engine specs
+        on a GPU (fused attention and norms; FP8 when asked for), Megatron's local specs on CPU."""
+        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8) or torch.cuda.is_available(), fp8=self.fp8,
+                              fp8_recipe=self.fp8_recipe, sequence_parallel=self.sequence_parallel,
+                              recompute=self.recompute,
                               first_stage_layers=self.pp_first_stage_layers, last_stage_layers=self.pp_last_stage_layers)
 
     def teacher_runtime(self) -> RuntimeOptions:
         """The frozen parent needs no master weights: it may hold bf16 parameters."""
-        return replace(self.runtime(), dtype=getattr(torch, self.teacher_dtype), recompute=False)
+        return replace(self.runtime(), dtype=self.teacher_torch_dtype(), recompute=False, fp8=None)  # FP8: student only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,7 +241,7 @@ def model_outputs(model, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, 
 def teacher_outputs(teacher, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, logits: bool = True):
     """The parent's outputs in fp32 (a bf16 teacher's included), so the loss math is the same either way."""
     out, outs = model_outputs(teacher, tokens, cfg, hidden=hidden, logits=logits)
-    if cfg.teacher_dtype == "float32":
+    if cfg.teacher_torch_dtype() == torch.float32:
         return out, outs
     return (out.float() if out is not None else None), ([h.float() for h in outs] if outs is not None else None)
 
@@ -355,7 +369,7 @@ class GKDStage(torch.nn.Module):
 
 
 def _teacher_dtype(cfg: "GKDConfig") -> torch.dtype:
-    return getattr(torch, cfg.teacher_dtype)
+    return cfg.teacher_torch_dtype()
 
 
 @dataclass
@@ -406,7 +420,8 @@ def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, data_
     weights = cfg.weights
     cos = None
     if stage.s_layers is not None and stage.s_layers.hidden and not evaluate:
-        cos = losses.cosine_term(stage.s_layers.hidden, [h.float() for h in stage.t_layers.hidden])
+        cos = losses.cosine_term(stage.s_layers.hidden, [h.float() for h in stage.t_layers.hidden],
+                                 sequence_parallel=stage.config.sequence_parallel)
     if not parallel_state.is_pipeline_last_stage():
         if t_out is None:
             t_out = torch.zeros_like(s_out)

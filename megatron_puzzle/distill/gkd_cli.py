@@ -29,7 +29,9 @@ _FLAGS = {  # flag -> (GKDConfig field, type, help)
     "--pp-last-stage-layers": ("pp_last_stage_layers", int, "layers on the last pipeline stage (uneven split)"),
     "--micro-batch-size": ("micro_batch_size", int, "sequences per micro-batch (divides --batch-size)"),
     "--dtype": ("dtype", str, "auto, float32 or bfloat16 (bf16 autocast, fp32 master weights)"),
-    "--fp8": ("fp8", str, "hybrid or e4m3: FP8 through Transformer Engine (Hopper GPUs)"),
+    "--fp8": ("fp8", str, "hybrid or e4m3: FP8 through Transformer Engine for the student (Hopper GPUs)"),
+    "--fp8-recipe": ("fp8_recipe", str, "delayed (amax history) or tensorwise (current scaling)"),
+    "--teacher-dtype": ("teacher_dtype", str, "auto (bf16 on GPU), float32 or bfloat16"),
     "--seed": ("seed", int, "seed"),
 }
 _WEIGHTS = {"--cosine-weight": "cosine", "--kl-weight": "kl", "--lm-weight": "lm"}
@@ -51,7 +53,7 @@ def _config(args: argparse.Namespace):
                 cfg["loss"] = {**cfg["loss"], term: value}
         if args.no_progress:
             cfg["progress"] = False
-        for flag in ("shard_optimizer", "recompute", "optimizer_cpu_offload"):
+        for flag in ("shard_optimizer", "recompute", "optimizer_cpu_offload", "sequence_parallel"):
             if getattr(args, flag):
                 cfg[flag] = True
         return GKDConfig.from_dict(cfg)
@@ -94,6 +96,8 @@ def register(sub) -> None:
                    help="Megatron-Core's distributed optimizer even at DP 1 (the default when data-parallel > 1)")
     p.add_argument("--optimizer-cpu-offload", action="store_true",
                    help="keep optimizer state on the host (Megatron-Core's optimizer CPU offload; GPU runs)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron-Core sequence parallelism over the TP ranks (Transformer Engine norms: GPU only)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute each layer in the backward instead of keeping its activations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -39,6 +39,7 @@ class RuntimeOptions:
     dtype: torch.dtype = torch.float32  # params and compute dtype: float32 on CPU, bfloat16 on GPU
     use_te: bool = False  # Transformer Engine layer specs (GPU only)
     fp8: str | None = None  # "hybrid" or "e4m3" through Transformer Engine (Hopper GPUs only)
+    fp8_recipe: str = "delayed"  # "delayed" (amax history) or "tensorwise" (current scaling)
     sequence_parallel: bool = False
     recompute: bool = False  # full activation recomputation per layer
     first_stage_layers: int | None = None  # pipeline parallel: layers on the first stage (None: even split)
@@ -67,7 +68,8 @@ def check_runtime(opts: RuntimeOptions) -> None:
     if opts.fp8 and torch.cuda.get_device_capability()[0] < 9:
         raise GPUOnlyOptionError(f"FP8 needs a Hopper or newer GPU (compute capability >= 9.0), found {torch.cuda.get_device_name()}")
     if opts.sequence_parallel and not opts.use_te:
-        raise ValueError("sequence parallelism needs Transformer Engine norms; Megatron-Core refuses it with the local (torch) specs")
+        raise GPUOnlyOptionError("sequence parallelism needs Transformer Engine norms (GPU); Megatron-Core refuses it "
+                                 "with the local (torch) specs: drop --sequence-parallel on CPU")
 
 
 def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
@@ -85,7 +87,7 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
         pp = parallel_state.get_pipeline_model_parallel_world_size()
     fp8_kwargs = {}
     if opts.fp8:
-        fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,
+        fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
                           fp8_amax_compute_algo="max")
     return HeterogeneousTransformerConfig(
         num_layers=cfg.num_layers,

@@ -73,6 +73,14 @@ def fixed_logits(seed: int = 5, shape=(2, 6, VOCAB)):
     return t, s, targets
 
 
+def sequence_hidden(seed: int = 1):
+    """Student / teacher hidden states [seq, batch, hidden] per layer, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(6, 2, 16, generator=g) for _ in range(3)]
+    ht = [h + 0.5 * torch.randn(6, 2, 16, generator=g) for h in hs]
+    return hs, ht
+
+
 def check_losses(out: dict) -> None:
     """Vocab-parallel KL / CE / argmax on this rank's shard; values and gathered gradients into `out`."""
     from megatron.core import parallel_state
@@ -93,6 +101,19 @@ def check_losses(out: dict) -> None:
         torch.distributed.all_gather(parts, x.grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
         results[name] = {"value": float(value), "grad": torch.cat(parts, dim=-1).tolist()}
     results["argmax"] = losses.vocab_parallel_argmax(s[..., sl]).tolist()
+    # the cosine term under sequence parallelism: each rank holds a slice of the sequence
+    hs, ht = sequence_hidden()
+    seq = hs[0].shape[0] // tp_size()
+    rows = slice(tp_rank() * seq, (tp_rank() + 1) * seq)
+    x = [h[rows].clone().requires_grad_(True) for h in hs]
+    value = losses.cosine_term(x, [h[rows] for h in ht], sequence_parallel=True)
+    value.backward()
+    grads = []
+    for h in x:
+        parts = [torch.empty_like(h.grad) for _ in range(tp_size())]
+        torch.distributed.all_gather(parts, h.grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        grads.append(torch.cat(parts, dim=0).tolist())
+    results["cosine_sp"] = {"value": float(value), "grad": grads}
     out["losses"] = results
 
 
