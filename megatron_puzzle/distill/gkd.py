@@ -5,24 +5,27 @@ Puzzle paper's best): the sum over layers of (1 - cosine) between child and pare
 hidden states after each block, plus KL(parent || child) on next-token distributions;
 the LM loss and every weight are selectable for ablations (`losses.LossWeights`).
 
-Runs on Megatron-Core's tensor-parallel model (vocab-parallel logits, never gathered
-for the loss) with data parallelism over the remaining ranks, AdamW with linear
-warm-up and cosine decay, global-norm clipping; with `shard_optimizer` each DP rank
-keeps AdamW state only for the parameters it owns (ZeRO stage 1). Precision: fp32 on CPU; with
-`dtype: bfloat16` the forward runs under autocast (bf16 matmuls) while weights and
-AdamW states stay fp32 (they are the master weights); FP8 adds Transformer Engine's
-fp8 autocast on Hopper GPUs. `teacher_dtype: bfloat16` holds the frozen parent in bf16.
+Runs on Megatron-Core's training engine at any TP x PP x DP: student and teacher are
+split into pipeline stages and run together in one `get_forward_backward_func` schedule
+(`GKDStage`), gradients go through `DistributedDataParallel` and `finalize_model_grads`,
+and `get_megatron_optimizer` (the distributed optimizer when DP > 1) clips and steps.
+The cosine term is computed on the stage owning each layer, the KL and LM terms on the
+last stage from vocab-parallel logits (never gathered). LR: linear warm-up, cosine decay.
+Precision: fp32 with local specs on CPU; on a GPU Transformer Engine specs, the forward
+under bf16 autocast with fp32 master weights, the teacher in bf16, FP8 (delayed or
+current scaling) for the student when asked for.
 
 Outputs (RUN/gkd/):
-  ckpt/step_XXXXXXX/   model/ (distributed checkpoint), rank_XXXXX.safetensors (optimizer + RNG
-                       per rank), trainer.json (step, tokens, log, eval before), done;
+  ckpt/step_XXXXXXX/   model/ (distributed checkpoint of the weights and the sharded optimizer
+                       state), trainer.json (step, tokens, log, eval before, layout), done;
                        removed once final/ is written
   final/               the uptrained child (checkpoint, + tokenizer/ when the child or parent has one)
   eval.json            held-out metrics before and after; log.csv: per-step losses; config.json; done
 
-A killed run restarted with the same command resumes from the newest complete
-checkpoint: weights, optimizer, LR schedule (a function of the step), data position
-(batch index = step) and RNG, so the loss curve continues as if never stopped.
+A killed run restarted with the same command (or at another TP x PP x DP with the same
+global batch) resumes from the newest complete checkpoint: weights, optimizer, LR schedule
+(a function of the step) and data position (batch index = step), so the loss curve
+continues as if never stopped (dropout is 0: no RNG state to restore).
 """
 
 from __future__ import annotations
@@ -227,7 +230,8 @@ def _fp8(model, cfg: GKDConfig):
 
 
 def model_outputs(model, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, logits: bool = True):
-    """(vocab-parallel logits or None, per-layer hidden states or None)."""
+    """(vocab-parallel logits or None, per-layer hidden states or None) of a whole model (PP 1),
+    outside the training engine: for inspection and the GPU checks."""
     with _autocast(cfg), _fp8(model, cfg):
         h = forward.embed(model, tokens)
         if hidden:
@@ -244,50 +248,6 @@ def teacher_outputs(teacher, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bo
     if cfg.teacher_torch_dtype() == torch.float32:
         return out, outs
     return (out.float() if out is not None else None), ([h.float() for h in outs] if outs is not None else None)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-def _all_reduce_dp(values: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-    return values
-
-
-@torch.no_grad()
-def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> dict[str, float]:
-    """Held-out KL(parent || child), LM loss, top-1 agreement with the parent and next-token accuracy.
-
-    The metrics are the scoring stage's (score.metrics), token-weighted over all batches
-    and data-parallel ranks. Also the parent's own LM loss and accuracy, for reference.
-    """
-    from ..score.metrics import ALL_METRICS, MetricSums, Reference
-
-    was_training = student.training
-    student.eval()
-    dev = _device()
-    child, parent = MetricSums(), MetricSums()
-    for batch in batches:
-        batch = batch.to(dev)
-        tokens, targets = batch[:, :-1], batch[:, 1:]
-        s_logits, _ = model_outputs(student, tokens, cfg, hidden=False)
-        t_logits, _ = teacher_outputs(teacher, tokens, cfg, hidden=False)
-        ref = Reference.from_logits(t_logits.float(), targets)
-        child.add(s_logits.float(), ref)
-        parent.add(t_logits.float(), ref)
-    student.train(was_training)
-    sums = torch.tensor([child.tokens, *(child.sums[m] for m in ALL_METRICS), parent.sums["lm_loss"],
-                         parent.sums["accuracy"]], dtype=torch.float64, device=dev)
-    _all_reduce_dp(sums)
-    n = float(sums[0])
-    if n == 0:
-        return {"tokens": 0}
-    m = dict(zip(ALL_METRICS, (float(v) / n for v in sums[1:1 + len(ALL_METRICS)])))
-    return {"tokens": int(n), "kl_div": m["kl_div"], "lm_loss": m["lm_loss"], "top1_agreement": m["top1_agreement"],
-            "next_token_accuracy": m["accuracy"], "parent_lm_loss": float(sums[-2]) / n,
-            "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
 # --------------------------------------------------------------------------- the engine
