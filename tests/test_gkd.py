@@ -399,3 +399,15 @@ def test_parallel_sizes_the_model_cannot_take_are_refused_before_building(base_r
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "PP 5 exceeds the child's 4 layers" in err, err
     assert not (run / "gkd").exists()
+
+
+def test_lm_only_gkd_still_evaluates_against_the_parent(base_run, tmp_path):
+    """With the cosine and KL terms off the parent is not run in training, but the held-out
+    evaluation still compares the child with it."""
+    run = _copy_run(base_run, tmp_path / "lm")
+    result = run_gkd(run, GKDConfig(steps=2, save_interval=0, **{**TINY, "eval_tokens": 128,
+                                                                  "loss": {"cosine": 0, "kl": 0, "lm": 1}}))
+    rows = _log(run)
+    assert len(rows) == 2 and "kl" not in rows[0] and "cosine" not in rows[0]
+    assert abs(rows[0]["loss"] - rows[0]["lm"]) < 1e-12
+    assert result["after"]["kl_div"] > 0 and result["after"]["parent_lm_loss"] == result["before"]["parent_lm_loss"]

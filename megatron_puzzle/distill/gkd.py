@@ -321,7 +321,7 @@ class GKDStage(torch.nn.Module):
             s_in, t_in = self._input.chunk(2, dim=0)
             t_in = t_in.detach().to(_teacher_dtype(self.cfg))
         t_out = None
-        if self.needs_teacher:
+        if self.needs_teacher or not self.training:  # evaluation compares with the parent always
             with torch.no_grad():
                 t_out = forward.stage_forward(self.teacher, tokens, t_in, self.t_layers)
         s_out = forward.stage_forward(self.student, tokens, s_in, self.s_layers)
