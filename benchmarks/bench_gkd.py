@@ -151,7 +151,7 @@ def engine_vs_tree(work: Path, args) -> dict:
             for d in ("parent", "child", "data"):
                 if not (run / d).exists():
                     (run / d).symlink_to(base / d)
-            env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", PYTHONPATH=str(tree))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore", PYTHONPATH=str(tree))
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port",
                    str(29700 + rnd), __file__, "--throughput-worker", "--tp", "1", "--run-dir", str(run),
                    "--tp-steps", str(args.tp_steps), "--tp-batch", str(args.tp_batch), "--tp-seq", str(args.tp_seq),
@@ -168,7 +168,7 @@ def engine_vs_tree(work: Path, args) -> dict:
     out["median_tokens_per_s"] = med
     out["after_over_before"] = round(med["after"] / med["before"], 3)
     out["settings"] = {"tokens_per_step": args.tp_batch * args.tp_seq, "steps": args.tp_steps,
-                       "processes": 1, "threads": 2, "model": "small_parent/small_child"}
+                       "processes": 1, "threads": args.threads, "model": "small_parent/small_child"}
     return out
 
 
@@ -312,6 +312,7 @@ def main() -> None:
     ap.add_argument("--fp8", default=None)
     ap.add_argument("--before-tree", help="compare GKD throughput with this source tree (interleaved rounds)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP threads of the compared runs")
     # internal: one throughput run under torchrun
     ap.add_argument("--throughput-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
