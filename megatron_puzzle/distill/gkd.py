@@ -262,15 +262,17 @@ class _SendWithLoss(torch.autograd.Function):
     this stage's layers) joins the backward that the next stage's gradient starts here."""
 
     @staticmethod
-    def forward(ctx, student, teacher, loss):
+    def forward(ctx, student, teacher, loss, dtype):
         ctx.seq = student.shape[0]
+        ctx.dtype = student.dtype
         ctx.has_loss = loss is not None
-        return torch.cat([student, teacher.to(student.dtype)], dim=0)
+        # the schedule's buffers are config.pipeline_dtype (bf16 autocast may hand over bf16)
+        return torch.cat([student.to(dtype), teacher.to(dtype)], dim=0)
 
     @staticmethod
     def backward(ctx, grad):
-        g_loss = torch.ones((), dtype=grad.dtype, device=grad.device) if ctx.has_loss else None
-        return grad[:ctx.seq], None, g_loss
+        g_loss = torch.ones((), dtype=torch.float32, device=grad.device) if ctx.has_loss else None
+        return grad[:ctx.seq].to(ctx.dtype), None, g_loss, None
 
 
 class GKDStage(torch.nn.Module):
@@ -388,7 +390,7 @@ def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, data_
         if cos is not None:
             stage.records.append(torch.stack([cos.detach(), cos.new_zeros(()), cos.new_zeros(())]))
             cos = weights.cosine * cos / num_microbatches  # the schedule scales the last stage's loss alike
-        return _SendWithLoss.apply(s_out, t_out, cos), None
+        return _SendWithLoss.apply(s_out, t_out, cos, stage.config.pipeline_dtype), None
     return s_out, functools.partial(_loss, stage, cfg, evaluate, targets, t_out, cos)
 
 
