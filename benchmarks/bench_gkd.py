@@ -10,6 +10,12 @@
    agreement and next-token accuracy before and after.
 
     python benchmarks/bench_gkd.py [--work DIR] [--skip-throughput] [--skip-ablation] [--steps N]
+    python benchmarks/bench_gkd.py --before-tree DIR --rounds 3   # engine vs. an older source tree
+
+3. `--before-tree DIR` (a source tree of an earlier commit, e.g. `git archive <commit> | tar -x -C DIR`):
+   the same single-process throughput run with that tree's `megatron_puzzle` and with this one,
+   interleaved round by round (A B A B ...) so a machine shared with other work slows both alike;
+   prints the median tokens/s of each round and their ratio.
 
 Writes DIR/results.json and prints markdown tables (copied into docs/gkd.md).
 On a GPU run the throughput part with `--dtype bfloat16` and `--fp8 hybrid` instead.
@@ -128,6 +134,42 @@ def throughput(work: Path, args) -> list[dict]:
                      "wall_s": round(time.perf_counter() - t0, 1), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]})
         print(f"TP {tp} ({threads} thread(s) per process): {tok_s:.0f} tokens/s", flush=True)
     return rows
+
+
+def engine_vs_tree(work: Path, args) -> dict:
+    """tokens/s of this tree's GKD against `--before-tree`'s, same settings, interleaved rounds."""
+    base = work / "small"
+    if not (base / "data" / "done").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        make_small_run(base)
+    trees = {"before": Path(args.before_tree).resolve(), "after": REPO}
+    out: dict = {name: [] for name in trees}
+    for rnd in range(args.rounds):
+        for name, tree in trees.items():
+            run = work / f"cmp_{name}"
+            run.mkdir(parents=True, exist_ok=True)
+            for d in ("parent", "child", "data"):
+                if not (run / d).exists():
+                    (run / d).symlink_to(base / d)
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore", PYTHONPATH=str(tree))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port",
+                   str(29700 + rnd), __file__, "--throughput-worker", "--tp", "1", "--run-dir", str(run),
+                   "--tp-steps", str(args.tp_steps), "--tp-batch", str(args.tp_batch), "--tp-seq", str(args.tp_seq),
+                   "--dtype", args.dtype]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
+            if proc.returncode:
+                raise SystemExit(f"{name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            log = _log(run)
+            tok_s = statistics.median(r["tokens_per_s"] for r in log[2:])
+            out[name].append({"tokens_per_s": round(tok_s, 1), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]})
+            print(f"round {rnd + 1} {name}: {tok_s:.0f} tokens/s (loss {log[0]['loss']:.5f} -> {log[-1]['loss']:.5f})",
+                  flush=True)
+    med = {name: statistics.median(r["tokens_per_s"] for r in rows) for name, rows in out.items()}
+    out["median_tokens_per_s"] = med
+    out["after_over_before"] = round(med["after"] / med["before"], 3)
+    out["settings"] = {"tokens_per_step": args.tp_batch * args.tp_seq, "steps": args.tp_steps,
+                       "processes": 1, "threads": args.threads, "model": "small_parent/small_child"}
+    return out
 
 
 # --------------------------------------------------------------------------- 2. ablation on the default parent
@@ -268,6 +310,9 @@ def main() -> None:
     ap.add_argument("--tp-seq", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--fp8", default=None)
+    ap.add_argument("--before-tree", help="compare GKD throughput with this source tree (interleaved rounds)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP threads of the compared runs")
     # internal: one throughput run under torchrun
     ap.add_argument("--throughput-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -280,6 +325,11 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads()}
+    if args.before_tree:
+        results["engine_vs_before"] = engine_vs_tree(work, args)
+        (work / "compare.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["engine_vs_before"], indent=2))
+        return
     if not args.skip_throughput:
         results["throughput"] = throughput(work, args)
     if not args.skip_ablation:

@@ -86,20 +86,7 @@ def test_loss_terms_match_float64(mcore):
         losses.LossWeights(0, 0, 0)
 
 
-def test_clip_and_schedule_match_torch(mcore):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
-    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
-    ref.load_state_dict(model.state_dict())
-    x = torch.randn(4, 8)
-    for m in (model, ref):
-        (m(x) ** 2).sum().backward()
-    norm = train_utils.clip_grad_norm(model, 0.1)
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
-    assert abs(norm - ref_norm.item()) < 1e-5
-    for a, b in zip(model.parameters(), ref.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-7)
-
+def test_schedule(mcore):
     lr = lambda s: train_utils.lr_at(s, lr=1.0, min_lr=0.1, warmup=4, total=20)  # noqa: E731
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert abs(lr(12) - (0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 16)))) < 1e-12
@@ -125,7 +112,8 @@ def _log(run):
 
 
 def test_resume_continues_the_same_curve_and_gkd_lowers_kl(base_run, tmp_path):
-    cfg = GKDConfig(steps=6, save_interval=3, **TINY)
+    # all held-out tokens: top-1 agreement on 512 random tokens moves by single tokens
+    cfg = GKDConfig(steps=6, save_interval=3, **{**TINY, "eval_tokens": 2048})
     straight = _copy_run(base_run, tmp_path / "straight")
     result = run_gkd(straight, cfg)
     # the child ends closer to its parent on held-out tokens
@@ -180,6 +168,16 @@ def test_tp2_matches_tp1_and_vocab_parallel_losses(base_run, tmp_path):
     assert abs(res["losses"]["ce"]["value"] - rv.item()) < 1e-5
     assert (torch.tensor(res["losses"]["ce"]["grad"]).double() - rg).abs().max() < 1e-6
     assert torch.equal(torch.tensor(res["losses"]["argmax"]), s.argmax(-1))
+    # the cosine term over 2 sequence-parallel slices equals the whole sequence's, gradients too
+    from gkd_worker import sequence_hidden
+
+    hs, ht = sequence_hidden()
+    xr = [h.double().requires_grad_(True) for h in hs]
+    ref = ref_cosine(xr, ht)
+    ref.backward()
+    assert abs(res["losses"]["cosine_sp"]["value"] - ref.item()) < 1e-6
+    for g, r in zip(res["losses"]["cosine_sp"]["grad"], xr):
+        assert (torch.tensor(g).double() - r.grad).abs().max() < 1e-6
     assert VOCAB % 2 == 0
 
     # the first steps' losses of a TP 2 run equal TP 1's
@@ -202,6 +200,18 @@ def test_fp8_on_cpu_fails_at_start(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_sequence_parallel_on_cpu_fails_at_start(tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    assert main(["gkd", "--run-dir", str(tmp_path / "run"), "--tp", "2", "--sequence-parallel"]) == 2
+    err = capsys.readouterr().err
+    assert "Transformer Engine norms" in err and "drop --sequence-parallel" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="needs tp >= 2"):
+        GKDConfig(sequence_parallel=True)
+
+
 def test_bad_settings_are_named(tmp_path, capsys):
     from megatron_puzzle.cli import main
 
@@ -220,21 +230,6 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "megatron-puzzle import" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_dp2_matches_one_process_with_the_global_batch(base_run, tmp_path):
-    """Two data-parallel ranks with 2 sequences each follow one process with 4 (the same windows)."""
-    cfg = GKDConfig(steps=3, save_interval=0, **TINY)
-    one = _copy_run(base_run, tmp_path / "one")
-    run_gkd(one, cfg)
-    dp2 = _copy_run(base_run, tmp_path / "dp2")
-    torchrun(WORKER, 2, "--tp", "1", "--run-dir", str(dp2), "--config",
-             json.dumps({**cfg.to_dict(), "batch_size": 2}), "--out", str(tmp_path / "dp2.json"))
-    for ra, rb in zip(_log(one), _log(dp2)):
-        for key in ("loss", "cosine", "kl", "grad_norm"):
-            assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
-    assert json.loads((dp2 / "gkd" / "eval.json").read_text())["dp"] == 2
-
-
 def _final_weights(run):
     from megatron_puzzle.convert.megatron_layout import canonical_state
     from megatron_puzzle.model import checkpoint
@@ -242,44 +237,81 @@ def _final_weights(run):
     return canonical_state(checkpoint.load(run / "gkd" / "final"))
 
 
-def test_sharded_optimizer_at_dp2_matches_replicated_and_resumes(base_run, tmp_path):
-    """ZeRO stage 1 over 2 data-parallel ranks follows replicated AdamW step for step; each rank's
-    state file holds only its share; a stopped sharded run resumes on the same curve."""
-    from safetensors.torch import load_file
+def _same_curve(ref, rows, name, tol=1e-5, keys=("loss", "cosine", "kl", "grad_norm")):
+    assert [r["step"] for r in rows] == [r["step"] for r in ref], name
+    for ra, rb in zip(ref, rows):
+        for key in keys:
+            assert abs(ra[key] - rb[key]) <= tol, (name, ra["step"], key, ra[key], rb[key])
 
+
+def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts(base_run, tmp_path):
+    """On 2 processes, Megatron-Core's engine: PP 2 (uneven 1 + 3 layers, 2 micro-batches), DP 2 with
+    the distributed optimizer, and a run stopped at PP 2 and resumed at DP 2 all follow the
+    single-process loss curve of the same child (every variant kind) and end at the same weights."""
     from megatron_puzzle.model import checkpoint
 
-    cfg = {**GKDConfig(steps=3, save_interval=0, **{**TINY, "batch_size": 2, "eval_tokens": 128}).to_dict()}
-    sharded_cfg = {**cfg, "shard_optimizer": True}
-    full, sharded, resumed = (_copy_run(base_run, tmp_path / n) for n in ("full", "sharded", "resumed"))
-    torchrun(WORKER, 2, "--tp", "1", "--run-dir", str(full), "--config", json.dumps(cfg),
-             "--out", str(tmp_path / "dp2.json"), "--also", json.dumps([
-                 {"run_dir": str(sharded), "config": sharded_cfg},
-                 {"run_dir": str(resumed), "config": {**sharded_cfg, "save_interval": 2}, "stop_after": 2}]))
-
-    ref = _log(full)
+    cfg = GKDConfig(steps=3, save_interval=0, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2})
+    one = _copy_run(base_run, tmp_path / "one")
+    run_gkd(one, cfg)
+    base = cfg.to_dict()
+    pp2 = {**base, "pp": 2, "pp_first_stage_layers": 1}
+    dp2 = {**base, "batch_size": 2, "micro_batch_size": 1}  # 2 ranks x 2 sequences = the same global batch
+    runs = {n: _copy_run(base_run, tmp_path / n) for n in ("pp2", "dp2", "moved", "dist_resumed")}
+    torchrun(WORKER, 2, "--tp", "1", "--pp", "2", "--run-dir", str(runs["pp2"]), "--config", json.dumps(pp2),
+             "--out", str(tmp_path / "w.json"), "--also", json.dumps([
+                 {"run_dir": str(runs["dp2"]), "config": dp2},
+                 {"run_dir": str(runs["moved"]), "config": {**pp2, "save_interval": 2, "shard_optimizer": False},
+                  "stop_after": 2, "resume_config": {**dp2, "save_interval": 2, "shard_optimizer": False}},
+                 # the distributed optimizer's sharded state (dp_reshardable) saved and loaded at DP 2
+                 {"run_dir": str(runs["dist_resumed"]), "config": {**dp2, "save_interval": 2}, "stop_after": 2}]))
+    ref = _log(one)
     assert len(ref) == 3
-    for other in (sharded, resumed):
-        rows = _log(other)
-        assert [r["step"] for r in rows] == [1, 2, 3]
-        for ra, rb in zip(ref, rows):
-            for key in ("loss", "cosine", "kl", "grad_norm"):
-                assert abs(ra[key] - rb[key]) <= 1e-6, (other.name, ra["step"], key, ra[key], rb[key])
-    ref_w = _final_weights(full)
+    for name, run in runs.items():
+        _same_curve(ref, _log(run), name)
+    assert json.loads((runs["dp2"] / "gkd" / "eval.json").read_text())["dp"] == 2
+    assert json.loads((runs["pp2"] / "gkd" / "eval.json").read_text())["pp"] == 2
+    ref_w = _final_weights(one)
     child_w = canonical_state(checkpoint.load(base_run / "child"))
     assert max((ref_w[k] - child_w[k]).abs().max().item() for k in ref_w) > 1e-4  # training moved the weights
-    for other in (sharded, resumed):
-        w = _final_weights(other)
+    for name, run in runs.items():
+        w = _final_weights(run)
         assert w.keys() == ref_w.keys()
-        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-6, other.name
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-5, name
+    # the stopped run left a checkpoint written at PP 2; the resume read it at DP 2
+    assert (Path(f"{runs['moved']}_ckpt_at_stop") / "step_0000002" / "model").is_dir()
+    after = [json.loads((run / "gkd" / "eval.json").read_text())["after"]["kl_div"] for run in runs.values()]
+    ref_after = json.loads((one / "gkd" / "eval.json").read_text())["after"]["kl_div"]
+    assert max(abs(a - ref_after) for a in after) <= 1e-5
 
-    # the two ranks' AdamW moments cover the child's parameters exactly once, about half each
-    total = sum(v.numel() for v in child_w.values())
-    assert not (resumed / "gkd" / "ckpt").exists()  # a finished run keeps only final/
-    ckpt = Path(f"{resumed}_ckpt_at_stop") / "step_0000002"
-    held = [sum(v.numel() for k, v in load_file(str(ckpt / f"rank_{r:05d}.safetensors")).items()
-                if k.endswith(".exp_avg")) for r in (0, 1)]
-    assert sum(held) == total and max(held) < 0.75 * total, (held, total)
+
+def test_tp2_pp2_on_four_processes_and_resume_at_another_tp_and_pp(base_run, tmp_path):
+    """TP 2 x PP 2 (4 processes) follows one process; a run stopped at TP 1 x PP 1 resumes at TP 2 x PP 2
+    from its distributed checkpoint (model and optimizer state) and continues the same curve."""
+    cfg = GKDConfig(steps=3, save_interval=2, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2,
+                                                  "shard_optimizer": False, "loss": {"lm": 0.5}})
+    one = _copy_run(base_run, tmp_path / "one")
+
+    def stop(step, record):
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill after step 2")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_gkd(one, cfg, on_step=stop)
+    moved = tmp_path / "moved"
+    shutil.copytree(one, moved)
+    run_gkd(one, cfg)
+    fresh = _copy_run(base_run, tmp_path / "fresh")
+    layout = {**cfg.to_dict(), "tp": 2, "pp": 2}
+    torchrun(WORKER, 4, "--tp", "2", "--pp", "2", "--run-dir", str(fresh), "--config", json.dumps(layout),
+             "--out", str(tmp_path / "w.json"), "--also", json.dumps([{"run_dir": str(moved), "config": layout}]))
+    ref = _log(one)
+    keys = ("loss", "cosine", "kl", "lm", "grad_norm")
+    _same_curve(ref, _log(fresh), "tp2 x pp2", keys=keys)
+    _same_curve(ref, _log(moved), "resumed at tp2 x pp2", keys=keys)
+    ref_w = _final_weights(one)
+    for run in (fresh, moved):
+        w = _final_weights(run)
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-5, run.name
 
 
 def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
@@ -304,36 +336,79 @@ def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
         GKDConfig(teacher_dtype="float16")
 
 
-def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(base_run):
-    """Per-layer recomputation: loss and every gradient as without it (the cosine term on the
-    collected hidden states included), while autograd keeps far fewer activation bytes."""
-    from megatron_puzzle.distill.gkd import model_outputs, teacher_outputs
+def test_recompute_inside_megatrons_block_gives_the_same_step(base_run):
+    """Megatron-Core's full recompute (inside TransformerBlock) through the engine: the same loss,
+    gradient norm (the cosine term's gradient included) and updated weights as without it, while
+    each student layer really runs twice (forward, then again in the backward)."""
+    from megatron_puzzle.distill.gkd import build_engine, train_step
     from megatron_puzzle.model import checkpoint
 
-    tokens = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(5))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    teacher_cfg = GKDConfig(**TINY)
-    teacher = checkpoint.load(base_run / "parent", teacher_cfg.teacher_runtime())
-    with torch.no_grad():
-        t_logits, t_hidden = teacher_outputs(teacher, inputs, teacher_cfg, hidden=True)
+    batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(5))
     result = {}
     for recompute in (False, True):
         cfg = GKDConfig(recompute=recompute, **TINY)
+        teacher = checkpoint.load(base_run / "parent", cfg.teacher_runtime())
+        teacher.requires_grad_(False)
+        teacher.eval()
         student = checkpoint.load(base_run / "child", cfg.runtime())
-        saved = []
+        student.train()
+        engine = build_engine(student, teacher, cfg)
+        calls = [0]
+        hooks = [layer.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+                 for layer in student.decoder.layers]
+        record = train_step(engine, batch, cfg, lr=1e-3)
+        for h in hooks:
+            h.remove()
+        weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+        result[recompute] = record, weights, calls[0]
+    (r0, w0, c0), (r1, w1, c1) = result[False], result[True]
+    n = len(w0) and 4  # the child's 4 layers
+    assert c0 == n and c1 == 2 * n, (c0, c1)
+    for key in ("loss", "cosine", "kl", "grad_norm"):
+        assert abs(r0[key] - r1[key]) <= 1e-6, (key, r0[key], r1[key])
+    assert max((w0[k] - w1[k]).abs().max().item() for k in w0) <= 1e-6
 
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            s_logits, s_hidden = model_outputs(student, inputs, cfg, hidden=True)
-            loss, _ = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, cfg.weights)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-        result[recompute] = loss.item(), grads, sum(saved)
-    (l0, g0, b0), (l1, g1, b1) = result[False], result[True]
-    assert abs(l0 - l1) <= 1e-6
-    assert g0.keys() == g1.keys() and len(g0) > 0
-    assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= 1e-6
-    assert b1 < 0.5 * b0, (b0, b1)
+def test_parallel_sizes_the_model_cannot_take_are_refused_before_building(base_run, tmp_path, capsys):
+    """One line naming the layer, the size and the valid choices, from the config alone (so every
+    rank raises it alike, before any model or process group exists)."""
+    from megatron_puzzle.cli import main
+    from megatron_puzzle.model import checkpoint
+    from megatron_puzzle.model.gpt import LayoutError, check_layout
+
+    child = checkpoint.load_config(base_run / "child")  # 4 heads, KV 2/1/-/-, FFN 96/48/-/-, 4 layers
+    with pytest.raises(LayoutError, match=r"TP 3 does not split the model's 4 query heads; valid TP: 1, 2, 4"):
+        check_layout(child, tp=3)
+    with pytest.raises(LayoutError, match=r"layer 0: TP 4 does not split its FFN size 90; valid TP: 1, 2$"):
+        check_layout(child.with_blocks([child.blocks[0].__class__(child.blocks[0].attention,
+                                                                  child.blocks[1].ffn.__class__("full", 90))]
+                                       + list(child.blocks[1:])), tp=4)
+    with pytest.raises(LayoutError, match=r"PP 5 exceeds the model's 4 layers; valid PP: 1..4"):
+        check_layout(child, pp=5)
+    with pytest.raises(LayoutError, match=r"PP 3 does not split .* 4 layers evenly; valid PP: 1, 2, 4"):
+        check_layout(child, pp=3)
+    check_layout(child, pp=3, first_stage_layers=2)  # 2 + 1 + 1
+    with pytest.raises(LayoutError, match=r"6 processes are not a multiple of TP x PP = 2 x 2 = 4"):
+        check_layout(child, tp=2, pp=2, world=6)
+    with pytest.raises(LayoutError, match=r"layer 1: FP8 needs each TP shard's FFN size to be a multiple of 16, "
+                                          r"got 48 / TP 2 = 24"):
+        check_layout(child, tp=2, fp8=True)
+    check_layout(child, tp=2, pp=2, world=8)
+    # through the command: one line, nothing started
+    run = _copy_run(base_run, tmp_path / "run")
+    assert main(["gkd", "--run-dir", str(run), "--pp", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "PP 5 exceeds the child's 4 layers" in err, err
+    assert not (run / "gkd").exists()
+
+
+def test_lm_only_gkd_still_evaluates_against_the_parent(base_run, tmp_path):
+    """With the cosine and KL terms off the parent is not run in training, but the held-out
+    evaluation still compares the child with it."""
+    run = _copy_run(base_run, tmp_path / "lm")
+    result = run_gkd(run, GKDConfig(steps=2, save_interval=0, **{**TINY, "eval_tokens": 128,
+                                                                  "loss": {"cosine": 0, "kl": 0, "lm": 1}}))
+    rows = _log(run)
+    assert len(rows) == 2 and "kl" not in rows[0] and "cosine" not in rows[0]
+    assert abs(rows[0]["loss"] - rows[0]["lm"]) < 1e-12
+    assert result["after"]["kl_div"] > 0 and result["after"]["parent_lm_loss"] == result["before"]["parent_lm_loss"]

@@ -5,30 +5,34 @@ Puzzle paper's best): the sum over layers of (1 - cosine) between child and pare
 hidden states after each block, plus KL(parent || child) on next-token distributions;
 the LM loss and every weight are selectable for ablations (`losses.LossWeights`).
 
-Runs on Megatron-Core's tensor-parallel model (vocab-parallel logits, never gathered
-for the loss) with data parallelism over the remaining ranks, AdamW with linear
-warm-up and cosine decay, global-norm clipping; with `shard_optimizer` each DP rank
-keeps AdamW state only for the parameters it owns (ZeRO stage 1). Precision: fp32 on CPU; with
-`dtype: bfloat16` the forward runs under autocast (bf16 matmuls) while weights and
-AdamW states stay fp32 (they are the master weights); FP8 adds Transformer Engine's
-fp8 autocast on Hopper GPUs. `teacher_dtype: bfloat16` holds the frozen parent in bf16.
+Runs on Megatron-Core's training engine at any TP x PP x DP: student and teacher are
+split into pipeline stages and run together in one `get_forward_backward_func` schedule
+(`GKDStage`), gradients go through `DistributedDataParallel` and `finalize_model_grads`,
+and `get_megatron_optimizer` (the distributed optimizer when DP > 1) clips and steps.
+The cosine term is computed on the stage owning each layer, the KL and LM terms on the
+last stage from vocab-parallel logits (never gathered). LR: linear warm-up, cosine decay.
+Precision: fp32 with local specs on CPU; on a GPU Transformer Engine specs, the forward
+under bf16 autocast with fp32 master weights, the teacher in bf16, FP8 (delayed or
+current scaling) for the student when asked for.
 
 Outputs (RUN/gkd/):
-  ckpt/step_XXXXXXX/   model/ (distributed checkpoint), rank_XXXXX.safetensors (optimizer + RNG
-                       per rank), trainer.json (step, tokens, log, eval before), done;
+  ckpt/step_XXXXXXX/   model/ (distributed checkpoint of the weights and the sharded optimizer
+                       state), trainer.json (step, tokens, log, eval before, layout), done;
                        removed once final/ is written
   final/               the uptrained child (checkpoint, + tokenizer/ when the child or parent has one)
   eval.json            held-out metrics before and after; log.csv: per-step losses; config.json; done
 
-A killed run restarted with the same command resumes from the newest complete
-checkpoint: weights, optimizer, LR schedule (a function of the step), data position
-(batch index = step) and RNG, so the loss curve continues as if never stopped.
+A killed run restarted with the same command (or at another TP x PP x DP with the same
+global batch) resumes from the newest complete checkpoint: weights, optimizer, LR schedule
+(a function of the step) and data position (batch index = step), so the loss curve
+continues as if never stopped (dropout is 0: no RNG state to restore).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import re
@@ -41,12 +45,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..model import checkpoint, forward
+from ..model import checkpoint, forward, losses
 from ..model.gpt import RuntimeOptions, check_runtime
 from ..model.parallel import rank as _rank, world_size as _world
 from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
-from ..model import losses
 from . import train_utils
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,9 @@ FINAL_DIR = "final"
 TRAINER_STATE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 # Fields that may change between a killed run and its resume without changing the curve.
-_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute"}
+_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute", "tp", "pp",
+                "pp_first_stage_layers", "pp_last_stage_layers", "micro_batch_size", "shard_optimizer",
+                "optimizer_cpu_offload"}
 
 
 @dataclass
@@ -77,10 +82,17 @@ class GKDConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     eval_tokens: int = 16384  # held-out tokens for the before/after evaluation; 0 skips it
     tp: int = 1
+    pp: int = 1  # pipeline-parallel stages (student and teacher split alike)
+    pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
+    pp_last_stage_layers: int | None = None
+    micro_batch_size: int | None = None  # sequences per micro-batch (None: the whole batch_size; PP wants several)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     fp8: str | None = None  # None, "hybrid" or "e4m3" (Transformer Engine, Hopper GPUs)
-    shard_optimizer: bool = False  # each data-parallel rank keeps AdamW state for ~1/DP of the parameters
-    teacher_dtype: str = "float32"  # the frozen parent's parameters: float32 or bfloat16 (half the memory)
+    shard_optimizer: bool | None = None  # Megatron-Core's distributed optimizer (None: on when data-parallel > 1)
+    optimizer_cpu_offload: bool = False  # Megatron-Core's optimizer CPU offload (GPU runs)
+    teacher_dtype: str = "auto"  # the frozen parent's parameters: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    fp8_recipe: str = "delayed"  # the student's FP8 scaling: delayed (amax history) or tensorwise (current scaling)
+    sequence_parallel: bool = False  # Megatron-Core sequence parallelism with TP > 1 (TE norms: GPU only)
     recompute: bool = False  # keep only each layer's input, recompute the layer in the backward (~1/3 more compute)
     seed: int = 1234
     data_seed: int | None = None  # None: the seed recorded with the token shards
@@ -93,12 +105,14 @@ class GKDConfig:
         if unknown:
             raise ValueError(f"unknown loss term(s) {sorted(unknown)}; the terms are cosine, kl, lm")
         losses.LossWeights(**self.loss)  # validates
-        for name in ("batch_size", "seq_len", "tp"):
+        for name in ("batch_size", "seq_len", "tp", "pp"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"gkd {name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps", "warmup", "save_interval", "eval_tokens", "keep_checkpoints"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"gkd {name} must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
+            raise ValueError(f"gkd micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
         if self.tokens is not None and self.tokens <= 0:
             raise ValueError(f"gkd tokens must be positive, got {self.tokens}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -107,8 +121,12 @@ class GKDConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.teacher_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"teacher_dtype must be float32 or bfloat16, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"teacher_dtype must be auto, float32 or bfloat16, got {self.teacher_dtype!r}")
+        if self.fp8_recipe not in ("delayed", "tensorwise"):
+            raise ValueError(f"fp8_recipe must be delayed or tensorwise (current scaling), got {self.fp8_recipe!r}")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tp >= 2")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ValueError(f"fp8 must be hybrid or e4m3 (or unset), got {self.fp8!r}")
 
@@ -126,13 +144,27 @@ class GKDConfig:
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return getattr(torch, self.dtype)
 
+    def use_distributed_optimizer(self) -> bool:
+        from ..model.parallel import dp_size
+
+        return dp_size() > 1 if self.shard_optimizer is None else bool(self.shard_optimizer)
+
+    def teacher_torch_dtype(self) -> torch.dtype:
+        if self.teacher_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, self.teacher_dtype)
+
     def runtime(self) -> RuntimeOptions:
-        """Model build options: fp32 parameters always (master weights); TE specs when FP8 is asked for."""
-        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8), fp8=self.fp8, recompute=self.recompute)
+        """Student build options: fp32 parameters always (master weights); Transformer Engine specs
+        on a GPU (fused attention and norms; FP8 when asked for), Megatron's local specs on CPU."""
+        return RuntimeOptions(dtype=torch.float32, use_te=bool(self.fp8) or torch.cuda.is_available(), fp8=self.fp8,
+                              fp8_recipe=self.fp8_recipe, sequence_parallel=self.sequence_parallel,
+                              recompute=self.recompute,
+                              first_stage_layers=self.pp_first_stage_layers, last_stage_layers=self.pp_last_stage_layers)
 
     def teacher_runtime(self) -> RuntimeOptions:
         """The frozen parent needs no master weights: it may hold bf16 parameters."""
-        return replace(self.runtime(), dtype=getattr(torch, self.teacher_dtype), recompute=False)
+        return replace(self.runtime(), dtype=self.teacher_torch_dtype(), recompute=False, fp8=None)  # FP8: student only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,7 +231,8 @@ def _fp8(model, cfg: GKDConfig):
 
 
 def model_outputs(model, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, logits: bool = True):
-    """(vocab-parallel logits or None, per-layer hidden states or None)."""
+    """(vocab-parallel logits or None, per-layer hidden states or None) of a whole model (PP 1),
+    outside the training engine: for inspection and the GPU checks."""
     with _autocast(cfg), _fp8(model, cfg):
         h = forward.embed(model, tokens)
         if hidden:
@@ -213,46 +246,223 @@ def model_outputs(model, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, 
 def teacher_outputs(teacher, tokens: torch.Tensor, cfg: GKDConfig, *, hidden: bool, logits: bool = True):
     """The parent's outputs in fp32 (a bf16 teacher's included), so the loss math is the same either way."""
     out, outs = model_outputs(teacher, tokens, cfg, hidden=hidden, logits=logits)
-    if cfg.teacher_dtype == "float32":
+    if cfg.teacher_torch_dtype() == torch.float32:
         return out, outs
     return (out.float() if out is not None else None), ([h.float() for h in outs] if outs is not None else None)
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- the engine
 
-def _all_reduce_dp(values: torch.Tensor) -> torch.Tensor:
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _SendWithLoss(torch.autograd.Function):
+    """What a non-last pipeline stage sends: its student and teacher hidden states, one tensor
+    along the sequence dim (the schedule's p2p carries one tensor). `loss` (the cosine term of
+    this stage's layers) joins the backward that the next stage's gradient starts here."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, loss, dtype):
+        ctx.seq = student.shape[0]
+        ctx.dtype = student.dtype
+        ctx.has_loss = loss is not None
+        # the schedule's buffers are config.pipeline_dtype (bf16 autocast may hand over bf16)
+        return torch.cat([student.to(dtype), teacher.to(dtype)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_loss = torch.ones((), dtype=torch.float32, device=grad.device) if ctx.has_loss else None
+        return grad[:ctx.seq].to(ctx.dtype), None, g_loss, None
+
+
+class GKDStage(torch.nn.Module):
+    """This pipeline stage of the student (trained) and of the teacher (frozen), run together in
+    one Megatron-Core schedule. Only the student is a submodule: DDP, the optimizer and
+    checkpoints see its parameters alone. Per-layer hidden states come from `LayerOutputs`."""
+
+    def __init__(self, student, teacher, cfg: "GKDConfig"):
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)  # a tuple keeps it out of parameters() and state_dict()
+        self.config = student.config
+        self.model_type = student.model_type
+        self.cfg = cfg
+        cosine = bool(cfg.weights.cosine)
+        self.s_layers = forward.LayerOutputs(student) if cosine else None
+        self.t_layers = forward.LayerOutputs(teacher) if cosine else None
+        self.needs_teacher = bool(cfg.weights.cosine or cfg.weights.kl)
+        self._input: torch.Tensor | None = None
+        self.records: list[torch.Tensor] = []  # per micro-batch [cosine, kl, lm] (this stage's share)
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    # what finalize_model_grads asks the wrapped model (tied-embedding all-reduce under PP)
+    @property
+    def pre_process(self):
+        return self.student.pre_process
+
+    @property
+    def post_process(self):
+        return self.student.post_process
+
+    @property
+    def share_embeddings_and_output_weights(self):
+        return self.student.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.student.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor):
+        self._input = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def forward(self, tokens: torch.Tensor):
+        s_in = t_in = None
+        if self._input is not None:
+            s_in, t_in = self._input.chunk(2, dim=0)
+            t_in = t_in.detach().to(_teacher_dtype(self.cfg))
+        t_out = None
+        if self.needs_teacher or not self.training:  # evaluation compares with the parent always
+            with torch.no_grad():
+                t_out = forward.stage_forward(self.teacher, tokens, t_in, self.t_layers)
+        s_out = forward.stage_forward(self.student, tokens, s_in, self.s_layers)
+        return s_out, t_out
+
+
+def _teacher_dtype(cfg: "GKDConfig") -> torch.dtype:
+    return cfg.teacher_torch_dtype()
+
+
+@dataclass
+class Engine:
+    """Megatron-Core's training engine around one GKD stage: DDP, its optimizer, the schedule."""
+
+    model: Any  # megatron.core.distributed.DistributedDataParallel wrapping a GKDStage
+    optimizer: Any  # megatron.core.optimizer.MegatronOptimizer
+    stage: GKDStage
+
+
+def build_engine(student, teacher, cfg: "GKDConfig") -> Engine:
+    """Wrap built student / teacher stages in Megatron-Core's DDP and optimizer (reusable with fake tensors)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ..model.parallel import dp_size
+
+    stage = GKDStage(student, teacher, cfg)
+    distributed = cfg.use_distributed_optimizer()
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed)
+    model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=stage)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, adam_beta1=0.9,
+        adam_beta2=0.95, adam_eps=1e-8, clip_grad=cfg.clip, use_distributed_optimizer=distributed,
+        params_dtype=torch.float32, bf16=False, fp16=False,
+        optimizer_cpu_offload=cfg.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if cfg.optimizer_cpu_offload else 0.0,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=dp_size() > 1 and not torch.cuda.is_available())
+    config = student.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    config.pipeline_dtype = torch.float32
+    return Engine(model, optimizer, stage)
+
+
+def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, data_iterator, model):
+    """Megatron-Core's forward_step_func: one micro-batch through this stage of student and teacher."""
     from megatron.core import parallel_state
 
-    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    stage: GKDStage = model.module if hasattr(model, "module") else model
+    batch = next(data_iterator).to(_device())
+    tokens, targets = batch[:, :-1], batch[:, 1:]
+    with _autocast(cfg):
+        s_out, t_out = model(tokens)
+    weights = cfg.weights
+    cos = None
+    if stage.s_layers is not None and stage.s_layers.hidden and not evaluate:
+        cos = losses.cosine_term(stage.s_layers.hidden, [h.float() for h in stage.t_layers.hidden],
+                                 sequence_parallel=stage.config.sequence_parallel)
+    if not parallel_state.is_pipeline_last_stage():
+        if t_out is None:
+            t_out = torch.zeros_like(s_out)
+        if cos is not None:
+            stage.records.append(torch.stack([cos.detach(), cos.new_zeros(()), cos.new_zeros(())]))
+            cos = weights.cosine * cos / num_microbatches  # the schedule scales the last stage's loss alike
+        return _SendWithLoss.apply(s_out, t_out, cos, stage.config.pipeline_dtype), None
+    return s_out, functools.partial(_loss, stage, cfg, evaluate, targets, t_out, cos)
+
+
+def _loss(stage: GKDStage, cfg: "GKDConfig", evaluate: bool, targets, t_logits, cos, s_logits):
+    """The last stage's loss: KL and LM terms on vocab-parallel logits (never gathered), plus the
+    cosine term of this stage's layers; in evaluation, the held-out metric sums."""
+    if evaluate:
+        from ..model.metrics import ALL_METRICS, MetricSums, Reference
+
+        ref = Reference.from_logits(t_logits.float(), targets)
+        child, parent = MetricSums(), MetricSums()
+        child.add(s_logits.float(), ref)
+        parent.add(t_logits.float(), ref)
+        stage.records.append(torch.tensor([child.tokens, *(child.sums[m] for m in ALL_METRICS),
+                                           parent.sums["lm_loss"], parent.sums["accuracy"]], dtype=torch.float64))
+        return s_logits.new_zeros(()), {}
+    weights = cfg.weights
+    zero = s_logits.new_zeros((), dtype=torch.float32)
+    kl = losses.vocab_parallel_kl(t_logits.float(), s_logits, cfg.temperature) if weights.kl else zero
+    lm = losses.vocab_parallel_cross_entropy(s_logits, targets) if weights.lm else zero
+    cos = zero if cos is None else cos
+    loss = weights.cosine * cos + weights.kl * kl + weights.lm * lm
+    stage.records.append(torch.stack([cos.detach(), kl.detach(), lm.detach()]))
+    return loss, {}
+
+
+def _run_schedule(engine: Engine, batch: torch.Tensor, cfg: "GKDConfig", evaluate: bool) -> torch.Tensor:
+    """One global step of this DP rank's batch through Megatron-Core's schedule (any PP, PP 1 too);
+    returns this stage's per-micro-batch records summed over micro-batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro = cfg.micro_batch_size or batch.shape[0]
+    chunks = list(batch.split(micro, dim=0))
+    engine.stage.records = []
+    get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, cfg, len(chunks), evaluate),
+        data_iterator=iter(chunks), model=[engine.model], num_microbatches=len(chunks),
+        seq_length=2 * (batch.shape[1] - 1), micro_batch_size=chunks[0].shape[0], forward_only=evaluate)
+    width = 1 + 4 + 2 if evaluate else 3
+    records = engine.stage.records
+    total = torch.stack(records).double().sum(0) if records else torch.zeros(width, dtype=torch.float64)
+    return total.to(_device())
+
+
+def _reduce_over(values: torch.Tensor, *groups) -> torch.Tensor:
+    for group in groups:
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(values, group=group)
     return values
 
 
 @torch.no_grad()
-def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> dict[str, float]:
+def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dict[str, float]:
     """Held-out KL(parent || child), LM loss, top-1 agreement with the parent and next-token accuracy.
 
     The metrics are the scoring stage's (model.metrics), token-weighted over all batches
-    and data-parallel ranks. Also the parent's own LM loss and accuracy, for reference.
+    and data-parallel ranks, computed on the last pipeline stage. Also the parent's own LM
+    loss and accuracy, for reference.
     """
-    from ..model.metrics import ALL_METRICS, MetricSums, Reference
+    from megatron.core import parallel_state
 
-    was_training = student.training
-    student.eval()
-    dev = _device()
-    child, parent = MetricSums(), MetricSums()
+    from ..model.metrics import ALL_METRICS
+
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(7, dtype=torch.float64, device=_device())
     for batch in batches:
-        batch = batch.to(dev)
-        tokens, targets = batch[:, :-1], batch[:, 1:]
-        s_logits, _ = model_outputs(student, tokens, cfg, hidden=False)
-        t_logits, _ = teacher_outputs(teacher, tokens, cfg, hidden=False)
-        ref = Reference.from_logits(t_logits.float(), targets)
-        child.add(s_logits.float(), ref)
-        parent.add(t_logits.float(), ref)
-    student.train(was_training)
-    sums = torch.tensor([child.tokens, *(child.sums[m] for m in ALL_METRICS), parent.sums["lm_loss"],
-                         parent.sums["accuracy"]], dtype=torch.float64, device=dev)
-    _all_reduce_dp(sums)
+        sums += _run_schedule(engine, batch, cfg, evaluate=True)
+    model.train(was_training)
+    _reduce_over(sums, parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group())
     n = float(sums[0])
     if n == 0:
         return {"tokens": 0}
@@ -262,45 +472,31 @@ def evaluate(student, teacher, batches: list[torch.Tensor], cfg: GKDConfig) -> d
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
-# --------------------------------------------------------------------------- one step
+def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float) -> dict[str, float]:
+    """One optimizer step on this rank's batch [batch, seq_len + 1]: Megatron-Core's schedule runs
+    forward and backward of every micro-batch, `finalize_model_grads` reduces the gradients,
+    its optimizer clips and steps. Returns the loss terms averaged over data-parallel ranks."""
+    from megatron.core import parallel_state
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def train_step(student, teacher, optimizer, batch: torch.Tensor, cfg: GKDConfig, lr: float,
-               owners: dict[str, int] | None = None) -> dict[str, float]:
-    """One optimizer step on this rank's batch [batch, seq_len + 1]; returns the DP-averaged loss terms.
-
-    `owners` (shard_optimizer): this rank's optimizer steps only its own parameters; the
-    updated values are then broadcast from each parameter's owner over the DP group.
-    """
-    weights = cfg.weights
-    batch = batch.to(_device())
-    tokens, targets = batch[:, :-1], batch[:, 1:]
-    t_logits = t_hidden = None
-    if weights.cosine or weights.kl:
-        with torch.no_grad():
-            t_logits, t_hidden = teacher_outputs(teacher, tokens, cfg, hidden=bool(weights.cosine),
-                                                 logits=bool(weights.kl))
-    s_logits, s_hidden = model_outputs(student, tokens, cfg, hidden=bool(weights.cosine))
-    loss, terms = losses.gkd_loss(s_logits, t_logits, s_hidden, t_hidden, targets, weights, cfg.temperature)
-    loss.backward()
-    train_utils.average_gradients_dp(student)
-    grad_norm = train_utils.clip_grad_norm(student, cfg.clip)
-    train_utils.set_lr(optimizer, lr)
-    optimizer.step()
-    if owners is not None:
-        train_utils.broadcast_from_owners(student, owners)
-    # the model, not the optimizer: a sharded optimizer would leave the others' gradients behind
-    student.zero_grad(set_to_none=True)
-    names = ["loss", *terms]
-    values = torch.tensor([float(loss.detach()), *terms.values()], dtype=torch.float64, device=_device())
     from ..model.parallel import dp_size
 
-    values = _all_reduce_dp(values) / dp_size()
-    out = {k: float(v) for k, v in zip(names, values)}
-    out.update(lr=lr, grad_norm=grad_norm)
+    engine.model.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    terms = _run_schedule(engine, batch, cfg, evaluate=False)
+    micro = cfg.micro_batch_size or batch.shape[0]
+    terms = terms / (-(-batch.shape[0] // micro))
+    _reduce_over(terms, parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group())
+    terms = terms / dp_size()
+    ok, grad_norm, _ = engine.optimizer.step()
+    if not ok:
+        raise FloatingPointError("the optimizer skipped a step (inf/nan gradients)")
+    w = cfg.weights
+    values = dict(zip(("cosine", "kl", "lm"), (float(v) for v in terms)))
+    out = {"loss": w.cosine * values["cosine"] + w.kl * values["kl"] + w.lm * values["lm"]}
+    out.update({k: v for k, v in values.items() if getattr(w, k)})
+    out.update(lr=lr, grad_norm=float(grad_norm))
     return out
 
 
@@ -318,8 +514,17 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(done, key=lambda p: int(_STEP_RE.match(p.name).group(1))) if done else None
 
 
-def save_training_checkpoint(ckpt_root: Path, student, optimizer, state: dict[str, Any]) -> Path:
-    """model/ + one optimizer/RNG file per rank + trainer.json, built under a temp name, renamed when complete."""
+def _optimizer_sharded(engine: Engine, model_sd, is_loading: bool):
+    # dp_reshardable: the distributed optimizer's flat shards, regathered for any DP size;
+    # the plain optimizer maps its state onto the model's sharded tensors (any layout)
+    if engine.optimizer.config.use_distributed_optimizer:
+        return engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, sharding_type="dp_reshardable")
+    return engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def save_training_checkpoint(ckpt_root: Path, engine: Engine, state: dict[str, Any]) -> Path:
+    """model/ (Megatron-Core distributed checkpoint of the student and its sharded optimizer
+    state) + trainer.json, built under a temp name and renamed when complete."""
     from ..model.parallel import barrier
 
     final = step_dir(ckpt_root, state["step"])
@@ -328,8 +533,10 @@ def save_training_checkpoint(ckpt_root: Path, student, optimizer, state: dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    checkpoint.save(student, tmp / "model", extra={"step": state["step"], "tokens": state["tokens"]})
-    train_utils.save_rank_state(tmp / f"rank_{_rank():05d}.safetensors", optimizer)
+    student = engine.stage.student
+    opt_sd = _optimizer_sharded(engine, student.sharded_state_dict(), is_loading=False)
+    checkpoint.save(student, tmp / "model", extra={"step": state["step"], "tokens": state["tokens"]},
+                    extra_state={"optimizer": opt_sd})
     barrier()
     if _rank() == 0:
         atomic_write_json(tmp / TRAINER_STATE, state)
@@ -347,16 +554,16 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_checkpoint(path: Path, student, optimizer, world: int, tp: int) -> dict[str, Any]:
+def load_training_checkpoint(path: Path, engine: Engine) -> dict[str, Any]:
+    """Weights and optimizer state saved at any TP x PP x DP layout, into this layout's engine."""
     state = read_json(path / TRAINER_STATE)
-    if state.get("world_size") != world or state.get("tp") != tp:
-        raise ValueError(
-            f"{path} was written by {state.get('world_size')} processes at TP {state.get('tp')}, "
-            f"but this run has {world} at TP {tp}; resume with the same launch (torchrun --nproc-per-node and --tp), "
-            "or remove the gkd directory to start over"
-        )
-    checkpoint.load_into(student, path / "model")
-    train_utils.load_rank_state(path / f"rank_{_rank():05d}.safetensors", optimizer)
+    student = engine.stage.student
+    train_utils.init_optimizer_state(engine.optimizer)
+    with torch.no_grad():  # fp32 main params are views of the trained parameters
+        opt_sd = _optimizer_sharded(engine, student.sharded_state_dict(), is_loading=True)
+        extras = checkpoint.load_into(student, path / "model", extra_state={"optimizer": opt_sd})
+        engine.optimizer.load_state_dict(extras["optimizer"])
+    train_utils.set_step_count(engine.optimizer, state["step"])
     return state
 
 
@@ -391,6 +598,19 @@ def _check_inputs(run: Path) -> None:
         raise FileNotFoundError(f"gkd needs token shards in {run / 'data'}; run `megatron-puzzle data` first")
 
 
+def _check_layout(run: Path, cfg: GKDConfig) -> None:
+    """TP / PP / world size against the parent's and the child's layers, before any model is built."""
+    import os
+
+    from ..model.gpt import check_layout
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("child", "parent"):
+        check_layout(checkpoint.load_config(run / name), tp=cfg.tp, pp=cfg.pp, world=world, fp8=bool(cfg.fp8),
+                     first_stage_layers=cfg.pp_first_stage_layers, last_stage_layers=cfg.pp_last_stage_layers,
+                     what=name)
+
+
 def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: bool = False,
             on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Uptrain RUN/child against RUN/parent; write RUN/gkd. Returns the eval.json content.
@@ -411,7 +631,8 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         log.info("gkd already finished in %s; keeping it (pass overwrite to redo)", out)
         return read_json(out / "eval.json")
     _check_inputs(run)
-    init_distributed(cfg.tp, seed=cfg.seed)
+    _check_layout(run, cfg)
+    init_distributed(cfg.tp, seed=cfg.seed, pipeline_parallel=cfg.pp)
     if overwrite and _rank() == 0 and out.exists():
         shutil.rmtree(out)
     barrier()
@@ -425,33 +646,34 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     if student.puzzle_config.num_layers != teacher.puzzle_config.num_layers and cfg.weights.cosine:
         raise ValueError(f"child has {student.puzzle_config.num_layers} layers, parent "
                          f"{teacher.puzzle_config.num_layers}: the cosine term needs equal counts; set loss.cosine: 0")
-    owners = None
-    if cfg.shard_optimizer and dp_size() > 1:
-        owners = train_utils.shard_owners(student, dp_size())
-    owned = None if owners is None else {n for n, r in owners.items() if r == dp_rank()}
-    optimizer = train_utils.build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, owned=owned)
+    engine = build_engine(student, teacher, cfg)
     total = cfg.total_steps(dp_size())
     tokens_per_step = cfg.batch_size * cfg.seq_len * dp_size()
     cfg_dict = cfg.to_dict()
+    cfg_dict_global = {**cfg_dict, "batch_size": cfg.batch_size * dp_size()}  # what a resume must keep
 
     ckpt_root = out / CKPT_DIR
     state: dict[str, Any] = {"step": 0, "tokens": 0, "history": [], "eval_before": None,
-                             "world_size": _world(), "tp": cfg.tp, "config": cfg_dict}
+                             "world_size": _world(), "tp": cfg.tp, "pp": cfg.pp, "dp": dp_size(),
+                             "config": cfg_dict_global}
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         saved = read_json(latest / TRAINER_STATE)
-        changed = sorted(k for k in cfg_dict if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict[k])
+        changed = sorted(k for k in cfg_dict_global
+                         if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict_global[k])
         if changed:
             raise ValueError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
-                             f"same config, or rerun with overwrite to start over")
-        state = load_training_checkpoint(latest, student, optimizer, _world(), cfg.tp)
+                             f"same config (any TP x PP x DP with the same global batch), or rerun with overwrite "
+                             f"to start over")
+        state = load_training_checkpoint(latest, engine)
+        state.update(world_size=_world(), tp=cfg.tp, pp=cfg.pp, dp=dp_size(), config=cfg_dict_global)
         log.info("resuming gkd from %s (step %d)", latest, state["step"])
     if _rank() == 0:
         atomic_write_json(out / "config.json", cfg_dict)
 
     heldout = heldout_batches(run, cfg)
     if state["eval_before"] is None:
-        state["eval_before"] = evaluate(student, teacher, heldout, cfg)
+        state["eval_before"] = evaluate(engine, heldout, cfg)
         log.info("held-out before gkd: %s", state["eval_before"])
 
     writer = _summary_writer(out) if _rank() == 0 else None
@@ -465,7 +687,9 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         step = state["step"]
         lr = train_utils.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=total)
         t0 = time.perf_counter()
-        record = train_step(student, teacher, optimizer, next(batches), cfg, lr, owners)
+        # the one place a preemption request is checked (once per step, agreed over ranks):
+        # PREEMPT: if megatron_puzzle.utils.preempt.requested(): save_training_checkpoint(...); exit 0
+        record = train_step(engine, next(batches), cfg, lr)
         dt = time.perf_counter() - t0
         state["step"] = step + 1
         state["tokens"] += tokens_per_step
@@ -479,7 +703,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
                 if k not in ("step", "tokens"):
                     writer.add_scalar(f"gkd/{k}", v, step + 1)
         if cfg.save_interval and state["step"] % cfg.save_interval == 0 and state["step"] < total:
-            save_training_checkpoint(ckpt_root, student, optimizer, state)
+            save_training_checkpoint(ckpt_root, engine, state)
             if _rank() == 0:
                 prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
                 _write_log_csv(out / "log.csv", state["history"])
@@ -490,9 +714,9 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     if writer is not None:
         writer.close()
 
-    result = {"before": state["eval_before"], "after": evaluate(student, teacher, heldout, cfg),
+    result = {"before": state["eval_before"], "after": evaluate(engine, heldout, cfg),
               "steps": state["step"], "tokens": state["tokens"], "loss_weights": cfg.loss,
-              "tp": cfg.tp, "dp": dp_size(), "dtype": str(cfg.compute_dtype()).replace("torch.", ""),
+              "tp": cfg.tp, "pp": cfg.pp, "dp": dp_size(), "dtype": str(cfg.compute_dtype()).replace("torch.", ""),
               "fp8": cfg.fp8}
     log.info("held-out after gkd: %s", result["after"])
     checkpoint.save(student, out / FINAL_DIR, extra={"stage": "gkd", "steps": state["step"], "tokens": state["tokens"]})

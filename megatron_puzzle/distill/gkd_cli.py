@@ -1,8 +1,8 @@
 """`megatron-puzzle gkd`: global knowledge distillation of RUN/child from RUN/parent.
 
 Settings come from GKDConfig defaults, then a YAML file (`--config`, flat or under a
-`gkd:` key), then the flags given. For TP/DP launch under torchrun:
-  torchrun --nproc-per-node 2 $(which megatron-puzzle) gkd --run-dir RUN --tp 2
+`gkd:` key), then the flags given. For TP/PP/DP launch under torchrun (world = TP x PP x DP):
+  torchrun --nproc-per-node 4 $(which megatron-puzzle) gkd --run-dir RUN --tp 2 --pp 2 --micro-batch-size 1
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ _FLAGS = {  # flag -> (GKDConfig field, type, help)
     "--save-interval": ("save_interval", int, "steps between checkpoints (0: none)"),
     "--eval-tokens": ("eval_tokens", int, "held-out tokens evaluated before and after (0: skip)"),
     "--tp": ("tp", int, "tensor-parallel size"),
+    "--pp": ("pp", int, "pipeline-parallel size (student and teacher split alike)"),
+    "--pp-first-stage-layers": ("pp_first_stage_layers", int, "layers on the first pipeline stage (uneven split)"),
+    "--pp-last-stage-layers": ("pp_last_stage_layers", int, "layers on the last pipeline stage (uneven split)"),
+    "--micro-batch-size": ("micro_batch_size", int, "sequences per micro-batch (divides --batch-size)"),
     "--dtype": ("dtype", str, "auto, float32 or bfloat16 (bf16 autocast, fp32 master weights)"),
-    "--fp8": ("fp8", str, "hybrid or e4m3: FP8 through Transformer Engine (Hopper GPUs)"),
+    "--fp8": ("fp8", str, "hybrid or e4m3: FP8 through Transformer Engine for the student (Hopper GPUs)"),
+    "--fp8-recipe": ("fp8_recipe", str, "delayed (amax history) or tensorwise (current scaling)"),
+    "--teacher-dtype": ("teacher_dtype", str, "auto (bf16 on GPU), float32 or bfloat16"),
     "--seed": ("seed", int, "seed"),
 }
 _WEIGHTS = {"--cosine-weight": "cosine", "--kl-weight": "kl", "--lm-weight": "lm"}
@@ -47,7 +53,7 @@ def _config(args: argparse.Namespace):
                 cfg["loss"] = {**cfg["loss"], term: value}
         if args.no_progress:
             cfg["progress"] = False
-        for flag in ("shard_optimizer", "recompute"):
+        for flag in ("shard_optimizer", "recompute", "optimizer_cpu_offload", "sequence_parallel"):
             if getattr(args, flag):
                 cfg[flag] = True
         return GKDConfig.from_dict(cfg)
@@ -83,10 +89,15 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML file of gkd settings (flat, or under a `gkd:` key)")
     for flag, (name, typ, help_) in _FLAGS.items():
         p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--pipeline-parallel", dest="pp", type=int, default=None, help=argparse.SUPPRESS)
     for flag, term in _WEIGHTS.items():
         p.add_argument(flag, dest=f"w_{term}", type=float, default=None, help=f"weight of the {term} loss term")
     p.add_argument("--shard-optimizer", action="store_true",
-                   help="split AdamW state over the data-parallel ranks (ZeRO stage 1)")
+                   help="Megatron-Core's distributed optimizer even at DP 1 (the default when data-parallel > 1)")
+    p.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="keep optimizer state on the host (Megatron-Core's optimizer CPU offload; GPU runs)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron-Core sequence parallelism over the TP ranks (Transformer Engine norms: GPU only)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute each layer in the backward instead of keeping its activations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

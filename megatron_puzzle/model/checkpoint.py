@@ -79,9 +79,11 @@ def load_into(model, path: str | Path, extra_state: dict[str, Any] | None = None
     from megatron.core import dist_checkpointing
 
     check(path)
-    sharded = model.sharded_state_dict()
+    sharded = _without_absent_extra_state(model.sharded_state_dict(), path)
     if extra_state:
         sharded.update({f"extra.{k}": v for k, v in extra_state.items()})
+    # a checkpoint's keys the model does not ask for (Transformer Engine's `_extra_state` in a
+    # TE-spec checkpoint read by local specs) are left unread: Megatron's default strictness
     state = dist_checkpointing.load(sharded, str(path))
     extras = {k[len("extra."):]: state.pop(k) for k in list(state) if k.startswith("extra.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -89,6 +91,21 @@ def load_into(model, path: str | Path, extra_state: dict[str, Any] | None = None
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return extras
+
+
+def _without_absent_extra_state(sharded: dict, path: str | Path) -> dict:
+    """Drop the `_extra_state` entries (Transformer Engine's FP8 scaling state, e.g.
+    `decoder.final_layernorm._extra_state`) that the checkpoint does not hold: a TE-spec model
+    asks for them, a local-spec (CPU) checkpoint has none, and a strict load would raise.
+    The modules keep their fresh extra state; weights are unaffected."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    asked = {k for k, v in sharded.items() if k.endswith("_extra_state") and hasattr(v, "key")}
+    if not asked:
+        return sharded
+    meta = load_sharded_metadata(str(path))  # objects are listed per shard: "<key>/shard_<i>_<n>"
+    saved = {getattr(v, "key", k.split("/shard_")[0]) for k, v in meta.items()}
+    return {k: v for k, v in sharded.items() if k not in asked or v.key in saved}
 
 
 def load(path: str | Path, opts=None):

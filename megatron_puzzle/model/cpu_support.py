@@ -11,9 +11,27 @@ redirect exactly these, and nothing else:
 3. The CUDA RNG tracker (``tensor_parallel.random``) keeps CUDA generator states;
    a tracker keeping CPU generator states makes ``model_parallel_cuda_manual_seed``
    and ``fork()`` work.
-4. ``torch.cuda.synchronize()`` in distributed-checkpoint saving becomes a no-op.
+4. ``torch.cuda.synchronize()`` in distributed-checkpoint saving (and pipeline
+   send/receive) becomes a no-op.
+
+The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
+
+5. ``device="cuda"`` literals (optimizer flags and scales, clip-grad buffers, the
+   local l2-norm fallback, the schedules' token counters, the grad scaler): those
+   modules see a ``torch`` whose tensor factories map ``"cuda"`` to the CPU.
+6. ``Tensor.type()`` string checks (``'torch.cuda.FloatTensor'``) in grad clipping
+   and the distributed optimizer's setup: while those two functions run, CPU
+   tensors report the CUDA type names of the same dtype.
+8. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+   state (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``): without CUDA there is none;
+   the CPU state and the tracker's states are still saved and restored.
+7. ``weight.data.cuda()`` of the tied embedding under pipeline parallelism
+   (``LanguageModule.setup_embeddings_and_output_layer``): ``.cuda()`` stays on the
+   CPU while that method runs.
 
 Call :func:`apply` before building a model. It does nothing when CUDA is available.
+Each redirected spot is listed in :data:`REDIRECTED` (module, attribute) and the
+test suite checks that they still exist in the installed Megatron-Core.
 """
 
 from __future__ import annotations
@@ -74,6 +92,93 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+class _CPUTorch:
+    """`torch` as seen by a Megatron-Core module that allocates with device="cuda": the
+    factories below put those tensors on the CPU; every other name is torch's own."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+
+    def __init__(self, real):
+        self._real = real
+        for name in self._FACTORIES:
+            setattr(self, name, self._wrap(getattr(real, name)))
+
+    @staticmethod
+    def _wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            dev = kwargs.get("device")
+            if dev == "cuda" or (isinstance(dev, torch.device) and dev.type == "cuda"):
+                kwargs["device"] = "cpu"
+                kwargs.pop("pin_memory", None)
+            return fn(*args, **kwargs)
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """CPU tensors answer `.type()` (no argument) with the CUDA type name of their dtype."""
+    real = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return _CUDA_TYPE_NAMES.get(out, out) if not args and not kwargs else out
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real
+
+
+@contextlib.contextmanager
+def _cuda_stays_on_cpu():
+    real = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real
+
+
+def _within(fn, context):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+    call._cpu_support_wrapped = True
+    return call
+
+
+# (module, attribute) of every redirected spot; tests/test_model_parity.py checks each still exists.
+REDIRECTED = [
+    ("torch.cuda", "current_device"),  # 1
+    ("megatron.core.transformer.utils", "get_default_causal_mask"),  # 2
+    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),  # 2
+    ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER"),  # 3
+    ("torch.cuda", "synchronize"),  # 4
+    ("megatron.core.optimizer.optimizer", "torch"),  # 5: found_inf, _scale_one, _dummy_overflow_buf
+    ("megatron.core.optimizer.clip_grads", "torch"),  # 5: norm and overflow buffers
+    ("megatron.core.optimizer.grad_scaler", "torch"),  # 5: loss-scale tensors
+    ("megatron.core.utils", "torch"),  # 5: local_multi_tensor_l2_norm's result
+    ("megatron.core.pipeline_parallel.schedules", "torch"),  # 5: total_num_tokens
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),  # 6
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # 6: imported by name
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "__init__"),  # 6
+    ("megatron.core.models.common.language_module.language_module.LanguageModule",
+     "setup_embeddings_and_output_layer"),  # 7
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),  # 8
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),  # 8
+]
+
+
 def apply() -> None:
     """Redirect Megatron-Core's CUDA-only calls to the CPU (idempotent; no-op with CUDA)."""
     global _APPLIED
@@ -95,4 +200,22 @@ def apply() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *a, **k: None
+    mcore_random._get_cuda_rng_state = lambda *a, **k: None  # 8
+    mcore_random._set_cuda_rng_state = lambda *a, **k: None
+
+    from megatron.core import utils as mcore_core_utils
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler, optimizer
+    from megatron.core.pipeline_parallel import schedules
+
+    cpu_torch = _CPUTorch(torch)  # 5
+    for module in (optimizer, clip_grads, grad_scaler, mcore_core_utils, schedules):
+        module.torch = cpu_torch
+    clipped = _within(clip_grads.clip_grad_by_total_norm_fp32, _cuda_type_names)  # 6
+    clip_grads.clip_grad_by_total_norm_fp32 = clipped
+    optimizer.clip_grad_by_total_norm_fp32 = clipped
+    DO = distrib_optimizer.DistributedOptimizer
+    DO.__init__ = _within(DO.__init__, _cuda_type_names)
+    LanguageModule.setup_embeddings_and_output_layer = _within(  # 7
+        LanguageModule.setup_embeddings_and_output_layer, _cuda_stays_on_cpu)
     _APPLIED = True

@@ -91,3 +91,80 @@ def gather_vocab(logits_parallel: torch.Tensor) -> torch.Tensor:
 
 def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return gather_vocab(logits(model, tokens))
+
+
+# --------------------------------------------------------------------------- whole-stage forward (pipeline parallel)
+
+class LayerOutputs:
+    """Collects the output hidden state of each decoder layer of a GPTModel (this pipeline
+    stage's layers) while the model runs its own `forward`, through Megatron-Core's
+    TransformerBlock (its recompute included) and without copying its loop.
+
+    Layer i's output is taken as the input of layer i + 1 (a forward pre-hook), the last
+    layer's as the input of the final norm (last stage) or the decoder's output (other
+    stages). Inputs, not outputs: under full recompute each layer runs inside a checkpoint
+    with autograd off, and only the checkpoint's result, the next layer's input, carries
+    the graph a loss on it needs. Hooks collect only inside `with collector:`, so the
+    recomputation during the backward leaves the list alone.
+    """
+
+    def __init__(self, model):
+        decoder = model.decoder
+        self.hidden: list[torch.Tensor] = []
+        self._on = False
+        self._handles = []
+        layers = list(decoder.layers)
+        for layer in layers[1:]:
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        if layers:
+            if decoder.final_layernorm is not None:
+                self._handles.append(decoder.final_layernorm.register_forward_pre_hook(self._norm_hook))
+            else:
+                self._handles.append(decoder.register_forward_hook(self._out_hook))
+
+    def _pre_hook(self, module, args, kwargs):
+        if self._on:
+            self.hidden.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    def _norm_hook(self, module, args):
+        if self._on:
+            self.hidden.append(args[0])
+
+    def _out_hook(self, module, args, output):
+        if self._on:
+            self.hidden.append(output[0] if isinstance(output, tuple) else output)
+
+    def __enter__(self):
+        self.hidden = []
+        self._on = True
+        return self
+
+    def __exit__(self, *exc):
+        self._on = False
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def stage_forward(model, tokens: torch.Tensor, input_tensor: torch.Tensor | None = None,
+                  collector: LayerOutputs | None = None):
+    """This pipeline stage's forward through GPTModel.forward: vocab-parallel logits
+    [batch, seq, vocab/tp] on the last stage, hidden states [seq, batch, hidden] on the others.
+
+    `input_tensor` is the previous stage's output (None on the first stage, which embeds
+    `tokens`); with a `collector`, each of the stage's layer outputs is in `collector.hidden`.
+    """
+    model.set_input_tensor(input_tensor)
+    ctx = collector if collector is not None else _null()
+    with ctx:
+        return model(input_ids=tokens, position_ids=None, attention_mask=None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -39,8 +39,11 @@ class RuntimeOptions:
     dtype: torch.dtype = torch.float32  # params and compute dtype: float32 on CPU, bfloat16 on GPU
     use_te: bool = False  # Transformer Engine layer specs (GPU only)
     fp8: str | None = None  # "hybrid" or "e4m3" through Transformer Engine (Hopper GPUs only)
+    fp8_recipe: str = "delayed"  # "delayed" (amax history) or "tensorwise" (current scaling)
     sequence_parallel: bool = False
     recompute: bool = False  # full activation recomputation per layer
+    first_stage_layers: int | None = None  # pipeline parallel: layers on the first stage (None: even split)
+    last_stage_layers: int | None = None  # pipeline parallel: layers on the last stage (None: even split)
 
 
 class GPUOnlyOptionError(RuntimeError):
@@ -65,18 +68,26 @@ def check_runtime(opts: RuntimeOptions) -> None:
     if opts.fp8 and torch.cuda.get_device_capability()[0] < 9:
         raise GPUOnlyOptionError(f"FP8 needs a Hopper or newer GPU (compute capability >= 9.0), found {torch.cuda.get_device_name()}")
     if opts.sequence_parallel and not opts.use_te:
-        raise ValueError("sequence parallelism needs Transformer Engine norms; Megatron-Core refuses it with the local (torch) specs")
+        raise GPUOnlyOptionError("sequence parallelism needs Transformer Engine norms (GPU); Megatron-Core refuses it "
+                                 "with the local (torch) specs: drop --sequence-parallel on CPU")
 
 
 def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
     """Megatron-Core `HeterogeneousTransformerConfig` for a model config."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 
+    from megatron.core import parallel_state
+
     opts = opts or RuntimeOptions()
     on_gpu = torch.cuda.is_available()
+    # the layout Megatron-Core reads from the config (layer offsets of a pipeline stage, SP checks)
+    tp = pp = 1
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
     fp8_kwargs = {}
     if opts.fp8:
-        fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,
+        fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
                           fp8_amax_compute_algo="max")
     return HeterogeneousTransformerConfig(
         num_layers=cfg.num_layers,
@@ -110,13 +121,23 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
         recompute_granularity="full" if opts.recompute else None,
         recompute_method="uniform" if opts.recompute else None,
         recompute_num_layers=1 if opts.recompute else None,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,  # what stages send each other (fp32 master weights; GKD's p2p)
+        num_layers_in_first_pipeline_stage=opts.first_stage_layers,
+        num_layers_in_last_pipeline_stage=opts.last_stage_layers,
         heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": cfg.block_configs_json()}),
         **fp8_kwargs,
     )
 
 
-def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_process: bool = True, post_process: bool = True):
+def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_process: bool | None = None,
+                post_process: bool | None = None):
     """A Megatron-Core GPTModel for `cfg` on the current TP group (call `init_distributed` first).
+
+    Under pipeline parallelism it is this rank's stage: the embedding on the first stage
+    (`pre_process`), the final norm and output layer on the last (`post_process`), and
+    the stage's layers (None: from Megatron-Core's pipeline state).
 
     Weights are randomly initialised; load real ones with `convert.megatron_layout`
     or `checkpoint.load`. The same seed gives the same weights at any TP size.
@@ -124,9 +145,15 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
 
+    from megatron.core import parallel_state
+
     opts = opts or RuntimeOptions()
     check_runtime(opts)
     cpu_support.apply()
+    if pre_process is None:
+        pre_process = not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_last_stage()
     tcfg = transformer_config(cfg, opts)
     _pipeline_stage_config(tcfg)
     spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te)
@@ -144,7 +171,7 @@ def build_model(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pre_pro
     )
     # Megatron-Core's llama3 RoPE scaling hard-codes three of its four parameters;
     # set the exact frequencies of this model (computed in float64) instead.
-    if model.rotary_pos_emb is not None:
+    if getattr(model, "rotary_pos_emb", None) is not None:
         inv = cfg.rope_inv_freq().to(torch.float32)
         model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
     model.puzzle_config = cfg  # the arch-level description travels with the module
@@ -189,3 +216,75 @@ def build_layer(cfg: ModelConfig, block, layer_number: int = 1, opts: RuntimeOpt
 def layer_prefix(layer_index: int) -> str:
     """Megatron-Core parameter-name prefix of decoder layer `layer_index` inside a GPTModel."""
     return f"decoder.layers.{layer_index}."
+
+
+class LayoutError(ValueError):
+    """Parallel sizes that cannot split this model; raised before any model is built."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _stage_layers(num_layers: int, pp: int, first: int | None, last: int | None) -> list[int] | None:
+    """Layers per pipeline stage as Megatron-Core splits them, or None when it cannot."""
+    if pp == 1:
+        return [num_layers] if first is None and last is None else None
+    fixed = [x for x in (first, last) if x is not None]
+    middle_stages = pp - len(fixed)
+    rest = num_layers - sum(fixed)
+    if any(x < 0 for x in fixed) or rest < 0 or (middle_stages == 0 and rest != 0):
+        return None
+    if middle_stages and (rest % middle_stages or rest == 0):
+        return None
+    each = rest // middle_stages if middle_stages else 0
+    stages = [each] * pp
+    if first is not None:
+        stages[0] = first
+    if last is not None:
+        stages[-1] = last
+    return stages
+
+
+def check_layout(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, world: int | None = None, fp8: bool = False,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                 what: str = "model") -> None:
+    """Refuse parallel sizes the model cannot be split by, in one line naming the layer, the size
+    and the valid choices. Pure arithmetic on the config: every rank raises the same error
+    before any model is built (no rank is left waiting in a collective)."""
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"tensor and pipeline parallel sizes must be >= 1, got TP {tp}, PP {pp}")
+    heads = cfg.num_attention_heads
+    if heads % tp:
+        raise LayoutError(f"TP {tp} does not split the {what}'s {heads} query heads; valid TP: "
+                          f"{', '.join(map(str, _divisors(heads)))}")
+    for i, block in enumerate(cfg.blocks):
+        kv = block.attention.num_kv_heads if block.attention.kind == "full" else None
+        if kv is not None and kv % tp and tp % kv:
+            valid = sorted({d for d in _divisors(heads) if kv % d == 0 or d % kv == 0})
+            raise LayoutError(f"layer {i}: TP {tp} neither splits nor replicates its {kv} KV heads; valid TP: "
+                              f"{', '.join(map(str, valid))}")
+        ffn = block.ffn.intermediate_size if block.ffn.kind == "full" else None
+        if ffn is not None and ffn % tp:
+            raise LayoutError(f"layer {i}: TP {tp} does not split its FFN size {ffn}; valid TP: "
+                              f"{', '.join(str(d) for d in _divisors(heads) if ffn % d == 0)}")
+        if fp8:
+            if ffn is not None and (ffn // tp) % 16:
+                raise LayoutError(f"layer {i}: FP8 needs each TP shard's FFN size to be a multiple of 16, got "
+                                  f"{ffn} / TP {tp} = {ffn // tp}; choose a round_to multiple of {16 * tp} or drop --fp8")
+            if kv is not None and (max(kv // tp, 1) * cfg.head_dim) % 16:
+                raise LayoutError(f"layer {i}: FP8 needs each TP shard's KV width to be a multiple of 16, got "
+                                  f"{max(kv // tp, 1)} heads x {cfg.head_dim}; change TP or drop --fp8")
+    layers = cfg.num_layers
+    if pp > layers:
+        raise LayoutError(f"PP {pp} exceeds the {what}'s {layers} layers; valid PP: 1..{layers}")
+    if _stage_layers(layers, pp, first_stage_layers, last_stage_layers) is None:
+        if first_stage_layers is None and last_stage_layers is None:
+            raise LayoutError(f"PP {pp} does not split the {what}'s {layers} layers evenly; valid PP: "
+                              f"{', '.join(map(str, _divisors(layers)))}, or set the first/last stage's layers")
+        raise LayoutError(f"first/last pipeline stage layers {first_stage_layers}/{last_stage_layers} leave "
+                          f"{layers} layers unsplittable over PP {pp}; the other stages must get equal, positive counts")
+    # the launch last: first what the model itself allows
+    if world is not None and world % (tp * pp):
+        raise LayoutError(f"{world} processes are not a multiple of TP x PP = {tp} x {pp} = {tp * pp}; launch a "
+                          f"multiple of {tp * pp} (torchrun --nproc-per-node) or change --tp/--pp")

@@ -144,11 +144,14 @@ def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return idxs.gather(0, best).squeeze(0)
 
 
-def cosine_term(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
+def cosine_term(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                sequence_parallel: bool = False) -> torch.Tensor:
     """Sum over layers of the token mean of (1 - cosine similarity) over the hidden dim.
 
     Hidden states are [seq, batch, hidden] (replicated over TP without sequence
-    parallelism, so each rank computes the same value).
+    parallelism, so each rank computes the same value). With sequence parallelism each TP
+    rank holds an equal slice of the sequence: the slices' means are averaged over the TP
+    group (sum in forward, gradient passed through, so each rank's slice gets 1/TP of it).
     """
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers: "
@@ -157,6 +160,9 @@ def cosine_term(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
     for s, t in zip(student_hidden, teacher_hidden):
         cos = torch.nn.functional.cosine_similarity(s.float(), t.detach().float(), dim=-1, eps=1e-8)
         total = total + (1.0 - cos).mean()
+    if sequence_parallel:
+        size, _ = _tp_size_rank()
+        total = _reduce_terms(total) / size
     return total
 
 

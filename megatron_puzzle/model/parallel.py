@@ -81,7 +81,8 @@ def init_process_group(timeout_min: float | None = None) -> None:
     log.debug("process group: %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
 
 
-def init_distributed(tensor_parallel: int = 1, seed: int = 1234, timeout_min: float | None = None) -> None:
+def init_distributed(tensor_parallel: int = 1, seed: int = 1234, timeout_min: float | None = None,
+                     pipeline_parallel: int = 1) -> None:
     """Start the process group (if needed) and Megatron-Core's model-parallel state.
 
     Safe to call again with the same TP size; with another TP size the
@@ -92,17 +93,19 @@ def init_distributed(tensor_parallel: int = 1, seed: int = 1234, timeout_min: fl
     cpu_support.apply()
     init_process_group(timeout_min)
     world = dist.get_world_size()
-    if world % tensor_parallel:
+    if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(
-            f"tensor parallel size {tensor_parallel} does not divide the {world} processes; "
-            f"launch a multiple of {tensor_parallel} processes (torchrun --nproc-per-node)"
+            f"tensor x pipeline parallel size {tensor_parallel} x {pipeline_parallel} does not divide the {world} "
+            f"processes; launch a multiple of {tensor_parallel * pipeline_parallel} processes (torchrun --nproc-per-node)"
         )
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel:
+        if (parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel
+                and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel):
             return
         parallel_state.destroy_model_parallel()
     minutes = timeout(timeout_min).total_seconds() / 60  # Megatron's subgroups wait as long as the world group
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                             pipeline_model_parallel_size=pipeline_parallel,
                                              distributed_timeout_minutes=max(1, round(minutes)))
     mcore_tp.model_parallel_cuda_manual_seed(seed)
 

@@ -139,7 +139,8 @@ def stage_realize(run: Path, cfg: dict) -> None:
 def stage_gkd(run: Path, cfg: dict) -> None:
     from ..distill.gkd import GKDConfig, run_gkd
 
-    run_gkd(run, GKDConfig.from_dict(dict(cfg["gkd"], tp=cfg["tensor_parallel"], seed=cfg["seed"])))
+    run_gkd(run, GKDConfig.from_dict(dict(cfg["gkd"], tp=cfg["tensor_parallel"],
+                                          pp=cfg.get("pipeline_parallel", 1), seed=cfg["seed"])))
 
 
 def stage_export(run: Path, cfg: dict) -> None:

@@ -122,7 +122,7 @@ def prepare_realize(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
 # --------------------------------------------------------------------------- score
 
 def prepare_score(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
-    from ..distill import losses
+    from ..model import losses
     from ..model import forward
     from ..model.gpt import RuntimeOptions, build_layer
 
@@ -206,7 +206,7 @@ def prepare_gkd(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from ..distill import losses
+    from ..model import losses
     from ..model import forward
 
     pre, post = _pp_position()

@@ -22,13 +22,14 @@ VOCAB = 128
 
 
 def child_of(parent_cfg):
-    """A child with fewer KV heads, a narrower FFN, a linear FFN and a no-op attention."""
+    """A child holding every variant kind: full, fewer KV heads, linear and no-op attention;
+    full, narrower, linear and no-op FFN."""
     from megatron_puzzle.arch import AttentionVariant as A, BlockConfig, FFNVariant as F
 
     blocks = list(parent_cfg.blocks)
     blocks[1] = BlockConfig(A("full", 1), F("full", 48))
-    blocks[2] = BlockConfig(A("full", 2), F("linear"))
-    blocks[3] = BlockConfig(A("no_op"), F("full", 96))
+    blocks[2] = BlockConfig(A("linear"), F("no_op"))
+    blocks[3] = BlockConfig(A("no_op"), F("linear"))
     return parent_cfg.with_blocks(blocks)
 
 
@@ -72,6 +73,14 @@ def fixed_logits(seed: int = 5, shape=(2, 6, VOCAB)):
     return t, s, targets
 
 
+def sequence_hidden(seed: int = 1):
+    """Student / teacher hidden states [seq, batch, hidden] per layer, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(6, 2, 16, generator=g) for _ in range(3)]
+    ht = [h + 0.5 * torch.randn(6, 2, 16, generator=g) for h in hs]
+    return hs, ht
+
+
 def check_losses(out: dict) -> None:
     """Vocab-parallel KL / CE / argmax on this rank's shard; values and gathered gradients into `out`."""
     from megatron.core import parallel_state
@@ -92,6 +101,19 @@ def check_losses(out: dict) -> None:
         torch.distributed.all_gather(parts, x.grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
         results[name] = {"value": float(value), "grad": torch.cat(parts, dim=-1).tolist()}
     results["argmax"] = losses.vocab_parallel_argmax(s[..., sl]).tolist()
+    # the cosine term under sequence parallelism: each rank holds a slice of the sequence
+    hs, ht = sequence_hidden()
+    seq = hs[0].shape[0] // tp_size()
+    rows = slice(tp_rank() * seq, (tp_rank() + 1) * seq)
+    x = [h[rows].clone().requires_grad_(True) for h in hs]
+    value = losses.cosine_term(x, [h[rows] for h in ht], sequence_parallel=True)
+    value.backward()
+    grads = []
+    for h in x:
+        parts = [torch.empty_like(h.grad) for _ in range(tp_size())]
+        torch.distributed.all_gather(parts, h.grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        grads.append(torch.cat(parts, dim=0).tolist())
+    results["cosine_sp"] = {"value": float(value), "grad": grads}
     out["losses"] = results
 
 
@@ -107,19 +129,22 @@ def _stop(step: int, at: int) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, required=True)
+    ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--config", required=True, help="GKDConfig as JSON")
     ap.add_argument("--out", required=True)
     ap.add_argument("--also", default="[]",
-                    help='JSON list of {"run_dir", "config", "stop_after" (optional step)}')
+                    help='JSON list of {"run_dir", "config", "stop_after" (optional step), '
+                         '"resume_config" (optional: resume at another layout)}')
     a = ap.parse_args()
 
     from megatron_puzzle.distill.gkd import GKDConfig, run_gkd
     from megatron_puzzle.model.parallel import init_distributed, shutdown
 
-    init_distributed(a.tp)
+    init_distributed(a.tp, pipeline_parallel=a.pp)
     out = {}
-    check_losses(out)
+    if a.pp == 1:
+        check_losses(out)
     result = run_gkd(a.run_dir, GKDConfig.from_dict(json.loads(a.config)))
     out["eval"] = result
     for extra in json.loads(a.also):
@@ -135,6 +160,8 @@ def main():
             if torch.distributed.get_rank() == 0:
                 shutil.copytree(Path(extra["run_dir"]) / "gkd" / "ckpt", Path(extra["run_dir"] + "_ckpt_at_stop"))
             torch.distributed.barrier()
+        if extra.get("resume_config"):
+            cfg = GKDConfig.from_dict(extra["resume_config"])
         run_gkd(extra["run_dir"], cfg)
     if torch.distributed.get_rank() == 0:
         Path(a.out).write_text(json.dumps(out))
