@@ -26,7 +26,7 @@ COMMAND_MODULES = [  # in pipeline order, as `--help` lists them
     "megatron_puzzle.search.cli",
     "megatron_puzzle.distill.gkd_cli",
     "megatron_puzzle.report.cli",
-    "megatron_puzzle.plan.cli",  # plan: per-stage memory per GPU
+    "megatron_puzzle.pipeline.plan_cli",  # plan: per-stage memory per GPU
 ]
 
 

@@ -177,7 +177,7 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
     except ImportError:  # newer Transformer Engine moved it
         from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
-    from megatron_puzzle.distill import gkd, train_utils
+    from megatron_puzzle.distill import gkd
     from megatron_puzzle.model import checkpoint
 
     cfg = gkd.GKDConfig(fp8="hybrid", dtype="bfloat16", lr=1e-3, clip=1.0, batch_size=4, seq_len=128)
@@ -186,7 +186,7 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
     teacher = checkpoint.load(_save_local(parent_cfg, tmp_path / "parent", seed=2), opts).eval()
     teacher.requires_grad_(False)
     student = checkpoint.load(_save_local(child_cfg, tmp_path / "child", seed=3), opts).train()
-    optimizer = train_utils.build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine = gkd.build_engine(student, teacher, cfg)  # Megatron-Core's DDP and optimizer, as run_gkd builds them
     batch = _tokens(parent_cfg, cfg.batch_size, cfg.seq_len + 1, seed=4)
 
     with gkd._fp8(student, cfg):
@@ -200,7 +200,7 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
     for _ in range(30):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        losses.append(gkd.train_step(student, teacher, optimizer, batch, cfg, cfg.lr)["loss"])
+        losses.append(gkd.train_step(engine, batch, cfg, cfg.lr)["loss"])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     res = {"fp8_vs_bf16_rel_err": _rel_err(fp8_logits, bf16_logits), "loss_first": losses[0], "loss_last": losses[-1],

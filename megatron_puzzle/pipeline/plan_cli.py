@@ -1,4 +1,5 @@
-"""`megatron-puzzle plan`: the memory plan of a run config."""
+"""`megatron-puzzle plan`: the memory plan of a run config (here, beside `run`, since it reads run configs;
+the planning itself lives in the plan package, below the pipeline)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import argparse
 import json
 
 from ..cli import UserError
+from . import config as run_config
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ..pipeline import config as run_config
-    from .plan import STAGES, PlanError, markdown, plan_config, verdict
+    from ..plan.plan import STAGES, PlanError, markdown, plan_config, verdict
 
     try:
         cfg = run_config.load(args.config, quick=args.quick)
@@ -29,7 +30,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from .plan import STAGES
+    from ..plan.plan import STAGES
 
     p = subparsers.add_parser(
         "plan", help="peak memory per GPU of every stage, from the code on fake tensors (no GPU needed)",
