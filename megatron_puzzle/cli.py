@@ -103,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:  # Megatron's indexed datasets log every index they open
         logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    from .utils.preempt import Preempted
+
     try:
         rc = args.func(args)
+    except Preempted as e:  # state saved on every rank: exit 0 so a scheduler requeues and the rerun resumes
+        print(f"megatron-puzzle {args.command}: {e}", file=sys.stderr)
+        return 0
     except Exception as e:
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if not is_input_error(e) or args.verbose:

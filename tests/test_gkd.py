@@ -412,3 +412,35 @@ def test_lm_only_gkd_still_evaluates_against_the_parent(base_run, tmp_path):
     assert len(rows) == 2 and "kl" not in rows[0] and "cosine" not in rows[0]
     assert abs(rows[0]["loss"] - rows[0]["lm"]) < 1e-12
     assert result["after"]["kl_div"] > 0 and result["after"]["parent_lm_loss"] == result["before"]["parent_lm_loss"]
+
+
+def test_a_stop_request_saves_at_the_step_and_the_rerun_continues_the_curve(base_run, tmp_path):
+    """SIGUSR1 (what Slurm sends before the time limit) mid-run: GKD saves at the next step boundary,
+    even with no checkpoint interval, stops with Preempted, and the rerun follows the uninterrupted curve."""
+    import os
+    import signal
+
+    from megatron_puzzle.utils import preempt
+
+    cfg = GKDConfig(steps=4, save_interval=0, **TINY)
+    straight = _copy_run(base_run, tmp_path / "straight")
+    run_gkd(straight, cfg)
+
+    stopped = _copy_run(base_run, tmp_path / "stopped")
+
+    def signal_after_step_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    try:
+        with pytest.raises(preempt.Preempted, match="step 2"):
+            run_gkd(stopped, cfg, on_step=signal_after_step_2)
+    finally:
+        preempt.reset()
+    assert signal.getsignal(signal.SIGUSR1) is not preempt._handler, "the handlers are restored after the loop"
+    assert latest_checkpoint(stopped / "gkd" / "ckpt").name == "step_0000002"
+    run_gkd(stopped, cfg)
+    a, b = _log(straight), _log(stopped)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra["step"], ra["loss"], rb["loss"])

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from ..model import checkpoint, forward, losses
 from ..model.gpt import RuntimeOptions, check_runtime
 from ..model.parallel import rank as _rank, world_size as _world
+from ..utils import preempt
 from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import train_utils
@@ -683,32 +684,37 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
 
         bar = tqdm(total=total, initial=state["step"], desc="gkd", unit="step")
     batches = train_batches(run, cfg, state["step"])
-    while state["step"] < total:
-        step = state["step"]
-        lr = train_utils.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=total)
-        t0 = time.perf_counter()
-        # the one place a preemption request is checked (once per step, agreed over ranks):
-        # PREEMPT: if megatron_puzzle.utils.preempt.requested(): save_training_checkpoint(...); exit 0
-        record = train_step(engine, next(batches), cfg, lr)
-        dt = time.perf_counter() - t0
-        state["step"] = step + 1
-        state["tokens"] += tokens_per_step
-        record = {"step": step + 1, "tokens": state["tokens"], **record, "tokens_per_s": tokens_per_step / dt}
-        state["history"].append(record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if writer is not None and (step + 1) % max(1, cfg.log_every) == 0:
-            for k, v in record.items():
-                if k not in ("step", "tokens"):
-                    writer.add_scalar(f"gkd/{k}", v, step + 1)
-        if cfg.save_interval and state["step"] % cfg.save_interval == 0 and state["step"] < total:
-            save_training_checkpoint(ckpt_root, engine, state)
-            if _rank() == 0:
-                prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
-                _write_log_csv(out / "log.csv", state["history"])
-        if on_step is not None:
-            on_step(state["step"], record)
+    # SIGUSR1/SIGTERM (or $PUZZLE_PREEMPT_FILE) now ask for a checkpoint and a clean stop at a step boundary
+    with preempt.watching():
+        while state["step"] < total:
+            step = state["step"]
+            lr = train_utils.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=total)
+            t0 = time.perf_counter()
+            if preempt.requested():  # once per step, the same answer on every rank: save, then stop together
+                save_training_checkpoint(ckpt_root, engine, state)
+                if _rank() == 0:
+                    _write_log_csv(out / "log.csv", state["history"])
+                raise preempt.Preempted(f"gkd stopped at step {step} on request; the same command resumes it")
+            record = train_step(engine, next(batches), cfg, lr)
+            dt = time.perf_counter() - t0
+            state["step"] = step + 1
+            state["tokens"] += tokens_per_step
+            record = {"step": step + 1, "tokens": state["tokens"], **record, "tokens_per_s": tokens_per_step / dt}
+            state["history"].append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if writer is not None and (step + 1) % max(1, cfg.log_every) == 0:
+                for k, v in record.items():
+                    if k not in ("step", "tokens"):
+                        writer.add_scalar(f"gkd/{k}", v, step + 1)
+            if cfg.save_interval and state["step"] % cfg.save_interval == 0 and state["step"] < total:
+                save_training_checkpoint(ckpt_root, engine, state)
+                if _rank() == 0:
+                    prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
+                    _write_log_csv(out / "log.csv", state["history"])
+            if on_step is not None:
+                on_step(state["step"], record)
     if bar is not None:
         bar.close()
     if writer is not None:

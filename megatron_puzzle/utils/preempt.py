@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_FILE_ENV = "PUZZLE_PREEMPT_FILE"
 
+class Preempted(Exception):
+    """A loop saved its state and stopped on a stop request; the command exits 0 and a rerun resumes."""
+
+
 _received: int | None = None  # the signal this process got, if any
 _previous: dict[int, object] = {}  # handlers replaced by install()
 _announced = False
@@ -46,7 +50,13 @@ def _handler(signum, frame) -> None:
 
 
 def install(signals=SIGNALS) -> None:
-    """Make `signals` request a stop instead of ending the process (main thread only)."""
+    """Make `signals` request a stop instead of ending the process (main thread only: Python runs
+    handlers there, so elsewhere only the stop file can ask)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        log.debug("not the main thread: signals keep their handlers, the stop file still works")
+        return
     for sig in signals:
         if signal.getsignal(sig) is not _handler:
             _previous[sig] = signal.signal(sig, _handler)
