@@ -195,6 +195,10 @@ def load_block(layer, cfg: ModelConfig, i: int, block, tensors: dict[str, torch.
 _SUBBLOCK_PREFIXES = {"attention": ("input_layernorm.", "self_attention."), "ffn": ("pre_mlp_layernorm.", "mlp.")}
 
 
-def block_canonical(layer, cfg: ModelConfig, i: int, block) -> dict[str, torch.Tensor]:
-    """A layer's weights (gathered over TP) as canonical tensors of layer `i`."""
-    return block_from_megatron(cfg, i, {k: v.float().cpu() for k, v in full_state(layer).items()}, b=block)
+def block_canonical(layer, cfg: ModelConfig, i: int, block,
+                    subblocks: tuple[str, ...] = ("attention", "ffn")) -> dict[str, torch.Tensor]:
+    """A layer's weights of the named subblocks (gathered over TP, one tensor at a time) as canonical
+    tensors of layer `i`."""
+    want = tuple(p for s in subblocks for p in _SUBBLOCK_PREFIXES[s])
+    state = {n: _gather_param(p, n).float().cpu() for n, p in layer.named_parameters() if n.startswith(want)}
+    return block_from_megatron(cfg, i, state, b=block)
