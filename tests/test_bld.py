@@ -308,3 +308,24 @@ def test_bld_peak_memory_does_not_grow_with_depth(mcore, tmp_path):
     # passes change what is alive at once, not what is trained
     _deep_bld(_deep_parent(8), tmp_path / "one_pass", layers_per_pass=0)
     _assert_same(_library_tensors(tmp_path / "lib8"), _library_tensors(tmp_path / "one_pass"), 1e-6)
+
+
+def test_schedule_balances_cost_within_the_lpt_bound_of_brute_force():
+    import itertools
+
+    from megatron_puzzle.distill.bld import Entry, passes, schedule
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        costs = [int(c) for c in rng.integers(0, 100, size=9)]
+        entries = [Entry(k // 3, f"v{k}", "ffn", None, "m", c > 0, c) for k, c in enumerate(costs)]
+        groups = schedule(entries, 2)
+        assert sorted(id(e) for g in groups for e in g) == sorted(id(e) for e in entries)
+        worst = max(sum(e.cost for e in g) for g in groups)
+        best = min(max(sum(c for c, s in zip(costs, side) if s == g) for g in (0, 1))
+                   for side in itertools.product((0, 1), repeat=len(costs)))
+        assert worst <= (4 / 3 - 1 / 6) * best + 1e-9, (costs, worst, best)
+        assert schedule(entries, 2) == groups  # deterministic
+    layered = [Entry(i, "x", "ffn", None, "m", True, 1) for i in (0, 0, 1, 2, 3, 3, 4)]
+    assert [[e.layer for e in p] for p in passes(layered, 2)] == [[0, 0, 1], [2, 3, 3], [4]]
+    assert len(passes(layered, 0)) == 1

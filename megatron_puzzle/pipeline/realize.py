@@ -60,7 +60,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
             seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured)."""
     from ..convert.megatron_io import TOKENIZER_DIR
-    from ..convert.megatron_layout import load_canonical
+    from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
     from ..model.gpt import build_model
@@ -73,10 +73,11 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
-    tensors = Library(run / "library").assemble(child)
+    lib = Library(run / "library")
+    lib.check_child(child)
     init_distributed(1)
     model = build_model(child)
-    load_canonical(model, tensors)
+    load_layers(model, lib.non_block(), lambda i: lib.child_layer(child, i))  # one layer read at a time
     checkpoint.save(model, out, extra={"stage": "realize", "solution": solution, "variants": sol.get("variants")})
     tok = run / "parent" / TOKENIZER_DIR
     if tok.is_dir() and not (out / TOKENIZER_DIR).exists():
