@@ -57,8 +57,12 @@ def measure_model(cfg: ModelConfig, scenario, warmup: int = 2, repeats: int = 5)
 
 
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
-            seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False) -> dict:
-    """Write RUN/child from a solution; returns the realize report (predicted vs measured)."""
+            seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
+            tensor_parallel: int = 1) -> dict:
+    """Write RUN/child from a solution; returns the realize report (predicted vs measured).
+
+    At `tensor_parallel` > 1 (under torchrun) each rank reads the library one layer at a time,
+    keeps its own partition and writes its shards of the checkpoint."""
     from ..convert.megatron_io import TOKENIZER_DIR
     from ..convert.megatron_layout import load_layers
     from ..library import Library
@@ -75,12 +79,13 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
     lib = Library(run / "library")
     lib.check_child(child)
-    init_distributed(1)
+    init_distributed(tensor_parallel)
     model = build_model(child)
     load_layers(model, lib.non_block(), lambda i: lib.child_layer(child, i))  # one layer read at a time
     checkpoint.save(model, out, extra={"stage": "realize", "solution": solution, "variants": sol.get("variants")})
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     tok = run / "parent" / TOKENIZER_DIR
-    if tok.is_dir() and not (out / TOKENIZER_DIR).exists():
+    if rank0 and tok.is_dir() and not (out / TOKENIZER_DIR).exists():
         shutil.copytree(tok, out / f".{TOKENIZER_DIR}.tmp")
         (out / f".{TOKENIZER_DIR}.tmp").rename(out / TOKENIZER_DIR)
 
@@ -105,8 +110,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         batches = heldout_batches(run / "data", eval_tokens, seq_len, batch_size)
         with torch.no_grad():
             report["measured_quality"] = evaluate_model(model, parent, batches)
-    atomic_write_json(out / "realize.json", report)
-    _log_report(report)
+    if rank0:
+        atomic_write_json(out / "realize.json", report)
+        _log_report(report)
     return report
 
 
