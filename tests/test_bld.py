@@ -1,7 +1,10 @@
-"""BLD: parent activations, loss decrease, resume after a kill, rank-count independence, library checks."""
+"""BLD: parent activations, loss decrease, resume after a kill, rank-count independence, library checks,
+memory that does not grow with the parent's depth."""
 
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -16,6 +19,9 @@ from megatron_puzzle.init import methods
 from megatron_puzzle.init.stage import run_init
 from megatron_puzzle.init.variants import InitConfig
 from megatron_puzzle.library import Library, LibraryError
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 WORKER = REPO / "tests" / "workers" / "bld_worker.py"
 SPACE = SearchSpaceConfig(ffn_fractions=[1.0, 0.5], round_to=16)
@@ -213,3 +219,113 @@ def test_library_does_not_depend_on_rank_count(parent, tmp_path):
     _assert_same(_library_tensors(one / "library"), _library_tensors(tp2 / "library"), 1e-4)
     assert load_file(one / "library" / "non_block.safetensors").keys() == {"model.embed_tokens.weight",
                                                                           "model.norm.weight", "lm_head.weight"}
+
+
+class TensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage allocated inside the block and still alive: the current and the peak.
+
+    Every op's outputs are seen here; a storage is counted once, when first seen, and
+    uncounted when it dies. Storages that exist on entry (the parent's weights) count 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = WeakIdKeyDictionary()
+
+    def __enter__(self):
+        gc.collect()
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor) and not o.is_meta:
+                self.seen[o.untyped_storage()] = 0
+        return super().__enter__()
+
+    def _free(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st not in self.seen:
+                    n = st.nbytes()
+                    self.seen[st] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, n)
+        return out
+
+
+def test_tensor_bytes_counts_allocations_and_frees():
+    old = torch.ones(1000)
+    with TensorBytes() as tb:
+        a = torch.zeros(1000)
+        b = old.t() + 0  # a view of an old tensor is not an allocation; the sum is
+        del a
+        assert tb.live == 4000 and tb.peak == 8000
+    del b
+
+
+def _deep_parent(layers):
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.model.gpt import build_model
+
+    cfg = tiny_parent(num_layers=layers, hidden_size=32, intermediate_size=64, vocab_size=64)
+    tensors = random_canonical(cfg, seed=1, std=0.1)
+    model = build_model(cfg)
+    load_canonical(model, tensors)
+    return model.eval(), tensors
+
+
+def _deep_bld(parent, root, layers_per_pass):
+    from megatron_puzzle.distill.bld import BLDConfig, run_bld
+
+    model, tensors = parent
+    cfg = model.puzzle_config
+    space = [["attn_kv1", "attn_linear", "ffn_32", "ffn_linear"]] * cfg.num_layers
+    toks = torch.randint(0, cfg.vocab_size, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    extra = {} if layers_per_pass is None else {"layers_per_pass": layers_per_pass}
+    bld = BLDConfig(steps=1, batch_size=2, seq_len=16, checkpoint_every=10, eval_batches=1, progress=False, **extra)
+    init = InitConfig(ffn_prune="truncate", ffn_linear="up_down")  # no calibration statistics needed
+    run_bld(model, tensors, root, space, bld, init, lambda s: toks[s], [toks[2]], None)
+
+
+def test_bld_peak_memory_does_not_grow_with_depth(mcore, tmp_path):
+    """The parent grows 4 -> 8 -> 16 layers; BLD's own peak tensor bytes (entries, optimizer states,
+    activations) stay flat. (Keeping every layer's inputs and every entry alive at once, as BLD did
+    before passes, measured 0.84 / 1.59 / 3.12 MB here.)"""
+    peaks = {}
+    for layers in (4, 8, 16):
+        parent = _deep_parent(layers)
+        with TensorBytes() as tb:
+            _deep_bld(parent, tmp_path / f"lib{layers}", layers_per_pass=4)
+        peaks[layers] = tb.peak
+        assert Library(tmp_path / f"lib{layers}").validate() is None
+    print("BLD peak tensor bytes by parent depth:", peaks)
+    one_entry = 4 * (32 * 64 * 3)  # the smallest trained entry's own weights alone
+    assert peaks[4] > 4 * one_entry, peaks
+    assert max(peaks.values()) <= 1.1 * peaks[4], peaks
+    # passes change what is alive at once, not what is trained
+    _deep_bld(_deep_parent(8), tmp_path / "one_pass", layers_per_pass=0)
+    _assert_same(_library_tensors(tmp_path / "lib8"), _library_tensors(tmp_path / "one_pass"), 1e-6)
+
+
+def test_schedule_balances_cost_within_the_lpt_bound_of_brute_force():
+    import itertools
+
+    from megatron_puzzle.distill.bld import Entry, passes, schedule
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        costs = [int(c) for c in rng.integers(0, 100, size=9)]
+        entries = [Entry(k // 3, f"v{k}", "ffn", None, "m", c > 0, c) for k, c in enumerate(costs)]
+        groups = schedule(entries, 2)
+        assert sorted(id(e) for g in groups for e in g) == sorted(id(e) for e in entries)
+        worst = max(sum(e.cost for e in g) for g in groups)
+        best = min(max(sum(c for c, s in zip(costs, side) if s == g) for g in (0, 1))
+                   for side in itertools.product((0, 1), repeat=len(costs)))
+        assert worst <= (4 / 3 - 1 / 6) * best + 1e-9, (costs, worst, best)
+        assert schedule(entries, 2) == groups  # deterministic
+    layered = [Entry(i, "x", "ffn", None, "m", True, 1) for i in (0, 0, 1, 2, 3, 3, 4)]
+    assert [[e.layer for e in p] for p in passes(layered, 2)] == [[0, 0, 1], [2, 3, 3], [4]]
+    assert len(passes(layered, 0)) == 1

@@ -17,11 +17,10 @@ from megatron_puzzle.model.gpt import build_model
 TOKENS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(7))
 
 
-@pytest.fixture(params=[False, True], ids=["untied", "tied"])
-def llama_dir(request, tmp_path):
+def _llama(tmp_path, tie):
     torch.manual_seed(0)
     hf = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=2, tie_word_embeddings=request.param, rms_norm_eps=1e-6,
+                     num_key_value_heads=2, tie_word_embeddings=tie, rms_norm_eps=1e-6,
                      rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
     model = LlamaForCausalLM(hf).eval()
     with torch.no_grad():
@@ -30,6 +29,11 @@ def llama_dir(request, tmp_path):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "llama")
     return tmp_path / "llama", model
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def llama_dir(request, tmp_path):
+    return _llama(tmp_path, request.param)
 
 
 def test_import_export_round_trip_matches_llama(mcore, llama_dir, tmp_path):
@@ -83,3 +87,76 @@ def test_cli_refuses_bad_input_without_leaving_output(mcore, tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "empty"), str(tmp_path / "out2")]) == 2
     assert "not a complete" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+
+
+def test_truncated_or_corrupt_weights_name_the_file_and_leave_no_output(mcore, tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2)
+    src = tmp_path / "llama"
+    LlamaForCausalLM(hf).save_pretrained(src, max_shard_size="60KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    pristine = {f: f.read_bytes() for f in shards}
+    out = tmp_path / "out"
+    capsys.readouterr()  # save_pretrained's progress bars
+    for damage in ("truncated data", "truncated header", "garbage"):
+        f = shards[1]
+        if damage == "truncated data":
+            _truncate(f, -100)
+        elif damage == "truncated header":
+            _truncate(f, 6)
+        else:
+            f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        assert main(["import-hf", str(src), str(out)]) == 2, damage
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f.name in err and "download it again" in err, (damage, err)
+        assert not out.exists()
+        f.write_bytes(pristine[f])
+    # bf16 weights are read as bf16 and land in the fp32 model exactly
+    model = LlamaForCausalLM(hf).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    from megatron_puzzle.convert.hf_io import open_hf_checkpoint
+
+    reader = open_hf_checkpoint(tmp_path / "bf16")
+    assert reader.get("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+    assert main(["import-hf", str(tmp_path / "bf16"), str(tmp_path / "mc16")]) == 0
+    with torch.no_grad():
+        ours = forward.full_logits(checkpoint.load(tmp_path / "mc16"), TOKENS)
+        theirs = model.float()(TOKENS).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_truncated_gguf_names_the_file(mcore, tmp_path, capsys):
+    from megatron_puzzle.convert.hf_io import default_parent_path
+
+    try:
+        gguf = default_parent_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    bad = tmp_path / "cut.gguf"
+    with open(gguf, "rb") as f:
+        bad.write_bytes(f.read(3 << 20))  # the header and the first tensors only
+    assert main(["import-hf", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cut.gguf" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_and_export_at_tp2_stream_each_rank_its_partition(tmp_path):
+    """import-hf and export-hf under torchrun at TP 2 (each rank reads one layer at a time and keeps its
+    half; export gathers one layer at a time) give the HF model's logits."""
+    from _models import REPO, torchrun
+
+    src, ref = _llama(tmp_path, tie=True)
+    worker = REPO / "tests" / "workers" / "convert_worker.py"
+    torchrun(worker, 2, "import-hf", str(src), str(tmp_path / "mc"), "--tp", "2")
+    torchrun(worker, 2, "export-hf", str(tmp_path / "mc"), str(tmp_path / "hf"), "--tp", "2")
+    decilm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (decilm(TOKENS).logits - ref(TOKENS).logits).abs().max().item() <= 1e-4

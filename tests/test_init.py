@@ -103,3 +103,40 @@ def test_init_variant_shapes_methods_and_random_ablation():
     assert abs(a[p + "k_proj.weight"].std().item() - 0.02) < 0.005
     with pytest.raises(ValueError, match="ffn_prune"):
         InitConfig(ffn_prune="magnitude")
+
+
+def test_calibration_matches_a_float64_host_reference(mcore):
+    """Calibration (layer by layer, on the model's device, channels from the layer's own fc1) equals
+    sums computed in float64 from every layer's states and the canonical tensors, with a hand RMSNorm."""
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.distill.activations import parent_activations
+    from megatron_puzzle.init.calibration import collect_calibration
+    from megatron_puzzle.model.gpt import build_model
+
+    cfg = tiny_parent(num_layers=3)
+    tensors = random_canonical(cfg, seed=3, std=0.1)
+    model = build_model(cfg)
+    load_canonical(model, tensors)
+    model.eval()
+    batches = [torch.randint(0, cfg.vocab_size, (2, 12), generator=_g(s)) for s in (1, 2)]
+    stats = collect_calibration(model, None, batches, progress=False)
+    assert stats.tokens == 48
+    with torch.no_grad():
+        acts = [parent_activations(model, b) for b in batches]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        abs_sum = torch.zeros(cfg.intermediate_size, dtype=torch.float64)
+        xtx = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float64)
+        xty = torch.zeros_like(xtx)
+        for a in acts:
+            m = a.h_mid[i].reshape(-1, cfg.hidden_size).double()
+            x = m / (m.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps).sqrt() * tensors[p + "post_attention_layernorm.weight"].double()
+            act = torch.nn.functional.silu(x @ tensors[p + "mlp.gate_proj.weight"].double().T) * (x @ tensors[p + "mlp.up_proj.weight"].double().T)
+            abs_sum += act.abs().sum(0)
+            y = (a.h_in[i + 1]).reshape(-1, cfg.hidden_size).double() - m
+            xtx += x.T @ x
+            xty += x.T @ y
+        assert torch.allclose(stats.abs_act_sum[i], abs_sum, rtol=1e-4, atol=1e-6), i
+        assert torch.allclose(stats.lstsq[i].xtx, xtx, rtol=1e-4, atol=1e-6), i
+        assert torch.allclose(stats.lstsq[i].xty, xty, rtol=1e-4, atol=1e-6), i
+        assert stats.lstsq[i].xtx.device.type == "cpu" and stats.lstsq[i].count == 48

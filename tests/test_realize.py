@@ -67,3 +67,23 @@ def test_realize_names_a_missing_solution(tiny_run, tmp_path):
         realize(tiny_run, 7, force=True)
     with pytest.raises(RealizeError, match="run `megatron-puzzle search"):
         realize(tmp_path, 0)
+
+
+def test_realize_at_tp2_writes_shards_that_load_as_the_library_entries(tiny_run, tmp_path):
+    import shutil
+
+    from _models import REPO, torchrun
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("child", "measure"))  # no timing at TP 2
+    torchrun(REPO / "tests" / "workers" / "realize_worker.py", 2, str(run), "1", "2")
+    sol = json.loads((run / "search" / "solutions.json").read_text())["solutions"][1]
+    assert json.loads((run / "child" / "realize.json").read_text())["variants"] == sol["variants"]
+    weights = canonical_state(checkpoint.load(run / "child"))  # saved at TP 2, loaded at TP 1
+    lib = Library(run / "library")
+    expected = dict(lib.non_block())
+    for i, (attn, ffn) in enumerate(sol["variants"]):
+        expected.update(lib.load(i, attn))
+        expected.update(lib.load(i, ffn))
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)

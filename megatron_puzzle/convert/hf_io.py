@@ -1,7 +1,10 @@
 """Hugging Face side of conversion: read Llama / DeciLM checkpoints, write DeciLM directories.
 
-- `read_hf_checkpoint`: a HF directory (config.json + safetensors, single or
-  sharded) or a `.gguf` file -> (`ModelConfig`, canonical fp32 tensors).
+- `open_hf_checkpoint`: a HF directory (config.json + safetensors, single or
+  sharded; or pytorch_model.bin) or a `.gguf` file -> a `CheckpointReader` that has
+  checked every tensor's name and shape from the file headers and reads one tensor
+  (or one layer) at a time, in the file's dtype: importing never holds the whole model.
+  `read_hf_checkpoint` reads it all as canonical fp32 tensors (small models, tests).
 - `write_decilm_hf`: `ModelConfig` + canonical tensors -> a HF directory that
   `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads with
   this project's own DeciLM modeling code.
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,8 +46,66 @@ class HFCheckpointError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
-def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a HF Llama-family / DeciLM directory or a `.gguf` file as canonical fp32 tensors."""
+class CheckpointReader:
+    """A HF checkpoint's canonical tensors, read one at a time (names and shapes already checked).
+
+    safetensors files are opened lazily (`safe_open`, memory-mapped); `.bin` files are
+    memory-mapped with `torch.load(mmap=True, weights_only=True)`. A GGUF file has no
+    canonical layout on disk (quantized, Q/K permuted): transformers dequantizes it whole.
+    """
+
+    def __init__(self, source: str, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
+                 where: dict[str, Any], loaded: dict[str, torch.Tensor] | None = None):
+        self.source, self.cfg = source, cfg
+        self._shapes, self._where, self._loaded = shapes, where, loaded
+        self._open: dict[Path, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as stored (bf16 stays bf16)."""
+        if self._loaded is not None:
+            return self._loaded[name]
+        f, key = self._where[name]
+        try:
+            if f not in self._open:
+                self._open[f] = _open_weights(f)
+            h = self._open[f]
+            t = h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
+        except HFCheckpointError:
+            raise
+        except Exception as e:
+            raise HFCheckpointError(f"{f}: cannot read tensor {key} ({_reason(e)}); the file is corrupt or "
+                                    "truncated: download it again") from None
+        if tuple(t.shape) != self._shapes[name]:
+            raise HFCheckpointError(f"{f}: tensor {key} has shape {tuple(t.shape)}, its header says "
+                                    f"{self._shapes[name]}; the file is corrupt: download it again")
+        return t
+
+    def tensors(self, names) -> dict[str, torch.Tensor]:
+        return {n: self.get(n) for n in names}
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Every tensor of layer `i` (the one layer in flight while importing)."""
+        prefix = f"model.layers.{i}."
+        return self.tensors(n for n in self._shapes if n.startswith(prefix))
+
+    def non_block(self) -> dict[str, torch.Tensor]:
+        return self.tensors(n for n in self._shapes if not n.startswith("model.layers."))
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return {n: self.get(n).to(torch.float32).contiguous() for n in self._shapes}
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def open_hf_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open a HF Llama-family / DeciLM directory or a `.gguf` file; every name and shape is checked here."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a HF model directory or a .gguf file")
@@ -50,24 +113,34 @@ def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.T
         if path.suffix != ".gguf":
             raise HFCheckpointError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
         cfg, tensors = _read_gguf(path)
-    else:
-        cfg, tensors = _read_hf_dir(path)
-    tensors = _check_tensors(cfg, tensors, str(path))
-    return cfg, {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
+        tensors = _check_tensors(cfg, tensors, str(path))
+        return CheckpointReader(str(path), cfg, {k: tuple(v.shape) for k, v in tensors.items()}, {}, tensors)
+    cfg = _read_hf_config(path)
+    shapes, where = _index_weight_files(_weight_files(path))
+    shapes = _check_shapes(cfg, shapes, str(path))
+    return CheckpointReader(str(path), cfg, shapes, {k: where[k] for k in shapes})
 
 
-def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a HF Llama-family / DeciLM directory or a `.gguf` file whole, as canonical fp32 tensors."""
+    reader = open_hf_checkpoint(path)
+    return reader.cfg, reader.read_all()
+
+
+def _read_hf_config(path: Path) -> ModelConfig:
     config_file = path / "config.json"
     if not config_file.exists():
         raise HFCheckpointError(f"{path} has no config.json; is it a HF model directory (save_pretrained output)?")
-    hf_config = json.loads(config_file.read_text())
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{config_file} is not valid JSON ({e}); restore it from the model's source") from None
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         raise HFCheckpointError(f"{config_file}: attention_bias / mlp_bias are not supported (Llama projections have no bias)")
     try:
-        cfg = ModelConfig.from_hf(hf_config)
+        return ModelConfig.from_hf(hf_config)
     except (BlockConfigError, KeyError) as e:
         raise HFCheckpointError(f"{config_file}: {e}") from None
-    return cfg, _load_weight_files(path)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -77,7 +150,10 @@ def _weight_files(path: Path) -> list[Path]:
     ):
         index = path / index_name
         if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map", {})
+            except json.JSONDecodeError as e:
+                raise HFCheckpointError(f"{index} is not valid JSON ({e}); the download is incomplete: fetch it again") from None
             files = [path / f for f in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -94,43 +170,74 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _load_weight_files(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
-    tensors: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
-        part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
-        tensors.update(part)
-    return tensors
+
+def _open_weights(f: Path):
+    """A lazily read weights file: safetensors' `safe_open`, or a memory-mapped torch file."""
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            return safe_open(str(f), framework="pt")
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise HFCheckpointError(f"{f}: cannot read the weights file ({_reason(e)}); it is corrupt or truncated: "
+                                "download it again") from None
+
+
+def _index_weight_files(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[Path, str]]]:
+    """Every tensor's shape and file, from the headers alone (no tensor data is read)."""
+    shapes, where = {}, {}
+    for f in files:
+        h = _open_weights(f)
+        if f.suffix == ".safetensors":
+            items = ((k, tuple(h.get_slice(k).get_shape())) for k in h.keys())
+        else:
+            items = ((k, tuple(v.shape)) for k, v in h.items())
+        for k, shape in items:
+            shapes[k], where[k] = shape, (f, k)
+        del h
+    return shapes, where
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     # transformers dequantizes to fp32 and un-permutes Q/K into HF's rotate-half layout.
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, EOFError, IndexError, TypeError) as e:
+        raise HFCheckpointError(f"{path}: cannot read the GGUF file ({_reason(e)}); it is corrupt, truncated or not a "
+                                "Llama-family model: download it again") from None
     cfg = ModelConfig.from_hf(model.config.to_dict())
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     del model
     return cfg, tensors
 
 
-def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def _check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, tuple[int, ...]]:
     """Keep exactly the canonical tensors (in canonical order); name any missing, unexpected or misshapen one."""
     expected = canonical_shapes(cfg)
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    shapes = {k: v for k, v in shapes.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # a tied copy, not a separate weight
-    missing = sorted(set(expected) - set(tensors))
+        shapes.pop("lm_head.weight", None)  # a tied copy, not a separate weight
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         raise HFCheckpointError(f"{source}: missing tensors {_names(missing)}")
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
         raise HFCheckpointError(f"{source}: unexpected tensors {_names(unexpected)} (not a Llama / DeciLM layout?)")
-    bad = [f"{k} {tuple(tensors[k].shape)} != {shape}" for k, shape in expected.items() if tuple(tensors[k].shape) != shape]
+    bad = [f"{k} {tuple(shapes[k])} != {shape}" for k, shape in expected.items() if tuple(shapes[k]) != shape]
     if bad:
         raise HFCheckpointError(f"{source}: tensors with wrong shapes: {_names(bad)}")
-    return {k: tensors[k] for k in expected}
+    return {k: tuple(shapes[k]) for k in expected}
+
+
+def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    keep = _check_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    return {k: tensors[k] for k in keep}
 
 
 def _names(items: list[str], limit: int = 8) -> str:
@@ -177,7 +284,7 @@ def decilm_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> di
 def write_decilm_hf(
     out_dir: str | Path,
     cfg: ModelConfig,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     tokenizer=None,
     dtype: torch.dtype = torch.float32,
     *,
@@ -185,13 +292,17 @@ def write_decilm_hf(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write a HF DeciLM directory (config, weights, modeling code, tokenizer) atomically; return its path."""
-    tensors = _check_tensors(cfg, tensors, "tensors to export")
+    if isinstance(tensors, dict):
+        tensors = _check_tensors(cfg, tensors, "tensors to export")
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    else:  # a view that reads each tensor when written (a model's weights, one layer at a time)
+        shapes = _check_shapes(cfg, dict(tensors.shapes), "tensors to export")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(decilm_hf_config(cfg, dtype), indent=2) + "\n")
         generation = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _write_weights(tmp, tensors, dtype, max_shard_bytes)
+        _write_weights(tmp, tensors, shapes, dtype, max_shard_bytes)
         for f in MODELING_FILES:
             shutil.copyfile(f, tmp / f.name)
         if tokenizer is not None:
@@ -199,15 +310,17 @@ def write_decilm_hf(
     return out_dir
 
 
-def _write_weights(out: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int) -> None:
-    """model.safetensors, or shards of at most `max_shard_bytes` plus model.safetensors.index.json."""
+def _write_weights(out: Path, tensors: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                   dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most `max_shard_bytes` plus model.safetensors.index.json.
+    Tensors are read from `tensors` in `shapes` order, one shard at a time."""
     from safetensors.torch import save_file
 
-    # Plan the shards first (file names carry the count), then copy one shard at a time.
+    # Plan the shards from the shapes first (file names carry the count), then copy one shard at a time.
     plan: list[list[str]] = [[]]
     size = total = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * dtype.itemsize
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
         if plan[-1] and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
@@ -267,6 +380,6 @@ def default_parent_path() -> Path:
 
 
 __all__ = [
-    "HFCheckpointError", "decilm_hf_config", "default_parent_path", "load_tokenizer",
+    "CheckpointReader", "HFCheckpointError", "decilm_hf_config", "open_hf_checkpoint", "default_parent_path", "load_tokenizer",
     "read_hf_checkpoint", "write_decilm_hf",
 ]

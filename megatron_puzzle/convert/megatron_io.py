@@ -19,7 +19,7 @@ import torch
 from ..model import checkpoint
 from ..model.gpt import RuntimeOptions, build_model
 from ..model.parallel import init_distributed, is_rank0 as _rank0
-from .megatron_layout import canonical_state, load_canonical
+from .megatron_layout import CanonicalView, load_layers
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
@@ -27,17 +27,18 @@ TOKENIZER_DIR = "tokenizer"
 
 def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False):
     """Convert an HF checkpoint to a Megatron-Core checkpoint at `out_dir`; returns the built model."""
-    from .hf_io import load_tokenizer, read_hf_checkpoint
+    from .hf_io import load_tokenizer, open_hf_checkpoint
 
     hf_path, out_dir = Path(hf_path), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output directory")
-    cfg, tensors = read_hf_checkpoint(hf_path)
-    log.info("read %s: %d layers, hidden %d, %d tensors", hf_path, cfg.num_layers, cfg.hidden_size, len(tensors))
+    reader = open_hf_checkpoint(hf_path)  # every name and shape checked before any work
+    cfg = reader.cfg
+    log.info("read %s: %d layers, hidden %d, %d tensors", hf_path, cfg.num_layers, cfg.hidden_size, len(reader.keys()))
     init_distributed(tp)
     model = build_model(cfg, RuntimeOptions())
-    load_canonical(model, tensors)
-    del tensors
+    load_layers(model, reader.non_block(), reader.layer)  # one layer in flight, this rank's partition kept
+    reader.close()
     tokenizer = None
     try:
         tokenizer = load_tokenizer(hf_path)
@@ -64,10 +65,14 @@ def export_model(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype 
     """Write a built model as an HF DeciLM directory (collective over TP; rank 0 writes)."""
     from .hf_io import write_decilm_hf
 
-    tensors = canonical_state(model)
+    from ..model import parallel
+
+    tensors = CanonicalView(model)  # streamed: one layer gathered at a time, in the order it is written
     if _rank0():
         write_decilm_hf(out_dir, model.puzzle_config, tensors, tokenizer=tokenizer, dtype=dtype)
         return Path(out_dir)
+    if parallel.dp_rank() == 0:  # the writer's TP group: take part in its gathers
+        tensors.drain()
     return None
 
 

@@ -11,6 +11,9 @@ Megatron-Core's local layer specs store:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -143,6 +146,33 @@ def load_canonical(model, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(sd[name].to(p.dtype))
 
 
+def load_layers(model, non_block: dict[str, torch.Tensor], layer: Callable[[int], dict[str, torch.Tensor]]) -> None:
+    """Copy canonical tensors into a built model one layer at a time (`layer(i)` gives layer i's tensors):
+    only one layer's full-size tensors are in flight, each sliced to this TP rank's partition and cast
+    to the parameter's dtype as it is copied."""
+    from megatron.core import parallel_state
+
+    cfg = model.puzzle_config
+    rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("decoder.layers.")}
+    col = lambda t: _split(t, 0, rank, size)  # noqa: E731
+    sd = {"embedding.word_embeddings.weight": col(non_block["model.embed_tokens.weight"]),
+          "decoder.final_layernorm.weight": non_block["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        sd["output_layer.weight"] = col(non_block["lm_head.weight"])
+    if set(sd) != set(params):
+        raise KeyError(f"weights do not match the model: missing {sorted(set(params) - set(sd))[:5]}, "
+                       f"unexpected {sorted(set(sd) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != sd[name].shape:
+                raise ValueError(f"{name}: model expects {tuple(p.shape)}, weights have {tuple(sd[name].shape)}")
+            p.copy_(sd[name].to(p.dtype))
+    del sd
+    for i, b in enumerate(cfg.blocks):
+        load_block(model.decoder.layers[i], cfg, i, b, layer(i))
+
+
 def _gather_param(p: torch.Tensor, name: str) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -161,6 +191,49 @@ def _gather_param(p: torch.Tensor, name: str) -> torch.Tensor:
 def full_state(model) -> dict[str, torch.Tensor]:
     """The model's parameters unsharded (all-gathered over TP), Megatron-named, on every rank."""
     return {n: _gather_param(p, n) for n, p in model.named_parameters()}
+
+
+class CanonicalView(Mapping):
+    """A model's weights as canonical tensors (fp32, host), gathered over TP one layer at a time when read.
+
+    Only the layer last read is kept, so reading the names in order (as the HF writer does)
+    never holds more than one layer. Collective over TP: every rank of a TP group must read
+    the same names in the same order (`drain` does it on the ranks that write nothing).
+    """
+
+    _NON_BLOCK = {"model.embed_tokens.weight": "embedding.word_embeddings.weight",
+                  "model.norm.weight": "decoder.final_layernorm.weight", "lm_head.weight": "output_layer.weight"}
+
+    def __init__(self, model):
+        from ..arch.shapes import canonical_shapes
+
+        self.model, self.cfg = model, model.puzzle_config
+        self.shapes = canonical_shapes(self.cfg)
+        self._layer: tuple[int | None, dict[str, torch.Tensor]] = (None, {})
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        if name in self._NON_BLOCK:
+            mc = self._NON_BLOCK[name]
+            return _gather_param(dict(self.model.named_parameters())[mc], mc).float().cpu()
+        i = int(name.split(".")[2])
+        if self._layer[0] != i:
+            self._layer = (None, {})  # drop the previous layer before gathering the next
+            self._layer = (i, block_canonical(self.model.decoder.layers[i], self.cfg, i, self.cfg.blocks[i]))
+        return self._layer[1][name]
+
+    def drain(self) -> None:
+        """Read every tensor in order and keep none: the collectives of a rank that does not write."""
+        for name in self:
+            self[name]
+        self._layer = (None, {})
 
 
 def canonical_state(model) -> dict[str, torch.Tensor]:
@@ -195,6 +268,10 @@ def load_block(layer, cfg: ModelConfig, i: int, block, tensors: dict[str, torch.
 _SUBBLOCK_PREFIXES = {"attention": ("input_layernorm.", "self_attention."), "ffn": ("pre_mlp_layernorm.", "mlp.")}
 
 
-def block_canonical(layer, cfg: ModelConfig, i: int, block) -> dict[str, torch.Tensor]:
-    """A layer's weights (gathered over TP) as canonical tensors of layer `i`."""
-    return block_from_megatron(cfg, i, {k: v.float().cpu() for k, v in full_state(layer).items()}, b=block)
+def block_canonical(layer, cfg: ModelConfig, i: int, block,
+                    subblocks: tuple[str, ...] = ("attention", "ffn")) -> dict[str, torch.Tensor]:
+    """A layer's weights of the named subblocks (gathered over TP, one tensor at a time) as canonical
+    tensors of layer `i`."""
+    want = tuple(p for s in subblocks for p in _SUBBLOCK_PREFIXES[s])
+    state = {n: _gather_param(p, n).float().cpu() for n, p in layer.named_parameters() if n.startswith(want)}
+    return block_from_megatron(cfg, i, state, b=block)

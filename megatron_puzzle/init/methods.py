@@ -84,10 +84,14 @@ def linear_attention_from_vo(v: torch.Tensor, o: torch.Tensor, num_heads: int, h
 class LstsqAccumulator:
     """Streaming normal equations for Y ~ X W^T: sums of X^T X and X^T Y in float64."""
 
-    def __init__(self, dim_in: int, dim_out: int):
-        self.xtx = torch.zeros(dim_in, dim_in, dtype=torch.float64)
-        self.xty = torch.zeros(dim_in, dim_out, dtype=torch.float64)
+    def __init__(self, dim_in: int, dim_out: int, device: torch.device | str = "cpu"):
+        self.xtx = torch.zeros(dim_in, dim_in, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(dim_in, dim_out, dtype=torch.float64, device=device)
         self.count = 0
+
+    def to(self, device: torch.device | str) -> "LstsqAccumulator":
+        self.xtx, self.xty = self.xtx.to(device), self.xty.to(device)
+        return self
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()

@@ -173,9 +173,8 @@ class Library:
             raise LibraryError(f"{path} is missing; rerun `megatron-puzzle bld` (it copies the parent's embeddings)")
         return load_file(path)
 
-    def assemble(self, child: ModelConfig) -> dict[str, torch.Tensor]:
-        """Canonical tensors of the whole child: its blocks from the library (a trained pair when
-        the library has one, else the two decoupled variants) and the rest from the parent."""
+    def check_child(self, child: ModelConfig) -> None:
+        """Refuse a child that does not share the library's parent frame (before any tensor is read)."""
         p = self.parent_config
         for f in ("vocab_size", "hidden_size", "num_attention_heads", "head_dim", "tie_word_embeddings"):
             if getattr(child, f) != getattr(p, f):
@@ -183,11 +182,19 @@ class Library:
                                    f"{getattr(p, f)}; a child shares its parent's frame")
         if child.num_layers != p.num_layers:
             raise LibraryError(f"child has {child.num_layers} layers, the library's parent {p.num_layers}")
+
+    def child_layer(self, child: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+        """Canonical tensors of the child's layer `i`: a trained pair when the library has one,
+        else the two decoupled variants."""
+        b = child.blocks[i]
+        if b.name in self.pairs[i] and self.has(i, b.name):
+            return self.load(i, b.name)
+        return {**self.load(i, b.attention.name), **self.load(i, b.ffn.name)}
+
+    def assemble(self, child: ModelConfig) -> dict[str, torch.Tensor]:
+        """Canonical tensors of the whole child (small models and tools; `child_layer` streams)."""
+        self.check_child(child)
         out = dict(self.non_block())
-        for i, b in enumerate(child.blocks):
-            if b.name in self.pairs[i] and self.has(i, b.name):
-                out.update(self.load(i, b.name))
-            else:
-                out.update(self.load(i, b.attention.name))
-                out.update(self.load(i, b.ffn.name))
+        for i in range(child.num_layers):
+            out.update(self.child_layer(child, i))
         return out

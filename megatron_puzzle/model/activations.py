@@ -1,4 +1,4 @@
-"""The parent's hidden states at every layer, from one forward pass.
+"""The parent's hidden states at each layer, handed out one layer at a time.
 
 BLD and calibration need, per layer i of the parent:
 - `h_in[i]`: the layer's input (= output of layer i-1; `h_in[L]` is the last output),
@@ -9,15 +9,36 @@ A parent block's output is `h_in[i + 1]`; the FFN subblock alone maps `h_mid[i]`
 to `h_in[i + 1]`. `h_mid` is captured by a forward pre-hook on each layer's
 `pre_mlp_layernorm` (the module the FFN subblock starts with), so the parent runs
 exactly as Megatron-Core runs it, at any TP size. Everything is [seq, batch, hidden].
+
+`stream_parent` yields one layer's states at a time and keeps nothing of the
+layers before, so its memory does not grow with the number of layers;
+`parent_activations` keeps every layer's (tests and small tools only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from . import forward
+
+
+@dataclass
+class LayerActivations:
+    """One parent layer's input, post-attention state and output for one batch."""
+
+    layer: int
+    h_in: torch.Tensor
+    h_mid: torch.Tensor
+    h_out: torch.Tensor
+    rope: object
+
+    def io(self, subblock: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of a trained layer: attention (and pair) variants start at h_in,
+        FFN variants at h_mid; both target the parent block's output."""
+        return (self.h_mid if subblock == "ffn" else self.h_in), self.h_out
 
 
 @dataclass
@@ -27,35 +48,44 @@ class ParentActivations:
     rope: object
 
     def block_io(self, layer: int, subblock: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input, target) of a trained layer: attention (and pair) variants start at h_in[i],
-        FFN variants at h_mid[i]; both target the parent block's output h_in[i + 1]."""
         x = self.h_mid[layer] if subblock == "ffn" else self.h_in[layer]
         return x, self.h_in[layer + 1]
 
 
 @torch.no_grad()
-def parent_activations(model, tokens: torch.Tensor, layers: int | None = None) -> ParentActivations:
-    """Run the parent on tokens [batch, seq] through its first `layers` layers (default all)."""
+def stream_parent(model, tokens: torch.Tensor, end: int | None = None) -> Iterator[LayerActivations]:
+    """Run the parent on tokens [batch, seq] through layers [0, end), yielding each layer's states
+    as it is reached. The caller's code between yields runs with gradients enabled."""
     decoder_layers = model.decoder.layers
-    n = len(decoder_layers) if layers is None else layers
-    mids: list[torch.Tensor | None] = [None] * n
+    n = len(decoder_layers) if end is None else end
+    mid: list[torch.Tensor] = []
 
-    def capture(i):
-        def hook(_module, args):
-            mids[i] = args[0].detach()
-        return hook
+    def capture(_module, args):
+        mid.append(args[0].detach())
 
-    handles = [decoder_layers[i].pre_mlp_layernorm.register_forward_pre_hook(capture(i)) for i in range(n)]
-    try:
-        h = forward.embed(model, tokens)
-        rope = forward.rotary(model, h.shape[0])
-        h_in = [h]
-        for i in range(n):
-            h, _ = decoder_layers[i](h, attention_mask=None, rotary_pos_emb=rope)
-            h_in.append(h.detach())
-    finally:
-        for handle in handles:
+    h = forward.embed(model, tokens)
+    rope = forward.rotary(model, h.shape[0])
+    for i in range(n):
+        handle = decoder_layers[i].pre_mlp_layernorm.register_forward_pre_hook(capture)
+        try:
+            out, _ = decoder_layers[i](h, attention_mask=None, rotary_pos_emb=rope)
+        finally:
             handle.remove()
-    if any(m is None for m in mids):
-        raise RuntimeError("a parent layer has no FFN norm to capture; BLD needs a parent with full blocks")
-    return ParentActivations(h_in, mids, rope)
+        if not mid:
+            raise RuntimeError("a parent layer has no FFN norm to capture; BLD needs a parent with full blocks")
+        acts = LayerActivations(i, h, mid.pop(), out.detach(), rope)
+        yield acts
+        h = acts.h_out
+        del acts
+
+
+def parent_activations(model, tokens: torch.Tensor, layers: int | None = None) -> ParentActivations:
+    """Every layer's states at once, through the first `layers` layers (default all)."""
+    h_in, h_mid, rope = [], [], None
+    for acts in stream_parent(model, tokens, layers):
+        if not h_in:
+            h_in.append(acts.h_in)
+        h_mid.append(acts.h_mid)
+        h_in.append(acts.h_out)
+        rope = acts.rope
+    return ParentActivations(h_in, h_mid, rope)

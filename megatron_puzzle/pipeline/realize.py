@@ -69,6 +69,7 @@ class RealizeConfig:
     warmup: int = 2  # timing of the child and the parent (rank 0)
     repeats: int = 5
     force: bool = False  # realize again even if RUN/child is complete
+    tensor_parallel: int = 1  # the child checkpoint's TP (each rank writes its shards)
 
 
 def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
@@ -77,10 +78,14 @@ def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
 
 
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
-            seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False) -> dict:
-    """Write RUN/child from a solution; returns the realize report (predicted vs measured)."""
+            seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
+            tensor_parallel: int = 1) -> dict:
+    """Write RUN/child from a solution; returns the realize report (predicted vs measured).
+
+    At `tensor_parallel` > 1 (under torchrun) each rank reads the library one layer at a time,
+    keeps its own partition and writes its shards of the checkpoint."""
     from ..convert.megatron_io import TOKENIZER_DIR
-    from ..convert.megatron_layout import load_canonical
+    from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
     from ..model.gpt import build_model
@@ -93,10 +98,11 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
-    tensors = Library(run / "library").assemble(child)
-    init_distributed(1)
+    lib = Library(run / "library")
+    lib.check_child(child)
+    init_distributed(tensor_parallel)
     model = build_model(child)
-    load_canonical(model, tensors)
+    load_layers(model, lib.non_block(), lambda i: lib.child_layer(child, i))  # one layer read at a time
     checkpoint.save(model, out, extra={"stage": "realize", "solution": solution, "variants": sol.get("variants")})
     tok = run / "parent" / TOKENIZER_DIR
     if is_rank0() and tok.is_dir() and not (out / TOKENIZER_DIR).exists():  # one copy, not one per rank

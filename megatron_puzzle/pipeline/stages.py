@@ -133,7 +133,7 @@ def stage_realize(run: Path, cfg: dict) -> None:
     s, m = cfg["score"], cfg["measure"]
     run_realize(run, RealizeConfig(solution=cfg["realize"]["solution"], eval_tokens=s["tokens"], seq_len=s["seq_len"],
                                    batch_size=s["batch_size"], warmup=m.get("warmup", 2), repeats=m.get("repeats", 5),
-                                   force=True))
+                                   force=True, tensor_parallel=cfg["tensor_parallel"]))
 
 
 def stage_gkd(run: Path, cfg: dict) -> None:

@@ -148,19 +148,19 @@ def stage_settings(cfg: dict, shape: ModelConfig, on_gpu: bool):
 
 
 def bld_entries(cfg: dict, shape: ModelConfig) -> list:
-    """The trained library entries of the layer with the most of them, as BLD lists them (`bld.units_of_space`)."""
+    """The trained library entries of the layer with the most of them, as BLD lists them (`bld.entries_of_space`)."""
     from ..arch.search_space import configured_search_space
-    from ..distill.bld import BLDConfig, pairs_of_space, units_of_space
+    from ..distill.bld import BLDConfig, entries_of_space, pairs_of_space
     from ..init.variants import InitConfig
 
     space = configured_search_space(shape, cfg.get("search_space"))
     bld = BLDConfig.from_dict(cfg.get("bld") or {})
-    units = units_of_space(shape, space, pairs_of_space(space, bld.coupled_pairs),
+    entries = entries_of_space(shape, space, pairs_of_space(space, bld.coupled_pairs),
                            InitConfig.from_dict(cfg.get("init") or {}))
     per_layer: dict[int, list] = {}
-    for u in units:
-        if u.trainable:
-            per_layer.setdefault(u.layer, []).append((u.block, u.subblocks))
+    for e in entries:
+        if e.trainable:
+            per_layer.setdefault(e.layer, []).append((e.block, e.subblocks))
     return max(per_layer.values(), key=len) if per_layer else []
 
 

@@ -151,7 +151,7 @@ def prepare_score(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
 
 # --------------------------------------------------------------------------- bld
 
-_OWN = {"attention": ("input_layernorm.", "self_attention."), "ffn": ("pre_mlp_layernorm.", "mlp.")}  # as bld.Unit
+_OWN = {"attention": ("input_layernorm.", "self_attention."), "ffn": ("pre_mlp_layernorm.", "mlp.")}  # as bld.Entry
 
 def prepare_bld(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
     """The rank's parent layers up to one layer; that layer's entries trained for two steps on its input and output."""
