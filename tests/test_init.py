@@ -109,7 +109,7 @@ def test_calibration_matches_a_float64_host_reference(mcore):
     """Calibration (layer by layer, on the model's device, channels from the layer's own fc1) equals
     sums computed in float64 from every layer's states and the canonical tensors, with a hand RMSNorm."""
     from megatron_puzzle.convert.megatron_layout import load_canonical
-    from megatron_puzzle.distill.activations import parent_activations
+    from megatron_puzzle.model.activations import parent_activations
     from megatron_puzzle.init.calibration import collect_calibration
     from megatron_puzzle.model.gpt import build_model
 
