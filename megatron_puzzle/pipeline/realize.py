@@ -57,7 +57,8 @@ def measure_model(cfg: ModelConfig, scenario, warmup: int = 2, repeats: int = 5)
 
 
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
-            seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False) -> dict:
+            seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
+            speed=None) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured)."""
     from ..convert.megatron_io import TOKENIZER_DIR
     from ..convert.megatron_layout import load_canonical
@@ -90,12 +91,11 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         from ..cost.costs import load_costs
 
         scenario = load_costs(costs_path).scenario
-        if scenario.is_local:
-            report["measured"] = measure_model(child, scenario, warmup, repeats)
-            report["measured_parent"] = measure_model(checkpoint.load_config(run / "parent"), scenario, warmup, repeats)
-            m, mp = report["measured"], report["measured_parent"]
-            m["speedup"] = m["throughput"] / mp["throughput"]
-            m["decode_speedup"] = m["decode_throughput"] / mp["decode_throughput"]
+        if scenario.is_local:  # the run's one speed (report/speed.py), as the report will measure it
+            from ..report.speed import SpeedConfig, child_vs_parent
+
+            speed = speed or SpeedConfig(warmup=warmup, min_rounds=max(2, repeats), max_rounds=max(2, repeats))
+            report.update(child_vs_parent(child, checkpoint.load_config(run / "parent"), scenario, speed))
     if evaluate:
         from ..score.evaluate import evaluate_model
         from ..score.stage import heldout_batches
@@ -114,9 +114,10 @@ def _log_report(r: dict) -> None:
     if m:
         log.info("throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent)",
                  p.get("throughput", float("nan")), m["throughput"], m.get("speedup", float("nan")))
-        log.info("decode throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent)",
-                 p.get("decode_throughput", float("nan")), m["decode_throughput"],
-                 m.get("decode_speedup", float("nan")))
+        log.info("decode throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent, interval "
+                 "[%.2f, %.2f])", p.get("decode_throughput", float("nan")), m["decode_throughput"],
+                 m.get("decode_speedup", float("nan")), m.get("decode_speedup_low", float("nan")),
+                 m.get("decode_speedup_high", float("nan")))
     q = r.get("measured_quality")
     if q:
         log.info("held-out KL to parent: predicted (sum of 1-block KL) %.4f, measured %.4f",
