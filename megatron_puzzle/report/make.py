@@ -339,7 +339,8 @@ def assemble_report(sections: dict, arches: dict, scenario: dict, rcfg: ReportCo
     met = c["decode_speedup"] >= rcfg.goal_speedup and c["next_token_accuracy_retained"] >= rcfg.goal_accuracy_retained
     out["goal"] = {"decode_speedup": rcfg.goal_speedup, "accuracy_retained": rcfg.goal_accuracy_retained,
                    "reached_decode_speedup": c["decode_speedup"],
-                   "reached_accuracy_retained": c["next_token_accuracy_retained"], "met": bool(met)}
+                   "reached_accuracy_retained": c["next_token_accuracy_retained"], "met": bool(met),
+                   "reached_decode_speedup_interval": [c.get("decode_speedup_low"), c.get("decode_speedup_high")]}
     out["tolerance"] = tolerance
     out["notes"] = comparison_notes(out)
     out["generations"] = generations
@@ -461,12 +462,16 @@ def render_markdown(report: dict) -> str:
         rep3 = r.get("repeated_3grams")
         rep3 = "" if rep3 is None or rep3 != rep3 else f"{rep3:.0%}"
         lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | {_gib(r['memory_bytes'])} | {r['prefill_tokens_per_s']:.0f} "
-                     f"| {r['decode_tokens_per_s']:.1f} | {speed} | {vs} | {r['kl_to_parent']:.4f} | {r['lm_loss']:.4f} "
+                     f"| {r['decode_tokens_per_s']:.1f} | {speed} | {vs} | {r['kl_to_parent']:.4f} "
+                     f"| {r['lm_loss']:.4f} "
                      f"| {r['next_token_accuracy']:.4f} | {r['top1_agreement']:.4f} | {rep3} |")
     g = report["goal"]
     lines += ["", f"**Goal** (>= {g['decode_speedup']:.1f}x decode throughput keeping >= "
                   f"{g['accuracy_retained']:.0%} of the parent's next-token accuracy): reached "
-                  f"{g['reached_decode_speedup']:.2f}x and {g['reached_accuracy_retained']:.1%} -> "
+                  f"{g['reached_decode_speedup']:.2f}x"
+                  + (" [{:.2f}, {:.2f}]".format(*g["reached_decode_speedup_interval"])
+                     if None not in g.get("reached_decode_speedup_interval", [None]) else "")
+                  + f" and {g['reached_accuracy_retained']:.1%} -> "
                   f"**{'met' if g['met'] else 'not met'}**.", ""]
     if report["notes"]:
         lines += ["## Child vs baselines (same measured throughput, same GKD budget)", ""]
