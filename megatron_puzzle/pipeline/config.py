@@ -79,7 +79,7 @@ QUICK: dict[str, Any] = {
     "search": {"constraints": ["decode_throughput>=1.3x"], "pareto": "decode_throughput:1.1x:1.6x:3"},
     "realize": {"target": None, "speed": {"min_rounds": 2, "max_rounds": 3}},
     "gkd": {"steps": 4, "batch_size": 2, "seq_len": 64, "warmup": 1, "save_interval": 2, "eval_tokens": 512},
-    "report": {"quick": True, "eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8},
+    "report": {"quick": True, "eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8, "throughput_max_repeats": 3},
     "baselines": {"calib_tokens": 1024, "calib_seq_len": 64, "max_measurements": 3, "repeats": 2, "random_tries": 2},
 }
 
