@@ -142,7 +142,7 @@ def plot(data: dict, png: Path) -> None:
         ax.set_xlabel("GKD tokens (the child before GKD drawn at 1k)")
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.suptitle("the default run's child: quality against GKD budget (labels: GKD wall time, shared 2-core CPU)",
+    fig.suptitle("one realized child: quality against GKD budget (labels: GKD wall time, shared 2-core CPU)",
                  fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
