@@ -54,7 +54,8 @@ def realize_on_target(run: Path, cfg: dict) -> dict:
     r, s, sc = cfg["realize"], cfg["search"], cfg["score"]
     target, tries = r.get("target"), max(1, int(r.get("max_tries", 1)))
     speed = SpeedConfig.from_dict(r.get("speed"))
-    constraints = list(s["constraints"])
+    # the constraints of the solution realized first: the search's, or a tighter ask of an earlier aim
+    constraints = list(read_json(run / "search" / "solutions.json").get("constraints") or s["constraints"])
     history: list[dict] = []
     report: dict = {}
     for i in range(tries):
