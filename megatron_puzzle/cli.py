@@ -54,6 +54,8 @@ INPUT_ERRORS = (
     ("megatron_puzzle.cost.scenario", "ScenarioError"),
     ("megatron_puzzle.cost.measure", "MeasureError"),
     ("megatron_puzzle.model.gpt", "GPUOnlyOptionError"),
+    ("megatron_puzzle.model.gpt", "LayoutError"),
+    ("megatron_puzzle.plan.plan", "PlanError"),
 )
 
 

@@ -123,6 +123,109 @@ def test_config_defaults_quick_and_errors(tmp_path):
         ReportConfig.from_dict({"baselines": ["width", "lora"]})
 
 
+# --------------------------------------------------------------------------- the one speed
+
+
+def test_ratio_interval_covers_the_true_ratio_at_its_level():
+    from megatron_puzzle.report.speed import ratio_interval
+
+    # no noise: the exact ratio and a zero-width interval
+    assert ratio_interval([2.0, 4.0, 3.0], [1.0, 2.0, 1.5]) == pytest.approx((2.0, 2.0, 2.0))
+    # brute force: rounds whose load slows both models alike, plus each model's own noise; the 95% interval
+    # must hold the true ratio (2.0) in about 95% of many simulated measurements
+    g = np.random.default_rng(0)
+    hits, trials, n = 0, 2000, 5
+    for _ in range(trials):
+        load = np.exp(g.normal(0, 0.3, n))
+        ref = 2.0 * load * np.exp(g.normal(0, 0.04, n))
+        model = 1.0 * load * np.exp(g.normal(0, 0.04, n))
+        _, lo, hi = ratio_interval(list(ref), list(model), 0.95)
+        hits += lo <= 2.0 <= hi
+    assert 0.93 <= hits / trials <= 0.97
+    with pytest.raises(ValueError, match="2 paired rounds"):
+        ratio_interval([1.0], [1.0])
+
+
+class _Costed(torch.nn.Module):
+    """A runtime model whose every forward advances a fake clock by `cost` (and logs its name)."""
+
+    def __init__(self, inner, name, cost, clock, calls):
+        super().__init__()
+        self.inner, self.name, self.cost, self.clock, self.calls = inner, name, cost, clock, calls
+        self.puzzle_config = inner.puzzle_config
+
+    def forward(self, **kw):
+        self.clock[0] += self.cost  # per call, prefill or decode step alike
+        self.calls.append(self.name)
+        return self.inner(**kw)
+
+
+def test_measure_speed_interleaves_rounds_and_times_the_real_greedy_loop():
+    from megatron_puzzle.cost.scenario import Scenario
+    from megatron_puzzle.report.speed import SpeedConfig, measure_speed
+    from megatron_puzzle.report.throughput import runtime_model
+
+    cfg = tiny_parent(num_layers=2)
+    clock, calls = [0.0], []
+    models = {}
+    for name, cost in (("child", 1.0), ("parent", 3.0), ("other", 2.0)):
+        m = runtime_model(cfg)
+        m.puzzle_config = cfg
+        models[name] = _Costed(m, name, cost, clock, calls)
+    s = Scenario("t", 2, 8, 5, "float32", "float32", "cpu")
+    speed = measure_speed(models, s, SpeedConfig(warmup=1, min_rounds=3, max_rounds=6, threads=1),
+                          clock=lambda: clock[0])
+    assert speed.rounds == 3  # exact ratios: the interval is closed after min_rounds
+    assert speed.decode_s["parent"] == [15.0] * 3 and speed.prefill_s["child"] == [1.0] * 3  # 5 steps, 1 prefill
+    assert speed.ratio("child") == pytest.approx((3.0, 3.0, 3.0))
+    assert speed.ratio("other", "child") == pytest.approx((0.5, 0.5, 0.5))
+    summary = speed.summary("child")
+    assert summary["decode_tokens_per_s"] == pytest.approx(2 * 5 / 5.0) and summary["decode_speedup_low"] == pytest.approx(3.0)
+    # warm-up, then rounds in alternating order: parent first, the others, then reversed
+    timed = [c for i, c in enumerate(calls[18:]) if i % 6 == 0]
+    assert timed == ["parent", "child", "other", "other", "child", "parent", "parent", "child", "other"]
+    with pytest.raises(ValueError, match="reference model"):
+        measure_speed({"child": models["child"]}, s)
+    with pytest.raises(ValueError, match="min_rounds"):
+        SpeedConfig(min_rounds=1)
+
+
+def test_repetition_counts_repeated_3grams():
+    from megatron_puzzle.report.generations import repeated_ngrams, repetition
+
+    # "the capital of the city of the capital of the city of" (12 words): 10 3-grams, the last 4 seen before
+    loop = "the capital of the city of the capital of the city of".split()
+    assert repeated_ngrams(loop) == (4, 10)
+    assert repeated_ngrams(list(range(10))) == (0, 8)
+    assert repetition([[1, 1, 1, 1, 1], [1, 2]]) == pytest.approx(2 / 3)  # a short one has no 3-grams
+    assert math.isnan(repetition([[1, 2]]))
+    g = np.random.default_rng(1)  # against a brute force: n-grams minus distinct n-grams
+    for _ in range(50):
+        ids = list(g.integers(0, 3, 12))
+        grams = [tuple(ids[i:i + 3]) for i in range(10)]
+        assert repeated_ngrams(ids) == (len(grams) - len(set(grams)), len(grams))
+
+
+def test_unmatched_baseline_is_flagged_in_the_table():
+    from megatron_puzzle.report.make import assemble_report, render_markdown
+
+    def sec(tps, acc):
+        return {"decode_tokens_per_s": tps, "prefill_tokens_per_s": 100.0, "next_token_accuracy": acc,
+                "kl_to_parent": 1 - acc, "lm_loss": 3.0, "top1_agreement": acc, "params": 1e6,
+                "memory_bytes": 2**20, "repeated_3grams": 0.25}
+    sections = {"parent": sec(10.0, 0.4), "child": dict(sec(20.0, 0.3), decode_speedup=2.0, decode_speedup_low=1.9,
+                                                         decode_speedup_high=2.1),
+                "baseline_depth": dict(sec(25.0, 0.35), decode_ratio_to_child=1.24),
+                "baseline_width": dict(sec(20.4, 0.2), decode_ratio_to_child=1.02)}
+    sc = {"name": "t", "batch_size": 1, "prefill_len": 1, "decode_len": 1, "weight_dtype": "float32", "device": "cpu"}
+    rep = assemble_report(sections, {}, sc, ReportConfig(), [], None,
+                          {"rounds": 5, "threads": 2, "level": 0.95}, tolerance=0.05)
+    assert not rep["baseline_depth"]["matched"] and rep["baseline_width"]["matched"]
+    md = render_markdown(rep)
+    assert "| 1.24x **unmatched** |" in md and "| 1.02x |" in md and "2.00x [1.90, 2.10]" in md
+    assert "| 25% |" in md and any("baseline_depth is UNMATCHED" in n for n in rep["notes"])
+
+
 # --------------------------------------------------------------------------- a whole report
 
 
@@ -150,7 +253,16 @@ def test_report_on_a_tiny_run(tmp_path, mcore):
         assert on_disk[name]["eval_tokens"] == 512
     p, c = on_disk["parent"], on_disk["child"]
     assert p["kl_to_parent"] == pytest.approx(0.0, abs=1e-6) and p["top1_agreement"] == 1.0
-    assert c["decode_speedup"] == pytest.approx(c["decode_tokens_per_s"] / p["decode_tokens_per_s"])
+    # speedups: geometric means of the per-round ratios in report.json, inside their intervals
+    t = on_disk["timing"]
+    per_round = [pa / ch for pa, ch in zip(t["decode_s"]["parent"], t["decode_s"]["child"])]
+    assert t["rounds"] == len(per_round) >= 2
+    assert c["decode_speedup"] == pytest.approx(math.exp(np.mean(np.log(per_round))))
+    assert c["decode_speedup_low"] <= c["decode_speedup"] <= c["decode_speedup_high"]
+    w_ratio = [ch / b for ch, b in zip(t["decode_s"]["child"], t["decode_s"]["baseline_width"])]
+    assert on_disk["baseline_width"]["decode_ratio_to_child"] == pytest.approx(math.exp(np.mean(np.log(w_ratio))))
+    for name in ("parent", "child", "baseline_width"):
+        assert 0 <= on_disk[name]["repeated_3grams"] <= 1
     assert c["next_token_accuracy_retained"] == pytest.approx(c["next_token_accuracy"] / p["next_token_accuracy"])
     assert c["params"] < p["params"] and c["kv_cache_bytes"] < p["kv_cache_bytes"]
     w = on_disk["baseline_width"]

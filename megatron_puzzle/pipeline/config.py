@@ -55,11 +55,14 @@ DEFAULTS: dict[str, Any] = {
         "min_diff": 0,
         "pareto": "decode_throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
     },
-    "realize": {"solution": 0},
+    # target: the decode speedup the low end of the child's measured interval must reach, else the search
+    # is re-solved tighter (pipeline/aim.py), at most max_tries realizations; speed: report/speed.py
+    "realize": {"solution": 0, "target": 2.0, "max_tries": 3,
+                "speed": {"warmup": 1, "min_rounds": 4, "max_rounds": 8, "halfwidth": 0.03}},
     "gkd": {"steps": 30, "batch_size": 4, "seq_len": 128, "lr": 2e-4, "min_lr": 2e-5, "warmup": 2,
             "save_interval": 10, "eval_tokens": 1024},
     "report": {"eval_tokens": 4096, "eval_seq_len": 128, "eval_batch_size": 8, "gen_tokens": 16,
-               "throughput_repeats": 3},
+               "throughput_repeats": 3, "throughput_max_repeats": 6},
     "plan": {  # `megatron-puzzle plan`, and `run`'s fit check when the scenario's device is a GPU
         "world_size": None,  # GPUs the run is launched on; null: tensor_parallel x pipeline_parallel
         "micro_batch_size": None,  # GKD sequences per micro-batch (gkd.batch_size is split into them); null: one
@@ -83,8 +86,9 @@ QUICK: dict[str, Any] = {
     "scenario": {"name": "cpu-quick", "batch_size": 4, "prefill_len": 32, "decode_len": 32},
     "measure": {"warmup": 1, "repeats": 3},
     "search": {"constraints": ["decode_throughput>=1.3x"], "pareto": "decode_throughput:1.1x:1.6x:3"},
+    "realize": {"target": None, "speed": {"min_rounds": 2, "max_rounds": 3}},
     "gkd": {"steps": 4, "batch_size": 2, "seq_len": 64, "warmup": 1, "save_interval": 2, "eval_tokens": 512},
-    "report": {"quick": True, "eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8},
+    "report": {"quick": True, "eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8, "throughput_max_repeats": 3},
     "baselines": {"calib_tokens": 1024, "calib_seq_len": 64, "max_measurements": 3, "repeats": 2, "random_tries": 2},
 }
 
@@ -141,6 +145,17 @@ def resolve(user: dict | None = None, *, quick: bool = False) -> dict:
         GKDConfig.from_dict(cfg["gkd"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"section gkd: {e}") from None
+    from ..report.speed import SpeedConfig
+
+    r = cfg["realize"]
+    try:
+        SpeedConfig.from_dict(r.get("speed"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"section realize: {e}") from None
+    if r.get("target") is not None and not (isinstance(r["target"], (int, float)) and r["target"] > 0):
+        raise ConfigError(f"realize.target must be a positive decode speedup (e.g. 2.0) or null, got {r['target']!r}")
+    if not isinstance(r.get("max_tries", 1), int) or r.get("max_tries", 1) < 1:
+        raise ConfigError(f"realize.max_tries must be a positive integer, got {r.get('max_tries')!r}")
     return cfg
 
 

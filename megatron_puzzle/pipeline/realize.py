@@ -44,19 +44,6 @@ def child_config(run: Path, solution: int = 0) -> tuple[ModelConfig, dict[str, A
     return parent.with_blocks(blocks), sol
 
 
-def measure_model(cfg: ModelConfig, scenario, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
-    """Whole-model prefill time and decode-step time at `scenario`, with the variant-cost runtime."""
-    from ..cost.measure import MeasuredCostModel
-
-    costs = MeasuredCostModel(cfg, scenario, warmup=warmup, repeats=repeats)
-    prefill = costs.time(costs.runtime.model_job(None, "prefill"))
-    decode = costs.time(costs.runtime.model_job(None, "decode"))
-    s = scenario
-    total = prefill + s.decode_len * decode
-    return {"prefill_time_s": prefill, "decode_time_s": decode, "throughput": s.batch_size * s.decode_len / total,
-            "decode_throughput": s.batch_size / decode}
-
-
 @dataclass
 class RealizeConfig:
     """The realize stage's settings: which solution, and how the child is checked after saving."""
@@ -79,17 +66,19 @@ def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
 
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
             seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
-            tensor_parallel: int = 1) -> dict:
+            tensor_parallel: int = 1, speed=None) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured).
 
     At `tensor_parallel` > 1 (under torchrun) each rank reads the library one layer at a time,
-    keeps its own partition and writes its shards of the checkpoint."""
+    keeps its own partition and writes its shards of the checkpoint. The child's speed is measured
+    on rank 0 alone (other ranks timing at once would slow it) and shared, so every rank returns
+    the same report."""
     from ..convert.megatron_io import TOKENIZER_DIR
     from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
     from ..model.gpt import build_model
-    from ..model.parallel import barrier, init_distributed, is_rank0
+    from ..model.parallel import barrier, broadcast_from_rank0, init_distributed, is_rank0
 
     run = Path(run_dir)
     out = run / "child"
@@ -116,12 +105,13 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         from ..cost.costs import load_costs
 
         scenario = load_costs(costs_path).scenario
-        if scenario.is_local and is_rank0():  # timed alone: other ranks timing at once would slow it
-            report["measured"] = measure_model(child, scenario, warmup, repeats)
-            report["measured_parent"] = measure_model(checkpoint.load_config(run / "parent"), scenario, warmup, repeats)
-            m, mp = report["measured"], report["measured_parent"]
-            m["speedup"] = m["throughput"] / mp["throughput"]
-            m["decode_speedup"] = m["decode_throughput"] / mp["decode_throughput"]
+        if scenario.is_local:  # the run's one speed (report/speed.py), as the report will measure it
+            from ..report.speed import SpeedConfig, child_vs_parent
+
+            speed = speed or SpeedConfig(warmup=warmup, min_rounds=max(2, repeats), max_rounds=max(2, repeats))
+            measured = (child_vs_parent(child, checkpoint.load_config(run / "parent"), scenario, speed)
+                        if is_rank0() else None)
+            report.update(broadcast_from_rank0(measured) or {})
     if evaluate:
         from ..score.evaluate import evaluate_model
         from ..score.stage import heldout_batches
@@ -142,9 +132,10 @@ def _log_report(r: dict) -> None:
     if m:
         log.info("throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent)",
                  p.get("throughput", float("nan")), m["throughput"], m.get("speedup", float("nan")))
-        log.info("decode throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent)",
-                 p.get("decode_throughput", float("nan")), m["decode_throughput"],
-                 m.get("decode_speedup", float("nan")))
+        log.info("decode throughput: predicted %.1f tok/s, measured %.1f tok/s (%.2fx the parent, interval "
+                 "[%.2f, %.2f])", p.get("decode_throughput", float("nan")), m["decode_throughput"],
+                 m.get("decode_speedup", float("nan")), m.get("decode_speedup_low", float("nan")),
+                 m.get("decode_speedup_high", float("nan")))
     q = r.get("measured_quality")
     if q:
         log.info("held-out KL to parent: predicted (sum of 1-block KL) %.4f, measured %.4f",

@@ -128,12 +128,9 @@ def stage_search(run: Path, cfg: dict) -> None:
 
 
 def stage_realize(run: Path, cfg: dict) -> None:
-    from .realize import RealizeConfig, run_realize
+    from .aim import realize_on_target
 
-    s, m = cfg["score"], cfg["measure"]
-    run_realize(run, RealizeConfig(solution=cfg["realize"]["solution"], eval_tokens=s["tokens"], seq_len=s["seq_len"],
-                                   batch_size=s["batch_size"], warmup=m.get("warmup", 2), repeats=m.get("repeats", 5),
-                                   force=True, tensor_parallel=cfg["tensor_parallel"]))
+    realize_on_target(run, cfg)
 
 
 def stage_gkd(run: Path, cfg: dict) -> None:

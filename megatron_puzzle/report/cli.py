@@ -11,12 +11,14 @@ import argparse
 
 def _run(args: argparse.Namespace) -> int:
     from ..cli import UserError
+    from .config import load_report_config
     from .make import make_report
 
-    try:
-        report = make_report(args.run_dir, args.config)
+    try:  # settings are checked before any work; an error inside the report is a bug and keeps its traceback
+        load_report_config(args.run_dir, args.config)
     except (ValueError, TypeError) as e:
-        raise UserError(f"bad report setting or input: {e}") from None
+        raise UserError(f"bad report setting: {e}") from None
+    report = make_report(args.run_dir, args.config)
     g = report["goal"]
     print(f"report: child at {g['reached_decode_speedup']:.2f}x decode throughput keeps "
           f"{g['reached_accuracy_retained']:.1%} of the parent's next-token accuracy "

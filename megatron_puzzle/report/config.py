@@ -22,7 +22,8 @@ DEFAULT_PROMPTS = (
 
 
 # Budgets of `quick: true` (a few seconds per step on a cut parent); explicit keys still win.
-QUICK_REPORT = {"eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8, "throughput_repeats": 3}
+QUICK_REPORT = {"eval_tokens": 1024, "eval_seq_len": 64, "gen_tokens": 8, "throughput_repeats": 3,
+                "throughput_max_repeats": 3}
 QUICK_BASELINES = {"max_measurements": 3, "repeats": 2, "calib_tokens": 1024, "calib_seq_len": 64, "random_tries": 2}
 
 
@@ -39,7 +40,10 @@ class ReportConfig:
     gen_tokens: int = 24  # greedy tokens generated per prompt
     scenario: str | None = None  # preset or file; None: the scenario of RUN/measure/costs.json (else cpu-b8)
     throughput_warmup: int = 1
-    throughput_repeats: int = 5  # timed rounds; the median is reported
+    throughput_repeats: int = 5  # timed rounds at least (report/speed.py); medians are reported
+    throughput_max_repeats: int = 10  # ... and at most, until every speed ratio is known to +- throughput_halfwidth
+    throughput_halfwidth: float = 0.03
+    confidence: float = 0.95  # level of the speed ratios' intervals
     threads: int | None = None  # CPU intra-op threads while timing (None: torch's setting)
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     goal_speedup: float = 2.0  # the default run's goal: >= 2x decode throughput ...
@@ -48,9 +52,13 @@ class ReportConfig:
     quick: bool = False  # small budgets (QUICK_REPORT, QUICK_BASELINES) for smoke runs
 
     def __post_init__(self):
-        for name in ("eval_tokens", "eval_seq_len", "eval_batch_size", "throughput_repeats"):
+        for name in ("eval_tokens", "eval_seq_len", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"report.{name} must be >= 1, got {getattr(self, name)}")
+        if self.throughput_repeats < 2:
+            raise ValueError(f"report.throughput_repeats must be >= 2 (a speed interval needs two rounds), "
+                             f"got {self.throughput_repeats}")
+        self.speed()  # its own checks
         if self.gen_tokens < 0 or self.throughput_warmup < 0:
             raise ValueError("report.gen_tokens and report.throughput_warmup must be >= 0")
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -58,6 +66,14 @@ class ReportConfig:
             raise ValueError(f"report.baselines: unknown baseline(s) {bad}; choose from {list(BASELINES)}")
         if not isinstance(self.prompts, list) or not all(isinstance(p, str) for p in self.prompts):
             raise ValueError("report.prompts must be a list of strings")
+
+    def speed(self):
+        """How the report times the models (report/speed.py)."""
+        from .speed import SpeedConfig
+
+        return SpeedConfig(warmup=self.throughput_warmup, min_rounds=self.throughput_repeats,
+                           max_rounds=max(self.throughput_repeats, self.throughput_max_repeats),
+                           halfwidth=self.throughput_halfwidth, level=self.confidence, threads=self.threads)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ReportConfig":

@@ -3,6 +3,10 @@
 Models are `throughput.runtime_model`s (the DeciLM runtime with real weights), run
 one prompt at a time with a KV cache. Without a tokenizer (tiny test models) the
 prompt's characters are mapped to token ids and the output is shown as ids.
+
+A looping model shows in `repetition`: the share of its continuations' 3-grams that
+already occurred earlier in the same continuation (0 for text that never repeats a
+3-gram, near 1 for "of the city of the city of the city ...").
 """
 
 from __future__ import annotations
@@ -46,14 +50,33 @@ def greedy(model, prompt_ids: Sequence[int], new_tokens: int, eos: int | Sequenc
     return out
 
 
+def repeated_ngrams(ids: Sequence[int], n: int = 3) -> tuple[int, int]:
+    """(repeated, total): how many of the n-grams of `ids` occurred earlier in `ids`, of how many."""
+    seen, repeated = set(), 0
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    for g in grams:
+        repeated += g in seen
+        seen.add(g)
+    return repeated, len(grams)
+
+
+def repetition(continuations: Sequence[Sequence[int]], n: int = 3) -> float:
+    """Share of repeated n-grams over all continuations, each counted on its own (nan without n-grams)."""
+    counts = [repeated_ngrams(c, n) for c in continuations]
+    total = sum(t for _, t in counts)
+    return sum(r for r, _ in counts) / total if total else float("nan")
+
+
 def generate_all(models: Mapping[str, torch.nn.Module], prompts: Sequence[str], tokenizer, new_tokens: int,
-                 vocab_size: int, eos=None) -> list[dict]:
-    """[{"prompt": text, "<model name>": continuation, ...}] for every prompt."""
-    rows = []
+                 vocab_size: int, eos=None) -> tuple[list[dict], dict[str, float]]:
+    """([{"prompt": text, "<model name>": continuation, ...}] for every prompt, {model name: repetition})."""
+    rows, ids_of = [], {name: [] for name in models}
     for prompt in prompts:
         ids = encode(tokenizer, prompt, vocab_size)
         row = {"prompt": prompt}
         for name, model in models.items():
-            row[name] = decode(tokenizer, greedy(model, ids, new_tokens, eos))
+            out = greedy(model, ids, new_tokens, eos)
+            ids_of[name].append(out)
+            row[name] = decode(tokenizer, out)
         rows.append(row)
-    return rows
+    return rows, {name: repetition(c) for name, c in ids_of.items()}

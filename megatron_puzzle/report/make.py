@@ -7,7 +7,11 @@
     RUN/baselines/<name>/   see `report.baselines`
 
 The child is RUN/gkd/final when GKD has finished, else RUN/child. Throughput of every
-model is measured in this one process with the same runtime, rounds interleaved.
+model is measured in this one process with the same runtime, rounds interleaved, the
+same way the realize stage measured the child (report/speed.py): speedups are per-round
+ratios with confidence intervals, and the baselines' ratios to the child come from the
+same rounds, so a baseline that drifted off the child's speed since its matching shows
+as unmatched in the table.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..arch import ModelConfig
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text, is_done, read_json
 from . import baselines as bl
 from .config import BaselinesConfig, ReportConfig, load_report_config
+from .speed import measure_speed
 from .throughput import measure_throughput, model_size, runtime_model
 
 log = logging.getLogger(__name__)
@@ -268,25 +273,33 @@ def make_report(run_dir: str | Path, config: str | Path | dict | None = None) ->
     runtime = {name: runtime_model(cfg, t) for name, (cfg, t) in weights.items()}
     for name, m in runtime.items():
         m.puzzle_config = weights[name][0]
-    timing = measure_throughput(runtime, scenario, decode_mode="loop", warmup=rcfg.throughput_warmup,
-                                repeats=rcfg.throughput_repeats, threads=rcfg.threads)
+    speed = measure_speed(runtime, scenario, rcfg.speed(), progress=rcfg.progress)
     for name, (cfg, _) in weights.items():
         size = model_size(cfg, scenario)
         sections[name].update(params=size.params, weight_bytes=size.weight_bytes, kv_cache_bytes=size.kv_cache_bytes,
-                              memory_bytes=size.memory_bytes, **timing[name].to_dict(),
+                              memory_bytes=size.memory_bytes, **speed.summary(name),
                               variants=[[b.attention.name, b.ffn.name] for b in cfg.blocks])
+        if name.startswith("baseline_"):
+            r, lo, hi = speed.ratio(name, "child")
+            sections[name].update(decode_ratio_to_child=r, decode_ratio_to_child_low=lo,
+                                  decode_ratio_to_child_high=hi)
     bar.update(1)
 
     step("generations")
     tokenizer = load_checkpoint_tokenizer(run / "parent")
     from .generations import generate_all
 
-    gens = generate_all(runtime, rcfg.prompts, tokenizer, rcfg.gen_tokens, pcfg.vocab_size, pcfg.eos_token_id) \
-        if rcfg.prompts and rcfg.gen_tokens else []
+    gens, repeats = generate_all(runtime, rcfg.prompts, tokenizer, rcfg.gen_tokens, pcfg.vocab_size,
+                                 pcfg.eos_token_id) if rcfg.prompts and rcfg.gen_tokens else ([], {})
+    for name, share in repeats.items():
+        sections[name]["repeated_3grams"] = share
     bar.update(1)
 
     step("write")
-    report = assemble_report(sections, arches, scenario.to_dict(), rcfg, gens, run)
+    timing = {"warmup": rcfg.throughput_warmup, "rounds": speed.rounds, "threads": speed.threads,
+              "level": speed.level, "statistic": "median tokens/s; speedups: geometric mean of per-round ratios",
+              "prefill_s": speed.prefill_s, "decode_s": speed.decode_s}
+    report = assemble_report(sections, arches, scenario.to_dict(), rcfg, gens, run, timing, bcfg.tolerance)
     write_plots(run, report)
     atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", render_markdown(report))
@@ -296,20 +309,27 @@ def make_report(run_dir: str | Path, config: str | Path | dict | None = None) ->
 
 
 def assemble_report(sections: dict, arches: dict, scenario: dict, rcfg: ReportConfig, generations: list,
-                    run: Path | None = None) -> dict:
-    """report.json content from per-model sections (metrics + timing); adds ratios, the goal, notes."""
+                    run: Path | None = None, timing: dict | None = None, tolerance: float = 0.05) -> dict:
+    """report.json content from per-model sections (metrics + timing); adds ratios, the goal, notes.
+
+    Speedups and baseline-to-child ratios already in a section (per-round ratios from
+    report/speed.py, with intervals) are kept; missing ones are ratios of the medians.
+    A baseline is `matched` when its ratio to the child is within `tolerance` of 1.
+    """
     p = sections["parent"]
-    out: dict[str, Any] = {"scenario": scenario, "decode_mode": "loop", "timing": {
-        "warmup": rcfg.throughput_warmup, "repeats": rcfg.throughput_repeats, "statistic": "median"}}
+    out: dict[str, Any] = {"scenario": scenario, "decode_mode": "loop", "timing": timing or {
+        "warmup": rcfg.throughput_warmup, "rounds": rcfg.throughput_repeats, "statistic": "median"}}
     for name, sec in sections.items():
         sec = dict(sec)
         if name != "parent":
-            sec["decode_speedup"] = sec["decode_tokens_per_s"] / p["decode_tokens_per_s"]
+            sec.setdefault("decode_speedup", sec["decode_tokens_per_s"] / p["decode_tokens_per_s"])
             sec["prefill_speedup"] = sec["prefill_tokens_per_s"] / p["prefill_tokens_per_s"]
             sec["next_token_accuracy_retained"] = sec["next_token_accuracy"] / p["next_token_accuracy"] \
                 if p["next_token_accuracy"] > 0 else float("nan")
         if name.startswith("baseline_"):
-            sec["decode_ratio_to_child"] = sec["decode_tokens_per_s"] / sections["child"]["decode_tokens_per_s"]
+            sec.setdefault("decode_ratio_to_child",
+                           sec["decode_tokens_per_s"] / sections["child"]["decode_tokens_per_s"])
+            sec["matched"] = bool(abs(sec["decode_ratio_to_child"] - 1) <= tolerance)
             a = arches.get(name, {})
             sec["selection"] = {k: a[k] for k in ("key", "decode_ratio_to_child", "within_tolerance", "measurements",
                                                   "info", "weights") if k in a}
@@ -319,7 +339,9 @@ def assemble_report(sections: dict, arches: dict, scenario: dict, rcfg: ReportCo
     met = c["decode_speedup"] >= rcfg.goal_speedup and c["next_token_accuracy_retained"] >= rcfg.goal_accuracy_retained
     out["goal"] = {"decode_speedup": rcfg.goal_speedup, "accuracy_retained": rcfg.goal_accuracy_retained,
                    "reached_decode_speedup": c["decode_speedup"],
-                   "reached_accuracy_retained": c["next_token_accuracy_retained"], "met": bool(met)}
+                   "reached_accuracy_retained": c["next_token_accuracy_retained"], "met": bool(met),
+                   "reached_decode_speedup_interval": [c.get("decode_speedup_low"), c.get("decode_speedup_high")]}
+    out["tolerance"] = tolerance
     out["notes"] = comparison_notes(out)
     out["generations"] = generations
     out["plots"] = ["architecture.png", "comparison.png"] + (["pareto.png"] if run and _pareto_source(run) else [])
@@ -346,12 +368,17 @@ def comparison_notes(report: dict) -> list[str]:
                                     ("next_token_accuracy", b["next_token_accuracy"] > c["next_token_accuracy"]))
                 if better]
         ratio = b["decode_ratio_to_child"]
+        if not b.get("matched", True):
+            found = b.get("selection", {}).get("decode_ratio_to_child")
+            notes.append(f"{name} is UNMATCHED: in the final rounds it ran at {ratio:.2f}x the child's decode "
+                         f"tokens/s" + (f" (its selection had timed {found:.2f}x)" if found else "")
+                         + f", outside +-{report.get('tolerance', 0.05):.0%}; compare its quality with care.")
         if not lost:
             notes.append(f"{name}: the child is better on KL and next-token accuracy "
                          f"(baseline at {ratio:.2f}x the child's decode tokens/s).")
             continue
         why = []
-        if ratio < 0.95:
+        if ratio < 1 - report.get("tolerance", 0.05):
             why.append(f"it is slower than the child ({ratio:.2f}x decode tokens/s), so it keeps more compute")
         if not b.get("selection", {}).get("within_tolerance", True):
             why.append("no candidate of its family was timed within the tolerance of the child's throughput")
@@ -414,23 +441,37 @@ def _gib(b: float) -> str:
 def render_markdown(report: dict) -> str:
     s = report["scenario"]
     names = ["parent", "child"] + [k for k in report if k.startswith("baseline_")]
+    t = report["timing"]
+    level = t.get("level")
     lines = ["# Puzzle report", "",
              f"Scenario `{s['name']}`: batch {s['batch_size']}, prompt {s['prefill_len']}, generation "
-             f"{s['decode_len']} tokens, {s['weight_dtype']} on {s['device']}; throughput measured in one process "
-             f"with the DeciLM runtime (median of {report['timing']['repeats']} interleaved rounds).", "",
-             "| model | params | memory | prefill tok/s | decode tok/s | decode speedup | KL to parent | LM loss "
-             "| next-token acc | top-1 agreement |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{s['decode_len']} tokens, {s['weight_dtype']} on {s['device']}; every model's greedy generation "
+             f"timed in one process with the DeciLM runtime, {t['rounds']} interleaved rounds"
+             + (f", {t['threads']} threads" if t.get("threads") else "") + ": tokens/s are medians, speedups "
+             "geometric means of per-round ratios" + (f" [{level:.0%} interval]" if level else "") + ".", "",
+             "| model | params | memory | prefill tok/s | decode tok/s | decode speedup | vs child | KL to parent "
+             "| LM loss | next-token acc | top-1 agreement | repeated 3-grams |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         r = report[n]
-        speed = "1.00x" if n == "parent" else f"{r['decode_speedup']:.2f}x"
+        speed = "1.00x" if n == "parent" else f"{r['decode_speedup']:.2f}x" + (
+            f" [{r['decode_speedup_low']:.2f}, {r['decode_speedup_high']:.2f}]" if "decode_speedup_low" in r else "")
+        vs = ""
+        if n.startswith("baseline_"):
+            vs = f"{r['decode_ratio_to_child']:.2f}x" + ("" if r.get("matched", True) else " **unmatched**")
+        rep3 = r.get("repeated_3grams")
+        rep3 = "" if rep3 is None or rep3 != rep3 else f"{rep3:.0%}"
         lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | {_gib(r['memory_bytes'])} | {r['prefill_tokens_per_s']:.0f} "
-                     f"| {r['decode_tokens_per_s']:.1f} | {speed} | {r['kl_to_parent']:.4f} | {r['lm_loss']:.4f} "
-                     f"| {r['next_token_accuracy']:.4f} | {r['top1_agreement']:.4f} |")
+                     f"| {r['decode_tokens_per_s']:.1f} | {speed} | {vs} | {r['kl_to_parent']:.4f} "
+                     f"| {r['lm_loss']:.4f} "
+                     f"| {r['next_token_accuracy']:.4f} | {r['top1_agreement']:.4f} | {rep3} |")
     g = report["goal"]
     lines += ["", f"**Goal** (>= {g['decode_speedup']:.1f}x decode throughput keeping >= "
                   f"{g['accuracy_retained']:.0%} of the parent's next-token accuracy): reached "
-                  f"{g['reached_decode_speedup']:.2f}x and {g['reached_accuracy_retained']:.1%} -> "
+                  f"{g['reached_decode_speedup']:.2f}x"
+                  + (" [{:.2f}, {:.2f}]".format(*g["reached_decode_speedup_interval"])
+                     if None not in g.get("reached_decode_speedup_interval", [None]) else "")
+                  + f" and {g['reached_accuracy_retained']:.1%} -> "
                   f"**{'met' if g['met'] else 'not met'}**.", ""]
     if report["notes"]:
         lines += ["## Child vs baselines (same measured throughput, same GKD budget)", ""]

@@ -1,0 +1,61 @@
+"""The realize stage's aim loop: a child measured under the target makes the search re-solve tighter."""
+
+import json
+import math
+
+import pytest
+
+from _runs import make_tiny_run
+from megatron_puzzle.pipeline import aim
+from megatron_puzzle.pipeline import config as run_config
+from megatron_puzzle.search.run import search_run_dir
+
+
+def test_tightened_replaces_only_relative_decode_lower_bounds():
+    cons = ["decode_throughput>=2.05x", "memory<=1GiB", "decode_tps>=1.5x", "throughput>=300tok/s"]
+    assert aim.tightened(cons, 2.30012) == ["memory<=1GiB", "throughput>=300tok/s", "decode_throughput>=2.301x"]
+    assert aim.tightened([], 1.5) == ["decode_throughput>=1.500x"]
+
+
+def test_realize_resolves_tighter_until_the_measured_low_end_meets_the_target(tmp_path, mcore, monkeypatch):
+    from megatron_puzzle.report import speed
+
+    run = tmp_path / "run"
+    make_tiny_run(run)
+    (run / "child").rename(run / "child_prebuilt")
+    cfg = run_config.resolve({"realize": {"target": 1.5, "max_tries": 3}, "score": {"tokens": 128, "seq_len": 32,
+                                                                                    "batch_size": 4},
+                              "search": {"constraints": ["decode_throughput>=1.3x"], "pareto": None}})
+    s = cfg["search"]
+    search_run_dir(run, s["constraints"], s["objective"], plots=False)
+
+    # the runtime is 20% slower than the costs predict, for every child: measured = 0.8 x predicted, +-1%
+    measured = []
+
+    def fake(child, parent, scenario, config=None):
+        pred = aim.predicted_speedup(json.loads((run / "search" / "solutions.json").read_text()))
+        measured.append(0.8 * pred)
+        m = {"throughput": 1.0, "decode_throughput": 1.0, "speedup": 1.0, "decode_speedup": 0.8 * pred,
+             "decode_speedup_low": 0.8 * pred * 0.99, "decode_speedup_high": 0.8 * pred * 1.01}
+        return {"measured": m, "measured_parent": {"throughput": 1.0}, "speed": {"rounds": 2}}
+
+    monkeypatch.setattr(speed, "child_vs_parent", fake)
+    report = aim.realize_on_target(run, cfg)
+    tries = json.loads((run / "child" / "aim.json").read_text())["tries"]
+    assert len(tries) == 2 == len(measured)
+    first, second = tries
+    assert first["decode_speedup_low"] < 1.5 <= second["decode_speedup_low"]
+    # the second ask: the first solution's prediction x target / measured low end, x 1.01, rounded up
+    ask = first["predicted_decode_speedup"] * 1.5 / first["decode_speedup_low"] * 1.01
+    assert second["constraints"] == [f"decode_throughput>={math.ceil(ask * 1000) / 1000:.3f}x"]
+    assert second["predicted_decode_speedup"] >= ask - 1e-9
+    sol = json.loads((run / "search" / "solutions.json").read_text())
+    assert sol["constraints"] == second["constraints"] and report["variants"] == sol["solutions"][0]["variants"]
+    assert json.loads((run / "child" / "realize.json").read_text()) == report
+
+
+def test_run_config_checks_the_realize_section():
+    with pytest.raises(run_config.ConfigError, match="realize.target"):
+        run_config.resolve({"realize": {"target": "2x"}})
+    with pytest.raises(run_config.ConfigError, match="section realize: unknown speed option"):
+        run_config.resolve({"realize": {"speed": {"round": 3}}})
