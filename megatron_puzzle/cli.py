@@ -52,7 +52,7 @@ INPUT_ERRORS = (
     ("megatron_puzzle.cost.costs", "CostsError"),
     ("megatron_puzzle.cost.gpus", "UnknownGPUError"),
     ("megatron_puzzle.cost.scenario", "ScenarioError"),
-    ("megatron_puzzle.cost.measure", "MeasureError"),
+    ("megatron_puzzle.cost.jobs", "MeasureError"),
     ("megatron_puzzle.model.gpt", "GPUOnlyOptionError"),
     ("megatron_puzzle.model.gpt", "LayoutError"),
     ("megatron_puzzle.plan.plan", "PlanError"),

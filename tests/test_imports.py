@@ -96,3 +96,27 @@ def test_every_module_imports():
     p = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """megatron_puzzle module -> the modules (files, not packages' __init__) it imports, anywhere in the file."""
+    graph: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        out = set()
+        for name in _imports(path, module):
+            parts = name.split(".")
+            while parts and not ROOT.parent.joinpath(*parts).with_suffix(".py").exists():
+                parts = parts[:-1]  # `from pkg.mod import name` names pkg.mod; a package alone is no edge
+            if parts and ".".join(parts) != module:
+                out.add(".".join(parts))
+        graph[module] = out
+    return graph
+
+
+def test_no_module_imports_cycle():
+    """Within a package too (e.g. cost.measure <-> cost.decilm_runtime once): shared pieces go to a module below both."""
+    graph = module_graph()
+    assert "megatron_puzzle.cost.jobs" in graph["megatron_puzzle.cost.decilm_runtime"]  # the check sees real edges
+    assert find_cycle(graph) is None

@@ -32,7 +32,7 @@ from ..convert.hf_modeling.configuration_decilm import DeciLMConfig
 from ..convert.hf_modeling.modeling_decilm import (
     DeciLMForCausalLM, DeciLMRotaryEmbedding, decilm_layer_modules,
 )
-from .measure import Job, MeasureError, last_level_cache_bytes
+from .jobs import Job, MeasureError, last_level_cache_bytes
 from .memory import as_variant, subblock_weight_bytes
 from .scenario import Scenario
 

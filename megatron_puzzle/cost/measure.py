@@ -25,14 +25,12 @@ NVML's energy counter (`nvml.py`); the difference per run is its energy in joule
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Mapping, Protocol
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
@@ -41,6 +39,7 @@ from .costs import Cost
 from .memory import (
     kv_cache_bytes, non_block_params, non_block_weight_bytes, subblock_params, subblock_weight_bytes,
 )
+from .jobs import Job, MeasureError, Runtime, last_level_cache_bytes  # noqa: F401 (re-exported)
 from .nvml import NvmlMonitor, NvmlUnavailable
 from .scenario import Scenario
 
@@ -54,49 +53,11 @@ CPU_CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 NON_BLOCK = "<non_block>"
 
 
-class MeasureError(RuntimeError):
-    """Measuring is impossible here (no CUDA, no NVML, unsupported dtype); the message suggests the fix."""
-
-
-@dataclass
-class Job:
-    """One thing to time: `run(setup())`; `setup` is not timed. `units`: how many
-    subblocks one run executes (a stack of copies); times are reported per unit."""
-
-    run: Callable[[Any], Any]
-    setup: Callable[[], Any] = lambda: None
-    units: int = 1
-    # False when `setup` does work comparable to `run` (e.g. filling a KV cache): the energy counter
-    # cannot tell them apart, so such a job gets no energy figure.
-    light_setup: bool = True
-
-
-class Runtime(Protocol):
-    """Builds timing jobs for subblock variants and the non-block parts of a model config."""
-
-    def subblock_job(self, variant: str, phase: str) -> Job: ...
-
-    def non_block_job(self, phase: str) -> Job: ...
-
-
 # ---------------------------------------------------------------------- timing
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def last_level_cache_bytes(device: torch.device) -> int:
-    """Size of the last-level cache (CPU L3 from sysfs, GPU L2 from torch); 32 MiB if unknown."""
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or 2**25
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        with contextlib.suppress(OSError, ValueError):
-            text = open(path).read().strip()
-            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
-            sizes.append(int(text.rstrip("KMG")) * mult)
-    return max(sizes, default=2**25)
 
 
 def cache_flusher(device: str | torch.device) -> Callable[[], None]:
