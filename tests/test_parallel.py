@@ -19,6 +19,9 @@ print(parallel.rank(), parallel.world_size(), parallel.is_rank0(), opts._timeout
 
 
 def test_rank_helpers_read_torchrun_env_before_the_group(monkeypatch):
+    # before the group starts (in this test process another test may have started a world of one)
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel, "_alone", False)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert (parallel.rank(), parallel.world_size(), parallel.is_rank0()) == (3, 4, False)
