@@ -52,6 +52,25 @@ def test_import_export_round_trip_matches_llama(mcore, llama_dir, tmp_path):
         assert (decilm(TOKENS).logits - theirs).abs().max().item() <= 1e-4
 
 
+def test_import_of_the_first_layers_matches_a_cut_llama(mcore, tmp_path):
+    """`import_hf(..., layers=2)` (the quick profile's parent cut) equals HF Llama cut to its first 2 layers."""
+    from megatron_puzzle.convert.megatron_io import import_hf
+    from megatron_puzzle.utils.errors import InputError
+
+    src, full = _llama(tmp_path, tie=False)
+    cut = LlamaForCausalLM(LlamaConfig(**{**full.config.to_dict(), "num_hidden_layers": 2})).eval()
+    missing, unexpected = cut.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(k.startswith("model.layers.2.") for k in unexpected)
+    import_hf(src, tmp_path / "mc", layers=2)
+    model = checkpoint.load(tmp_path / "mc")
+    assert model.puzzle_config.num_layers == 2 and checkpoint.load_extra(tmp_path / "mc")["parent_layers"] == 2
+    with torch.no_grad():
+        assert (forward.full_logits(model, TOKENS) - cut(TOKENS).logits).abs().max().item() <= 1e-4
+    with pytest.raises(InputError, match="parent_layers=4 but the parent has 3 layers"):
+        import_hf(src, tmp_path / "mc4", layers=4)
+    assert not (tmp_path / "mc4").exists()
+
+
 def test_heterogeneous_child_export_matches_megatron(mcore, tmp_path):
     cfg = every_variant_child()
     model = build_model(cfg)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..model import checkpoint
+from ..utils.errors import InputError
 from ..model.gpt import RuntimeOptions, build_model
 from ..model.parallel import init_distributed, is_rank0 as _rank0
 from .megatron_layout import CanonicalView, load_layers
@@ -25,8 +27,11 @@ log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
 
 
-def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False):
-    """Convert an HF checkpoint to a Megatron-Core checkpoint at `out_dir`; returns the built model."""
+def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False, layers: int | None = None):
+    """Convert an HF checkpoint to a Megatron-Core checkpoint at `out_dir`; returns the built model.
+
+    With `layers`, only the first `layers` blocks are kept (with the embeddings, final norm and head):
+    the quick profile's cut of a parent; the other blocks are never read."""
     from .hf_io import load_tokenizer, open_hf_checkpoint
 
     hf_path, out_dir = Path(hf_path), Path(out_dir)
@@ -34,6 +39,11 @@ def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: 
         raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output directory")
     reader = open_hf_checkpoint(hf_path)  # every name and shape checked before any work
     cfg = reader.cfg
+    if layers is not None:
+        if not 1 <= layers <= cfg.num_layers:
+            raise InputError(f"parent_layers={layers} but the parent has {cfg.num_layers} layers; "
+                             f"choose 1..{cfg.num_layers} (or null for all)")
+        cfg = replace(cfg, num_layers=layers, blocks=cfg.blocks[:layers])
     log.info("read %s: %d layers, hidden %d, %d tensors", hf_path, cfg.num_layers, cfg.hidden_size, len(reader.keys()))
     init_distributed(tp)
     model = build_model(cfg, RuntimeOptions())
@@ -44,7 +54,7 @@ def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: 
         tokenizer = load_tokenizer(hf_path)
     except Exception as e:  # a checkpoint without tokenizer files is still convertible
         log.warning("no tokenizer saved with the checkpoint (%s)", e)
-    checkpoint.save(model, out_dir, extra={"source": str(hf_path)})
+    checkpoint.save(model, out_dir, extra={"source": str(hf_path), **({"parent_layers": layers} if layers else {})})
     if tokenizer is not None and _rank0():
         tmp = out_dir / f".{TOKENIZER_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..utils.io import is_done
-from . import config as run_config
 from .config import STAGES
 
 log = logging.getLogger(__name__)
@@ -51,41 +50,8 @@ def _parent_source(cfg: dict) -> Path:
 def stage_import(run: Path, cfg: dict) -> None:
     from ..convert.megatron_io import import_hf
 
-    src = _parent_source(cfg)
-    if cfg["parent_layers"]:
-        _import_truncated(src, run / "parent", cfg["parent_layers"], cfg["tensor_parallel"])
-    else:
-        import_hf(src, run / "parent", tp=cfg["tensor_parallel"], overwrite=True)
-
-
-def _import_truncated(src: Path, out: Path, layers: int, tp: int) -> None:
-    """Import only the first `layers` layers of a parent (with its embeddings, final norm and head)."""
-    from dataclasses import replace
-
-    from ..convert.hf_io import load_tokenizer, read_hf_checkpoint
-    from ..convert.megatron_io import TOKENIZER_DIR
-    from ..convert.megatron_layout import load_canonical
-    from ..model import checkpoint
-    from ..model.gpt import build_model
-    from ..model.parallel import barrier, init_distributed, is_rank0
-
-    cfg, tensors = read_hf_checkpoint(src)
-    if layers > cfg.num_layers:
-        raise run_config.ConfigError(f"parent_layers={layers} but the parent has only {cfg.num_layers} layers; "
-                                     "lower parent_layers")
-    cfg = replace(cfg, num_layers=layers, blocks=cfg.blocks[:layers])
-    keep = {k: v for k, v in tensors.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    init_distributed(tp)
-    model = build_model(cfg)
-    load_canonical(model, keep)
-    checkpoint.save(model, out, extra={"source": str(src), "parent_layers": layers})
-    if is_rank0():  # one writer: other ranks moving the same directory into place would race
-        tok = load_tokenizer(src)
-        tmp = out / f".{TOKENIZER_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(tmp)
-        tmp.rename(out / TOKENIZER_DIR)
-    barrier()
+    import_hf(_parent_source(cfg), run / "parent", tp=cfg["tensor_parallel"], overwrite=True,
+              layers=cfg["parent_layers"])
 
 
 def stage_data(run: Path, cfg: dict) -> None:
