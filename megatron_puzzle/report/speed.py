@@ -115,26 +115,6 @@ def _median(xs: list[float]) -> float:
     return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
 
 
-def generation_jobs(model, cfg: ModelConfig, s: Scenario, device) -> tuple[Callable, Callable]:
-    """(prefill, decode): the scenario's prompt through the model, then decode_len greedy steps on its cache."""
-    from transformers.cache_utils import DynamicCache
-
-    def prefill():
-        ids = torch.randint(0, cfg.vocab_size, (s.batch_size, s.prefill_len), device=device)
-        cache = DynamicCache()
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def decode(state):
-        cache, nxt = state
-        for _ in range(s.decode_len):
-            out = model(input_ids=nxt, cache=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        return nxt
-
-    return prefill, decode
-
-
 def _runtime(spec, scenario: Scenario, device):
     from ..cost.decilm_runtime import TORCH_DTYPES
     from .throughput import runtime_model
@@ -155,6 +135,7 @@ def measure_speed(models: Mapping[str, ModelConfig | tuple | torch.nn.Module], s
     (config, canonical tensors) pair, or a ready `runtime_model` with `.puzzle_config`.
     """
     from ..cost.measure import _sync, check_local_device, cpu_threads
+    from .throughput import generation_jobs
 
     cfg = config or SpeedConfig()
     if reference not in models:
