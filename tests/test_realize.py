@@ -29,13 +29,7 @@ def test_realized_child_weights_are_the_library_entries(tiny_run):
     child = checkpoint.load(run / "child")
     assert [[b.attention.name, b.ffn.name] for b in child.puzzle_config.blocks] == sol["variants"]
     weights = canonical_state(child)
-    lib = Library(run / "library")
-    expected = dict(lib.non_block())
-    for i, (attn, ffn) in enumerate(sol["variants"]):
-        expected.update(lib.load(i, attn))
-        expected.update(lib.load(i, ffn))
-    assert weights.keys() == expected.keys()
-    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    _assert_library_weights(weights, run, sol["variants"])
     # predicted next to measured
     assert report["variants"] == sol["variants"]
     assert report["predicted"]["objective"] == pytest.approx(sol["objective"])
@@ -80,9 +74,14 @@ def test_realize_at_tp2_writes_shards_that_load_as_the_library_entries(tiny_run,
     sol = json.loads((run / "search" / "solutions.json").read_text())["solutions"][1]
     assert json.loads((run / "child" / "realize.json").read_text())["variants"] == sol["variants"]
     weights = canonical_state(checkpoint.load(run / "child"))  # saved at TP 2, loaded at TP 1
+    _assert_library_weights(weights, run, sol["variants"])
+
+
+def _assert_library_weights(weights, run, variants):
+    """The child's canonical weights are exactly the library entries of its variants (and the non-block parts)."""
     lib = Library(run / "library")
     expected = dict(lib.non_block())
-    for i, (attn, ffn) in enumerate(sol["variants"]):
+    for i, (attn, ffn) in enumerate(variants):
         expected.update(lib.load(i, attn))
         expected.update(lib.load(i, ffn))
     assert weights.keys() == expected.keys()
