@@ -26,6 +26,11 @@ def test_config_defaults_and_errors(tmp_path):
     assert cfg["search"]["constraints"] == ["memory<=0.5x"]
     quick = run_config.resolve({}, quick=True)
     assert quick["parent_layers"] == 4 and quick["data"]["source"] == "sample"
+    assert run_config.resolve({}, profile="quick") == quick
+    long = run_config.resolve({"gkd": {"lr": 1e-3}}, profile="long")  # the user's values still win
+    assert long["gkd"]["lr"] == 1e-3 and long["gkd"]["steps"] == run_config.LONG["gkd"]["steps"]
+    with pytest.raises(run_config.ConfigError, match="unknown profile 'fast'; the profiles are default, quick, long"):
+        run_config.resolve({}, profile="fast")
     with pytest.raises(run_config.ConfigError, match="unknown config section"):
         run_config.resolve({"bldd": {}})
     with pytest.raises(run_config.ConfigError, match="section bld"):
@@ -43,6 +48,9 @@ def test_run_refuses_bad_config_with_exit_code_2(tmp_path):
     p = subprocess.run(CLI + ["run", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")],
                        capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "foo" in p.stderr and not (tmp_path / "r").exists()
+    p = subprocess.run(CLI + ["run", "--quick", "--profile", "long", "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and "two profiles" in p.stderr and not (tmp_path / "r").exists()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,10 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
 7. ``weight.data.cuda()`` of the tied embedding under pipeline parallelism
    (``LanguageModule.setup_embeddings_and_output_layer``): ``.cuda()`` stays on the
    CPU while that method runs.
+9. The tensor-parallel linear functions (``tensor_parallel.layers``) carry
+   ``custom_fwd``/``custom_bwd`` bound to ``device_type="cuda"``, so under CPU bf16 autocast
+   their backward runs outside the forward's autocast (bf16 gradient @ fp32 weight fails):
+   the backward re-enters the CPU autocast its forward ran under.
 
 Call :func:`apply` before building a model. It does nothing when CUDA is available.
 Each redirected spot is listed in :data:`REDIRECTED` (module, attribute) and the
@@ -157,6 +161,26 @@ def _within(fn, context):
     return call
 
 
+def _keep_cpu_autocast(fn_cls) -> None:
+    """Run `fn_cls.backward` under the CPU autocast state its forward saw (what custom_bwd does for CUDA)."""
+    forward, backward = fn_cls.forward, fn_cls.backward
+
+    @functools.wraps(forward)
+    def forward_(ctx, *args, **kwargs):
+        ctx.cpu_autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return forward(ctx, *args, **kwargs)
+
+    @functools.wraps(backward)
+    def backward_(ctx, *grads):
+        if ctx.cpu_autocast_dtype is None:
+            return backward(ctx, *grads)
+        with torch.autocast("cpu", dtype=ctx.cpu_autocast_dtype):
+            return backward(ctx, *grads)
+
+    forward_.cpu_support_original, backward_.cpu_support_original = forward, backward
+    fn_cls.forward, fn_cls.backward = staticmethod(forward_), staticmethod(backward_)
+
+
 # (module, attribute) of every redirected spot; tests/test_model_parity.py checks each still exists.
 REDIRECTED = [
     ("torch.cuda", "current_device"),  # 1
@@ -176,6 +200,8 @@ REDIRECTED = [
      "setup_embeddings_and_output_layer"),  # 7
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),  # 8
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),  # 8
+    ("megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication", "backward"),  # 9
+    ("megatron.core.tensor_parallel.layers.LinearWithFrozenWeight", "backward"),  # 9
 ]
 
 
@@ -218,4 +244,8 @@ def apply() -> None:
     DO.__init__ = _within(DO.__init__, _cuda_type_names)
     LanguageModule.setup_embeddings_and_output_layer = _within(  # 7
         LanguageModule.setup_embeddings_and_output_layer, _cuda_stays_on_cpu)
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    for fn_cls in (tp_layers.LinearWithGradAccumulationAndAsyncCommunication, tp_layers.LinearWithFrozenWeight):
+        _keep_cpu_autocast(fn_cls)  # 9
     _APPLIED = True

@@ -13,16 +13,23 @@ def _run(args: argparse.Namespace) -> int:
     from .run import run_pipeline, summary
 
     try:
-        cfg = run_config.load(args.config, quick=args.quick)
+        profile = _profile(args)
+        cfg = run_config.load(args.config, profile=profile)
     except run_config.ConfigError as e:
         raise UserError(str(e)) from None
-    run_dir = Path(args.run_dir or ("runs/quick" if args.quick else "runs/default"))
+    run_dir = Path(args.run_dir or f"runs/{profile}")
     run_pipeline(run_dir, cfg, from_stage=args.from_stage, until=args.until)  # input errors: one line, by main
     from ..model.parallel import is_rank0
 
     if is_rank0():
         print(summary(run_dir))
     return 0
+
+
+def _profile(args: argparse.Namespace) -> str:
+    if args.quick and args.profile not in (None, "quick"):
+        raise UserError(f"--quick and --profile {args.profile} ask for two profiles; give one")
+    return "quick" if args.quick else (args.profile or "default")
 
 
 def _realize(args: argparse.Namespace) -> int:
@@ -45,15 +52,18 @@ def _realize(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .config import STAGES
+    from .config import PROFILES, STAGES
 
     p = sub.add_parser("run", help="the whole pipeline: parent -> faster child, with a report",
                        description="Run import -> data -> init -> bld -> score -> measure -> search -> realize -> "
                                    "gkd -> export -> eval over one run directory. Finished stages are skipped, so a "
                                    "killed run resumes with the same command.")
     p.add_argument("--config", help="YAML run config (see examples/configs/); default: the built-in default run")
-    p.add_argument("--run-dir", help="run directory (default: runs/default, or runs/quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="a few-minute profile on a 4-layer cut of the parent")
+    p.add_argument("--run-dir", help="run directory (default: runs/PROFILE, e.g. runs/default)")
+    p.add_argument("--profile", choices=list(PROFILES), help="default: the 30-minute CPU run; quick: every stage "
+                   "on a 4-layer cut in a few minutes; long: the default run with the GKD budget that reaches "
+                   "the accuracy goal")
+    p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one "
                    "(earlier outputs are moved to RUN/previous/, not deleted)")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
