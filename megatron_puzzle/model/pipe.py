@@ -31,7 +31,8 @@ class PipeStage:
         counts = _stage_layers(cfg.num_layers, self.size, first, last)
         if counts is None or len(model.decoder.layers) != counts[self.rank]:
             raise RuntimeError(f"pipeline stage {self.rank} holds {len(model.decoder.layers)} layers, expected "
-                               f"{counts and counts[self.rank]}: build the model after init_distributed with the same PP")
+                               f"{counts and counts[self.rank]}: build the model after init_distributed "
+                               "with the same PP")
         self.starts = [sum(counts[:r]) for r in range(self.size)] + [cfg.num_layers]
         self.offset = self.starts[self.rank]
         self.layers = range(self.offset, self.starts[self.rank + 1])  # global indices held here
