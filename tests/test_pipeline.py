@@ -43,6 +43,24 @@ def test_config_defaults_and_errors(tmp_path):
         run_config.load(bad)
 
 
+def test_pipeline_parallel_reaches_bld_and_score(tmp_path, monkeypatch):
+    """The run config's pipeline_parallel is the PP size of BLD and scoring (as of GKD)."""
+    from megatron_puzzle.distill import bld_run
+    from megatron_puzzle.pipeline import stages
+    from megatron_puzzle.score import stage as score_stage
+
+    cfg = run_config.resolve({"pipeline_parallel": 2})
+    assert cfg["bld"]["pipeline_parallel"] == 2
+    with pytest.raises(run_config.ConfigError, match="bld.pipeline_parallel=1 differs from pipeline_parallel=2"):
+        run_config.resolve({"pipeline_parallel": 2, "bld": {"pipeline_parallel": 1}})
+    seen = {}
+    monkeypatch.setattr(score_stage, "run_score", lambda run, c: seen.setdefault("score", c))
+    monkeypatch.setattr(bld_run, "run_bld", lambda run, c: seen.setdefault("bld", c))
+    stages.stage_score(tmp_path, cfg)
+    stages.stage_bld(tmp_path, cfg)
+    assert seen["score"].pipeline_parallel == 2 and seen["bld"].bld.pipeline_parallel == 2
+
+
 def test_run_refuses_bad_config_with_exit_code_2(tmp_path):
     (tmp_path / "c.yaml").write_text("gkd: {loss: {cosine: 1, foo: 2}}\n")
     p = subprocess.run(CLI + ["run", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")],

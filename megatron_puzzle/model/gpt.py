@@ -72,8 +72,11 @@ def check_runtime(opts: RuntimeOptions) -> None:
                                  "with the local (torch) specs: drop --sequence-parallel on CPU")
 
 
-def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
-    """Megatron-Core `HeterogeneousTransformerConfig` for a model config."""
+def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pipeline: bool = True):
+    """Megatron-Core `HeterogeneousTransformerConfig` for a model config.
+
+    `pipeline=False`: a config outside the pipeline split (PP 1), for a standalone layer that
+    any stage may build (its layer number is then not shifted by a stage's offset)."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 
     from megatron.core import parallel_state
@@ -84,7 +87,7 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
     tp = pp = 1
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size() if pipeline else 1
     fp8_kwargs = {}
     if opts.fp8:
         fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
@@ -124,8 +127,8 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,  # what stages send each other (fp32 master weights; GKD's p2p)
-        num_layers_in_first_pipeline_stage=opts.first_stage_layers,
-        num_layers_in_last_pipeline_stage=opts.last_stage_layers,
+        num_layers_in_first_pipeline_stage=opts.first_stage_layers if pipeline else None,
+        num_layers_in_last_pipeline_stage=opts.last_stage_layers if pipeline else None,
         heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": cfg.block_configs_json()}),
         **fp8_kwargs,
     )
@@ -204,7 +207,7 @@ def build_layer(cfg: ModelConfig, block, layer_number: int = 1, opts: RuntimeOpt
     check_runtime(opts)
     cpu_support.apply()
     one = replace(cfg, num_layers=1, blocks=[block])
-    tcfg = transformer_config(one, opts)
+    tcfg = transformer_config(one, opts, pipeline=False)
     spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te).layer_specs[0]
     layer = build_module(spec, config=tcfg.get_config_for_layer(1), layer_number=layer_number,
                          pg_collection=ProcessGroupCollection.use_mpu_process_groups())

