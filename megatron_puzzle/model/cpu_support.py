@@ -205,6 +205,12 @@ REDIRECTED = [
 ]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 beats fp32 on it."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def apply() -> None:
     """Redirect Megatron-Core's CUDA-only calls to the CPU (idempotent; no-op with CUDA)."""
     global _APPLIED
