@@ -59,3 +59,6 @@ def test_run_config_checks_the_realize_section():
         run_config.resolve({"realize": {"target": "2x"}})
     with pytest.raises(run_config.ConfigError, match="section realize: unknown speed option"):
         run_config.resolve({"realize": {"speed": {"round": 3}}})
+    with pytest.raises(run_config.ConfigError, match="realize.pp_first_stage_layers must be a layer count"):
+        run_config.resolve({"realize": {"pp_first_stage_layers": "1"}})
+    assert run_config.resolve({"realize": {"pp_last_stage_layers": 3}})["realize"]["pp_last_stage_layers"] == 3

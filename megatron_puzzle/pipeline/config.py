@@ -175,6 +175,9 @@ def resolve(user: dict | None = None, *, quick: bool = False, profile: str | Non
         raise ConfigError(f"realize.target must be a positive decode speedup (e.g. 2.0) or null, got {r['target']!r}")
     if not isinstance(r.get("max_tries", 1), int) or r.get("max_tries", 1) < 1:
         raise ConfigError(f"realize.max_tries must be a positive integer, got {r.get('max_tries')!r}")
+    for key in ("pp_first_stage_layers", "pp_last_stage_layers"):  # uneven pipeline split of the child
+        if r.get(key) is not None and not (isinstance(r[key], int) and r[key] >= 0):
+            raise ConfigError(f"realize.{key} must be a layer count (>= 0) or null, got {r[key]!r}")
     return cfg
 
 
