@@ -18,10 +18,11 @@ from .replace import model_device, replace_subblock, split_batch
 
 
 def _whole(model) -> None:
-    """Whole-model evaluation needs every layer in this process (PP 1); GKD evaluates at PP itself."""
+    """The parent's references are reused over whole-model evaluations (PP 1); at PP `evaluate_model` runs
+    the parent alongside the child, and GKD evaluates at PP itself."""
     if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
-        raise ValueError("evaluate_model runs whole models (pipeline-parallel size 1); this model is one "
-                         "pipeline stage: evaluate at PP 1, or through GKD's pipeline-parallel evaluation")
+        raise ValueError("this is a whole-model evaluation (pipeline-parallel size 1) and the model is one "
+                         "pipeline stage: evaluate at PP 1, or give evaluate_model both models' stages")
 
 
 @torch.no_grad()
@@ -48,14 +49,13 @@ def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor],
     (`model.pipe.PipeStage`), the parent's pass first, the last stage computes the metrics and
     every rank returns them. `references` are for whole models only.
     """
-    from ..model.pipe import PipeStage
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):  # a pipeline stage
+        from ..model.pipe import PipeStage
 
-    stage = PipeStage(model)
-    if stage.size > 1:
         if references is not None:
             raise ValueError("references are for whole models (PP 1); under pipeline parallelism the parent "
                              "runs alongside the child")
-        return _evaluate_stages(stage, PipeStage(parent_model), batches)
+        return _evaluate_stages(PipeStage(model), PipeStage(parent_model), batches)
     _whole(model), _whole(parent_model)
     was_training = model.training, parent_model.training
     model.eval(), parent_model.eval()
