@@ -146,31 +146,48 @@ def load_canonical(model, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(sd[name].to(p.dtype))
 
 
-def load_layers(model, non_block: dict[str, torch.Tensor], layer: Callable[[int], dict[str, torch.Tensor]]) -> None:
+def load_layers(model, non_block, layer: Callable[[int], dict[str, torch.Tensor]]) -> None:
     """Copy canonical tensors into a built model one layer at a time (`layer(i)` gives layer i's tensors):
     only one layer's full-size tensors are in flight, each sliced to this TP rank's partition and cast
-    to the parameter's dtype as it is copied."""
+    to the parameter's dtype as it is copied.
+
+    Under pipeline parallelism `model` is this rank's stage: only its layers are asked for (by global
+    index) and only the non-block weights it holds are set (the embedding on the first stage; the final
+    norm and output layer on the last, the output layer from the embedding when they are tied).
+    `non_block` is the dict of non-block canonical tensors, or a callable giving it, called only on a
+    stage that holds some."""
     from megatron.core import parallel_state
+
+    from ..model.pipe import PipeStage
 
     cfg = model.puzzle_config
     rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     params = {n: p for n, p in model.named_parameters() if not n.startswith("decoder.layers.")}
-    col = lambda t: _split(t, 0, rank, size)  # noqa: E731
-    sd = {"embedding.word_embeddings.weight": col(non_block["model.embed_tokens.weight"]),
-          "decoder.final_layernorm.weight": non_block["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        sd["output_layer.weight"] = col(non_block["lm_head.weight"])
-    if set(sd) != set(params):
-        raise KeyError(f"weights do not match the model: missing {sorted(set(params) - set(sd))[:5]}, "
-                       f"unexpected {sorted(set(sd) - set(params))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != sd[name].shape:
-                raise ValueError(f"{name}: model expects {tuple(p.shape)}, weights have {tuple(sd[name].shape)}")
-            p.copy_(sd[name].to(p.dtype))
-    del sd
-    for i, b in enumerate(cfg.blocks):
-        load_block(model.decoder.layers[i], cfg, i, b, layer(i))
+    if params:
+        nb = non_block() if callable(non_block) else non_block
+        col = lambda t: _split(t, 0, rank, size)  # noqa: E731
+        sd = {}
+        if getattr(model, "pre_process", True):
+            sd["embedding.word_embeddings.weight"] = col(nb["model.embed_tokens.weight"])
+        if getattr(model, "post_process", True):
+            sd["decoder.final_layernorm.weight"] = nb["model.norm.weight"]
+            if not cfg.tie_word_embeddings:
+                sd["output_layer.weight"] = col(nb["lm_head.weight"])
+            elif not getattr(model, "pre_process", True):  # a last stage's copy of the tied embedding
+                sd["output_layer.weight"] = col(nb["model.embed_tokens.weight"])
+        del nb
+        if set(sd) != set(params):
+            raise KeyError(f"weights do not match the model: missing {sorted(set(params) - set(sd))[:5]}, "
+                           f"unexpected {sorted(set(sd) - set(params))[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.shape != sd[name].shape:
+                    raise ValueError(f"{name}: model expects {tuple(p.shape)}, weights have {tuple(sd[name].shape)}")
+                p.copy_(sd[name].to(p.dtype))
+        del sd
+    stage = PipeStage(model)
+    for i in stage.layers:
+        load_block(model.decoder.layers[stage.local(i)], cfg, i, cfg.blocks[i], layer(i))
 
 
 def _gather_param(p: torch.Tensor, name: str) -> torch.Tensor:

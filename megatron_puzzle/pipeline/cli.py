@@ -35,7 +35,11 @@ def _profile(args: argparse.Namespace) -> str:
 def _realize(args: argparse.Namespace) -> int:
     from .realize import RealizeConfig, run_realize
 
-    r = run_realize(args.run_dir, RealizeConfig(solution=args.solution, force=args.force))
+    r = run_realize(args.run_dir, RealizeConfig(
+        solution=args.solution, force=args.force, evaluate=args.eval_tokens > 0, eval_tokens=args.eval_tokens,
+        seq_len=args.seq_len, batch_size=args.batch_size, tensor_parallel=args.tensor_parallel,
+        pipeline_parallel=args.pipeline_parallel, pp_first_stage_layers=args.pp_first_stage_layers,
+        pp_last_stage_layers=args.pp_last_stage_layers))
     m = r.get("measured", {})
     print(f"realized solution {args.solution} into {Path(args.run_dir) / 'child'}"
           + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent), decode "
@@ -46,7 +50,7 @@ def _realize(args: argparse.Namespace) -> int:
 
         if Path(args.export_hf).exists() and any(Path(args.export_hf).iterdir()):
             raise UserError(f"{args.export_hf} already exists and is not empty; choose another directory")
-        export_hf(Path(args.run_dir) / "child", args.export_hf)
+        export_hf(Path(args.run_dir) / "child", args.export_hf, tp=args.tensor_parallel)  # whole child, PP 1
         print(f"exported the child to {args.export_hf} (HF DeciLM, load with trust_remote_code=True)")
     return 0
 
@@ -74,4 +78,16 @@ def register(sub) -> None:
     p.add_argument("--solution", type=int, default=0, help="which solution of RUN/search/solutions.json")
     p.add_argument("--force", action="store_true", help="realize again even if RUN/child exists")
     p.add_argument("--export-hf", metavar="DIR", help="also write the child as an HF DeciLM directory")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="held-out tokens the child is scored on against the parent (default 4096; 0 skips)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="held-out sequences per batch (default 8)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
+    p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=1,
+                   help="pipeline-parallel size: each stage builds and writes its layers of the child "
+                        "(launch TP x PP x DP processes)")
+    p.add_argument("--pp-first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split)")
+    p.add_argument("--pp-last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split)")
     p.set_defaults(func=_realize)

