@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -245,31 +246,41 @@ def _same_curve(ref, rows, name, tol=1e-5, keys=("loss", "cosine", "kl", "grad_n
 
 
 def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts(base_run, tmp_path):
-    """On 2 processes, Megatron-Core's engine: PP 2 (uneven 1 + 3 layers, 2 micro-batches), DP 2 with
-    the distributed optimizer, and a run stopped at PP 2 and resumed at DP 2 all follow the
-    single-process loss curve of the same child (every variant kind) and end at the same weights."""
+    """On 2 processes, Megatron-Core's engine: PP 2 (uneven 1 + 3 layers, 2 micro-batches) follows the
+    single-process loss curve of the same child (every variant kind). A run with the distributed
+    optimizer at DP 2, stopped after step 2, resumes at DP 2, at PP 2, at TP 2 and (in this process)
+    at DP 1 from its model-space optimizer state; a plain-optimizer run stopped at PP 2 resumes at
+    DP 2. All continue the uninterrupted curve for two more steps and end at the same weights."""
     from megatron_puzzle.model import checkpoint
 
-    cfg = GKDConfig(steps=3, save_interval=0, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2})
+    cfg = GKDConfig(steps=4, save_interval=0, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2})
     one = _copy_run(base_run, tmp_path / "one")
     run_gkd(one, cfg)
     base = cfg.to_dict()
     pp2 = {**base, "pp": 2, "pp_first_stage_layers": 1}
     dp2 = {**base, "batch_size": 2, "micro_batch_size": 1}  # 2 ranks x 2 sequences = the same global batch
-    runs = {n: _copy_run(base_run, tmp_path / n) for n in ("pp2", "dp2", "moved", "dist_resumed")}
+    tp2 = {**base, "tp": 2}
+    runs = {n: _copy_run(base_run, tmp_path / n) for n in ("pp2", "moved", "dist_dp2")}
+    branches = {"dist_to_pp2": pp2, "dist_to_tp2": tp2}
     torchrun(WORKER, 2, "--tp", "1", "--pp", "2", "--run-dir", str(runs["pp2"]), "--config", json.dumps(pp2),
              "--out", str(tmp_path / "w.json"), "--also", json.dumps([
-                 {"run_dir": str(runs["dp2"]), "config": dp2},
                  {"run_dir": str(runs["moved"]), "config": {**pp2, "save_interval": 2, "shard_optimizer": False},
                   "stop_after": 2, "resume_config": {**dp2, "save_interval": 2, "shard_optimizer": False}},
-                 # the distributed optimizer's sharded state (dp_reshardable) saved and loaded at DP 2
-                 {"run_dir": str(runs["dist_resumed"]), "config": {**dp2, "save_interval": 2}, "stop_after": 2}]))
+                 # the distributed optimizer (the default at DP 2), its state saved fully_reshardable
+                 {"run_dir": str(runs["dist_dp2"]), "config": {**dp2, "save_interval": 2}, "stop_after": 2,
+                  "branches": [{"run_dir": str(tmp_path / n), "config": c} for n, c in branches.items()]}]))
+    runs.update({n: tmp_path / n for n in branches})
+    runs["dist_to_dp1"] = _copy_run(base_run, tmp_path / "dist_to_dp1")
+    shutil.copytree(Path(f"{runs['dist_dp2']}_ckpt_at_stop"), runs["dist_to_dp1"] / "gkd" / "ckpt")
+    run_gkd(runs["dist_to_dp1"], cfg)  # DP 1: the resume keeps the distributed optimizer that saved the state
     ref = _log(one)
-    assert len(ref) == 3
+    assert len(ref) == 4
     for name, run in runs.items():
-        _same_curve(ref, _log(run), name)
-    assert json.loads((runs["dp2"] / "gkd" / "eval.json").read_text())["dp"] == 2
-    assert json.loads((runs["pp2"] / "gkd" / "eval.json").read_text())["pp"] == 2
+        _same_curve(ref, _log(run), name, keys=("loss", "cosine", "kl", "grad_norm", "lr"))
+    layouts = {n: {k: json.loads((runs[n] / "gkd" / "eval.json").read_text())[k] for k in ("tp", "pp", "dp")}
+               for n in runs}
+    assert layouts["dist_dp2"] == {"tp": 1, "pp": 1, "dp": 2} and layouts["dist_to_tp2"] == {"tp": 2, "pp": 1, "dp": 1}
+    assert layouts["dist_to_pp2"] == {"tp": 1, "pp": 2, "dp": 1} and layouts["dist_to_dp1"] == {"tp": 1, "pp": 1, "dp": 1}
     ref_w = _final_weights(one)
     child_w = canonical_state(checkpoint.load(base_run / "child"))
     assert max((ref_w[k] - child_w[k]).abs().max().item() for k in ref_w) > 1e-4  # training moved the weights
@@ -277,11 +288,20 @@ def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts
         w = _final_weights(run)
         assert w.keys() == ref_w.keys()
         assert max((w[k] - ref_w[k]).abs().max().item() for k in w) <= 1e-5, name
-    # the stopped run left a checkpoint written at PP 2; the resume read it at DP 2
-    assert (Path(f"{runs['moved']}_ckpt_at_stop") / "step_0000002" / "model").is_dir()
+    # the stopped runs left checkpoints at step 2 (the plain one written at PP 2, read at DP 2)
+    for name in ("moved", "dist_dp2"):
+        saved = Path(f"{runs[name]}_ckpt_at_stop") / "step_0000002"
+        assert (saved / "model").is_dir(), name
+        state = json.loads((saved / "trainer.json").read_text())
+        assert state["distributed_optimizer"] == (name == "dist_dp2") and state["scheduler"]["num_steps"] == 2
     after = [json.loads((run / "gkd" / "eval.json").read_text())["after"]["kl_div"] for run in runs.values()]
     ref_after = json.loads((one / "gkd" / "eval.json").read_text())["after"]["kl_div"]
     assert max(abs(a - ref_after) for a in after) <= 1e-5
+    # a resume that asks for the other optimizer kind is refused, naming the fix
+    refused = _copy_run(base_run, tmp_path / "refused")
+    shutil.copytree(Path(f"{runs['dist_dp2']}_ckpt_at_stop"), refused / "gkd" / "ckpt")
+    with pytest.raises(ValueError, match="distributed optimizer's state; resume with shard_optimizer true"):
+        run_gkd(refused, replace(cfg, shard_optimizer=False))
 
 
 def test_tp2_pp2_on_four_processes_and_resume_at_another_tp_and_pp(base_run, tmp_path):

@@ -28,6 +28,10 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
 7. ``weight.data.cuda()`` of the tied embedding under pipeline parallelism
    (``LanguageModule.setup_embeddings_and_output_layer``): ``.cuda()`` stays on the
    CPU while that method runs.
+9. ``send_tensor.cuda()`` before the all-gather that builds the distributed optimizer's
+   model-space (``fully_reshardable``) checkpoint state
+   (``DistributedOptimizer.get_parameter_state_dp_zero``): ``.cuda()`` stays on the CPU
+   while that method runs (gloo gathers CPU tensors).
 
 Call :func:`apply` before building a model. It does nothing when CUDA is available.
 Each redirected spot is listed in :data:`REDIRECTED` (module, attribute) and the
@@ -176,6 +180,7 @@ REDIRECTED = [
      "setup_embeddings_and_output_layer"),  # 7
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),  # 8
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),  # 8
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "get_parameter_state_dp_zero"),  # 9
 ]
 
 
@@ -216,6 +221,7 @@ def apply() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clipped
     DO = distrib_optimizer.DistributedOptimizer
     DO.__init__ = _within(DO.__init__, _cuda_type_names)
+    DO.get_parameter_state_dp_zero = _within(DO.get_parameter_state_dp_zero, _cuda_stays_on_cpu)  # 9
     LanguageModule.setup_embeddings_and_output_layer = _within(  # 7
         LanguageModule.setup_embeddings_and_output_layer, _cuda_stays_on_cpu)
     _APPLIED = True
