@@ -84,11 +84,17 @@ def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = N
         if not (run / need / "done").exists():
             raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
                                     f"`{'import' if need == 'parent' else 'data'}` stage first")
-    model, tensors = _load_parent(run, rc.bld.tensor_parallel)
+    from ..model import checkpoint
+    from ..model.gpt import check_layout, launch_world
+
+    parent_cfg = checkpoint.load_config(run / "parent")
     try:
-        space = configured_search_space(model.puzzle_config, rc.space)
+        space = configured_search_space(parent_cfg, rc.space)
     except ValueError as e:  # a search space that does not fit this parent
         raise InputError(f"search_space: {e}") from None
+    # every entry BLD builds is split over TP like the parent: refuse a TP some variant cannot take
+    check_layout(parent_cfg, tp=rc.bld.tensor_parallel, world=launch_world(), what="parent", variants=space)
+    model, tensors = _load_parent(run, rc.bld.tensor_parallel)
     calib = _batches(run, "calib", rc.bld, shuffle=False)
     calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
     with torch.no_grad():

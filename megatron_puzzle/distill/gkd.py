@@ -616,11 +616,9 @@ def _check_inputs(run: Path) -> None:
 
 def _check_layout(run: Path, cfg: GKDConfig) -> None:
     """TP / PP / world size against the parent's and the child's layers, before any model is built."""
-    import os
+    from ..model.gpt import check_layout, launch_world
 
-    from ..model.gpt import check_layout
-
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world()
     for name in ("child", "parent"):
         check_layout(checkpoint.load_config(run / name), tp=cfg.tp, pp=cfg.pp, world=world, fp8=bool(cfg.fp8),
                      first_stage_layers=cfg.pp_first_stage_layers, last_stage_layers=cfg.pp_last_stage_layers,

@@ -28,7 +28,8 @@ def _run(args: argparse.Namespace) -> int:
 def _realize(args: argparse.Namespace) -> int:
     from .realize import RealizeConfig, run_realize
 
-    r = run_realize(args.run_dir, RealizeConfig(solution=args.solution, force=args.force))
+    r = run_realize(args.run_dir, RealizeConfig(solution=args.solution, force=args.force,
+                                                tensor_parallel=args.tensor_parallel))
     m = r.get("measured", {})
     print(f"realized solution {args.solution} into {Path(args.run_dir) / 'child'}"
           + (f"; measured throughput {m['throughput']:.1f} tok/s ({m['speedup']:.2f}x the parent), decode "
@@ -64,4 +65,5 @@ def register(sub) -> None:
     p.add_argument("--solution", type=int, default=0, help="which solution of RUN/search/solutions.json")
     p.add_argument("--force", action="store_true", help="realize again even if RUN/child exists")
     p.add_argument("--export-hf", metavar="DIR", help="also write the child as an HF DeciLM directory")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
     p.set_defaults(func=_realize)

@@ -87,6 +87,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
+    from ..model.gpt import check_layout, launch_world
+
+    check_layout(child, tp=tensor_parallel, world=launch_world(), what="child")  # before any library read or model
     lib = Library(run / "library")
     lib.check_child(child)
     init_distributed(tensor_parallel)

@@ -211,6 +211,10 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig) -> dict | None:
         if not is_done(run / sub):
             raise FileNotFoundError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")
     space = lib.read_space(run / "library")
+    from ..model.gpt import check_layout, launch_world
+
+    check_layout(checkpoint.load_config(run / "parent"), tp=cfg.tensor_parallel, world=launch_world(), what="parent",
+                 variants=space)
     batches = heldout_batches(run / "data", cfg.tokens, cfg.seq_len, cfg.batch_size)
     settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     parallel.init_distributed(tensor_parallel=cfg.tensor_parallel)
