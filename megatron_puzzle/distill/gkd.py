@@ -23,9 +23,9 @@ Outputs (RUN/gkd/):
   eval.json            held-out metrics before and after; log.csv: per-step losses; config.json; done
 
 A killed run restarted with the same command (or at another TP x PP x DP with the same
-global batch) resumes from the newest complete checkpoint: weights, optimizer, LR schedule
-(a function of the step) and data position (batch index = step), so the loss curve
-continues as if never stopped (dropout is 0: no RNG state to restore).
+global batch) resumes from the newest complete checkpoint: weights, optimizer state (model
+space: any layout), Megatron-Core's LR scheduler state and data position (batch index =
+step), so the loss curve continues as if never stopped (dropout is 0: no RNG state to restore).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from ..model.gpt import RuntimeOptions, check_runtime
 from ..model.parallel import rank as _rank, world_size as _world
 from ..utils import preempt
 from ..utils.config import from_section
+from ..utils.errors import InputError
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import train_utils
 
@@ -635,7 +636,7 @@ def _resume_optimizer_kind(latest: Path, cfg: GKDConfig) -> GKDConfig:
         return replace(cfg, shard_optimizer=saved)
     if bool(cfg.shard_optimizer) != saved:
         have = "the distributed optimizer's" if saved else "the plain optimizer's"
-        raise ValueError(f"{latest} holds {have} state; resume with shard_optimizer {str(saved).lower()} (or unset), "
+        raise InputError(f"{latest} holds {have} state; resume with shard_optimizer {str(saved).lower()} (or unset), "
                          f"or rerun with overwrite to start over")
     return cfg
 
@@ -695,7 +696,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         changed = sorted(k for k in cfg_dict_global
                          if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict_global[k])
         if changed:
-            raise ValueError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
+            raise InputError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
                              f"same config (any TP x PP x DP with the same global batch), or rerun with overwrite "
                              f"to start over")
         state = load_training_checkpoint(latest, engine)
