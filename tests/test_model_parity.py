@@ -109,6 +109,8 @@ _NEEDS = {  # (module, attribute) -> text its original source still contains
     ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "__init__"): "_build_model_and_main_param_groups",
     ("megatron.core.models.common.language_module.language_module.LanguageModule",
      "setup_embeddings_and_output_layer"): "weight.data.cuda()",
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "get_parameter_state_dp_zero"):
+        "send_tensor.cuda()",
     ("megatron.core.transformer.utils", "get_default_causal_mask"): 'device="cuda"',
     ("megatron.core.tensor_parallel.random", "_get_all_rng_states"): "_get_cuda_rng_state(",
     ("megatron.core.tensor_parallel.random", "_set_all_rng_states"): "_set_cuda_rng_state(",

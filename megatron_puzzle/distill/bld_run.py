@@ -76,14 +76,14 @@ def _batches(run: Path, split: str, cfg: BLDConfig, shuffle: bool):
                         epochs=None)
 
 
-def _check_layout(run: Path, bld: BLDConfig) -> None:
-    """TP / PP sizes against the parent's layers and the launch, one line on every rank before any work."""
-    from ..model import checkpoint, parallel
-    from ..model.gpt import check_layout
+def _check_layout(parent_cfg, bld: BLDConfig, pp: int, space) -> None:
+    """TP / PP sizes against the parent's layers, every search-space variant and the launch: one line on
+    every rank before any work."""
+    from ..model.gpt import check_layout, launch_world
 
-    check_layout(checkpoint.load_config(run / "parent"), tp=bld.tensor_parallel, pp=bld.pipeline_parallel,
-                 world=parallel.world_size(), first_stage_layers=bld.pp_first_stage_layers,
-                 last_stage_layers=bld.pp_last_stage_layers, what="parent")
+    check_layout(parent_cfg, tp=bld.tensor_parallel, pp=pp, world=launch_world(),
+                 first_stage_layers=bld.pp_first_stage_layers if pp > 1 else None,
+                 last_stage_layers=bld.pp_last_stage_layers if pp > 1 else None, what="parent", variants=space)
 
 
 def _load_parent_stage(run: Path, bld: BLDConfig):
@@ -114,12 +114,13 @@ def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = N
             raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
                                     f"`{'import' if need == 'parent' else 'data'}` stage first")
     pp = 1 if init_only else rc.bld.pipeline_parallel
-    if not init_only:
-        _check_layout(run, rc.bld)
+    parent_cfg = checkpoint.load_config(run / "parent")
     try:
-        space = configured_search_space(checkpoint.load_config(run / "parent"), rc.space)
+        space = configured_search_space(parent_cfg, rc.space)
     except ValueError as e:  # a search space that does not fit this parent
         raise InputError(f"search_space: {e}") from None
+    # every entry BLD builds is split like the parent: refuse a layout some variant cannot take
+    _check_layout(parent_cfg, rc.bld, pp, space)
     model = tensors = None
     if pp == 1 or not is_complete(run / "init", space, rc.init, rc.bld.seed):
         model, tensors = _load_parent(run, rc.bld.tensor_parallel)

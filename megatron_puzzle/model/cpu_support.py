@@ -32,6 +32,10 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
    ``custom_fwd``/``custom_bwd`` bound to ``device_type="cuda"``, so under CPU bf16 autocast
    their backward runs outside the forward's autocast (bf16 gradient @ fp32 weight fails):
    the backward re-enters the CPU autocast its forward ran under.
+10. ``send_tensor.cuda()`` before the all-gather that builds the distributed optimizer's
+   model-space (``fully_reshardable``) checkpoint state
+   (``DistributedOptimizer.get_parameter_state_dp_zero``): ``.cuda()`` stays on the CPU
+   while that method runs (gloo gathers CPU tensors).
 
 Call :func:`apply` before building a model. It does nothing when CUDA is available.
 Each redirected spot is listed in :data:`REDIRECTED` (module, attribute) and the
@@ -202,6 +206,7 @@ REDIRECTED = [
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),  # 8
     ("megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication", "backward"),  # 9
     ("megatron.core.tensor_parallel.layers.LinearWithFrozenWeight", "backward"),  # 9
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "get_parameter_state_dp_zero"),  # 10
 ]
 
 
@@ -248,6 +253,7 @@ def apply() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clipped
     DO = distrib_optimizer.DistributedOptimizer
     DO.__init__ = _within(DO.__init__, _cuda_type_names)
+    DO.get_parameter_state_dp_zero = _within(DO.get_parameter_state_dp_zero, _cuda_stays_on_cpu)  # 10
     LanguageModule.setup_embeddings_and_output_layer = _within(  # 7
         LanguageModule.setup_embeddings_and_output_layer, _cuda_stays_on_cpu)
     from megatron.core.tensor_parallel import layers as tp_layers

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import ModelConfig
+from ..arch.block_config import AttentionVariant, variant_from_name
 from . import cpu_support
 
 
@@ -249,12 +250,51 @@ def _stage_layers(num_layers: int, pp: int, first: int | None, last: int | None)
     return stages
 
 
+def launch_world() -> int:
+    """The number of processes this command was launched with (torchrun's WORLD_SIZE), before or
+    after the process group exists."""
+    import os
+
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_attention(where: str, attention, cfg: ModelConfig, tp: int, fp8: bool) -> None:
+    kv = attention.num_kv_heads if attention.kind == "full" else None
+    if kv is None:
+        return
+    heads = cfg.num_attention_heads
+    if kv % tp and tp % kv:
+        valid = sorted({d for d in _divisors(heads) if kv % d == 0 or d % kv == 0})
+        raise LayoutError(f"{where}: TP {tp} neither splits nor replicates its {kv} KV heads; valid TP: "
+                          f"{', '.join(map(str, valid))}")
+    if fp8 and (max(kv // tp, 1) * cfg.head_dim) % 16:
+        raise LayoutError(f"{where}: FP8 needs each TP shard's KV width to be a multiple of 16, got "
+                          f"{max(kv // tp, 1)} heads x {cfg.head_dim}; change TP or drop --fp8")
+
+
+def _check_ffn(where: str, ffn_variant, cfg: ModelConfig, tp: int, fp8: bool) -> None:
+    ffn = ffn_variant.intermediate_size if ffn_variant.kind == "full" else None
+    if ffn is None:
+        return
+    if ffn % tp:
+        raise LayoutError(f"{where}: TP {tp} does not split its FFN size {ffn}; valid TP: "
+                          f"{', '.join(str(d) for d in _divisors(cfg.num_attention_heads) if ffn % d == 0)}")
+    if fp8 and (ffn // tp) % 16:
+        raise LayoutError(f"{where}: FP8 needs each TP shard's FFN size to be a multiple of 16, got "
+                          f"{ffn} / TP {tp} = {ffn // tp}; choose a round_to multiple of {16 * tp} or drop --fp8")
+
+
 def check_layout(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, world: int | None = None, fp8: bool = False,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                 what: str = "model") -> None:
+                 what: str = "model", variants: list[list[str]] | None = None) -> None:
     """Refuse parallel sizes the model cannot be split by, in one line naming the layer, the size
     and the valid choices. Pure arithmetic on the config: every rank raises the same error
-    before any model is built (no rank is left waiting in a collective)."""
+    before any model is built (no rank is left waiting in a collective).
+
+    `variants` (a search space: variant names per layer) checks every variant a stage may build
+    too (BLD, scoring), naming the layer and the variant."""
     if tp < 1 or pp < 1:
         raise LayoutError(f"tensor and pipeline parallel sizes must be >= 1, got TP {tp}, PP {pp}")
     heads = cfg.num_attention_heads
@@ -262,22 +302,15 @@ def check_layout(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, world: int | Non
         raise LayoutError(f"TP {tp} does not split the {what}'s {heads} query heads; valid TP: "
                           f"{', '.join(map(str, _divisors(heads)))}")
     for i, block in enumerate(cfg.blocks):
-        kv = block.attention.num_kv_heads if block.attention.kind == "full" else None
-        if kv is not None and kv % tp and tp % kv:
-            valid = sorted({d for d in _divisors(heads) if kv % d == 0 or d % kv == 0})
-            raise LayoutError(f"layer {i}: TP {tp} neither splits nor replicates its {kv} KV heads; valid TP: "
-                              f"{', '.join(map(str, valid))}")
-        ffn = block.ffn.intermediate_size if block.ffn.kind == "full" else None
-        if ffn is not None and ffn % tp:
-            raise LayoutError(f"layer {i}: TP {tp} does not split its FFN size {ffn}; valid TP: "
-                              f"{', '.join(str(d) for d in _divisors(heads) if ffn % d == 0)}")
-        if fp8:
-            if ffn is not None and (ffn // tp) % 16:
-                raise LayoutError(f"layer {i}: FP8 needs each TP shard's FFN size to be a multiple of 16, got "
-                                  f"{ffn} / TP {tp} = {ffn // tp}; choose a round_to multiple of {16 * tp} or drop --fp8")
-            if kv is not None and (max(kv // tp, 1) * cfg.head_dim) % 16:
-                raise LayoutError(f"layer {i}: FP8 needs each TP shard's KV width to be a multiple of 16, got "
-                                  f"{max(kv // tp, 1)} heads x {cfg.head_dim}; change TP or drop --fp8")
+        _check_attention(f"layer {i}", block.attention, cfg, tp, fp8)
+        _check_ffn(f"layer {i}", block.ffn, cfg, tp, fp8)
+    if variants is not None:
+        for i, names in enumerate(variants):
+            for name in names:
+                for part in name.split("+"):  # a coupled entry names its attention and FFN variants
+                    v = variant_from_name(part)
+                    check = _check_attention if isinstance(v, AttentionVariant) else _check_ffn
+                    check(f"layer {i} variant {part}", v, cfg, tp, fp8)
     layers = cfg.num_layers
     if pp > layers:
         raise LayoutError(f"PP {pp} exceeds the {what}'s {layers} layers; valid PP: 1..{layers}")

@@ -85,8 +85,8 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
-    from ..model.gpt import RuntimeOptions, build_model, check_layout
-    from ..model.parallel import barrier, broadcast_from_rank0, init_distributed, is_rank0, world_size
+    from ..model.gpt import RuntimeOptions, build_model, check_layout, launch_world
+    from ..model.parallel import barrier, broadcast_from_rank0, init_distributed, is_rank0
 
     run = Path(run_dir)
     out = run / "child"
@@ -95,7 +95,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
     # sizes the child cannot be split by: one line on every rank, before any process group waits
-    check_layout(child, tp=tensor_parallel, pp=pipeline_parallel, world=world_size(),
+    check_layout(child, tp=tensor_parallel, pp=pipeline_parallel, world=launch_world(),
                  first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers, what="child")
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
     lib = Library(run / "library")

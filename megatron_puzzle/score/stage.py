@@ -213,17 +213,17 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig) -> dict | None:
     Returns scores.json's content on global rank 0, None on the others.
     """
     from ..model import checkpoint, parallel
-    from ..model.gpt import RuntimeOptions, check_layout
+    from ..model.gpt import RuntimeOptions, check_layout, launch_world
 
     run = Path(run_dir)
     for sub, stage in (("parent", "import"), ("data", "data"), ("library", "bld")):
         if not is_done(run / sub):
             raise FileNotFoundError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")
-    # sizes the parent cannot be split by: one line on every rank, before any process group waits
-    check_layout(checkpoint.load_config(run / "parent"), tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
-                 world=parallel.world_size(), first_stage_layers=cfg.pp_first_stage_layers,
-                 last_stage_layers=cfg.pp_last_stage_layers, what="parent")
     space = lib.read_space(run / "library")
+    # sizes the parent or a variant cannot be split by: one line on every rank, before any process group waits
+    check_layout(checkpoint.load_config(run / "parent"), tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
+                 world=launch_world(), first_stage_layers=cfg.pp_first_stage_layers,
+                 last_stage_layers=cfg.pp_last_stage_layers, what="parent", variants=space)
     batches = heldout_batches(run / "data", cfg.tokens, cfg.seq_len, cfg.batch_size)
     settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     parallel.init_distributed(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
