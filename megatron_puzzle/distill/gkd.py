@@ -660,7 +660,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     unless `overwrite`. `on_step(step, record)` runs after each step (tests use it to
     simulate a crash).
     """
-    from ..model.parallel import barrier, dp_rank, dp_size, init_distributed
+    from ..model.parallel import barrier, dp_size, init_distributed
 
     cfg = config or GKDConfig()
     opts = cfg.runtime()
