@@ -23,10 +23,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+_MCORE_STARTED = False
+
+
 @pytest.fixture(scope="session")
 def mcore():
     """Megatron-Core initialised in this process as a world of one (TP 1)."""
+    global _MCORE_STARTED
     from megatron_puzzle.model.parallel import init_distributed
 
     init_distributed(tensor_parallel=1)
+    _MCORE_STARTED = True
     return True
+
+
+@pytest.fixture(autouse=True)
+def _mcore_restored():
+    """A test that runs a command in this process (cli.main) may shut the process group down or leave
+    another TP/PP layout behind; later tests rely on the session's world of one, so it is restored."""
+    yield
+    if _MCORE_STARTED:
+        from megatron_puzzle.model.parallel import init_distributed
+
+        init_distributed(tensor_parallel=1)
