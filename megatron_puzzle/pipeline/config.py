@@ -99,7 +99,8 @@ QUICK: dict[str, Any] = {
     "baselines": {"calib_tokens": 1024, "calib_seq_len": 64, "max_measurements": 3, "repeats": 2, "random_tries": 2},
 }
 
-# The default run with the GKD budget that reaches the accuracy goal (docs/report.md has the curve).
+# The default run with the GKD budget that reaches the accuracy goal: on the default run's 2x child,
+# 300 steps (154k tokens) kept 96.3% of the parent's next-token accuracy, 100 steps 81.3% (docs/report.md).
 LONG: dict[str, Any] = {
     "gkd": {"steps": 300},
 }
