@@ -1,16 +1,15 @@
 """BLD: parent activations, loss decrease, resume after a kill, rank-count independence, library checks,
 memory that does not grow with the parent's depth."""
 
-import gc
 import json
 import shutil
-import weakref
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _memory import TensorBytes
 from _models import REPO, tiny_parent, torchrun
 from megatron_puzzle.arch import AttentionVariant, BlockConfig, FFNVariant
 from megatron_puzzle.arch.search_space import SearchSpaceConfig, configured_search_space
@@ -19,9 +18,6 @@ from megatron_puzzle.init import methods
 from megatron_puzzle.init.stage import run_init
 from megatron_puzzle.init.variants import InitConfig
 from megatron_puzzle.library import Library, LibraryError
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 WORKER = REPO / "tests" / "workers" / "bld_worker.py"
 SPACE = SearchSpaceConfig(ffn_fractions=[1.0, 0.5], round_to=16)
@@ -219,41 +215,6 @@ def test_library_does_not_depend_on_rank_count(parent, tmp_path):
     _assert_same(_library_tensors(one / "library"), _library_tensors(tp2 / "library"), 1e-4)
     assert load_file(one / "library" / "non_block.safetensors").keys() == {"model.embed_tokens.weight",
                                                                           "model.norm.weight", "lm_head.weight"}
-
-
-class TensorBytes(TorchDispatchMode):
-    """Bytes of tensor storage allocated inside the block and still alive: the current and the peak.
-
-    Every op's outputs are seen here; a storage is counted once, when first seen, and
-    uncounted when it dies. Storages that exist on entry (the parent's weights) count 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = WeakIdKeyDictionary()
-
-    def __enter__(self):
-        gc.collect()
-        for o in gc.get_objects():
-            if isinstance(o, torch.Tensor) and not o.is_meta:
-                self.seen[o.untyped_storage()] = 0
-        return super().__enter__()
-
-    def _free(self, n):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st not in self.seen:
-                    n = st.nbytes()
-                    self.seen[st] = n
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, n)
-        return out
 
 
 def test_tensor_bytes_counts_allocations_and_frees():

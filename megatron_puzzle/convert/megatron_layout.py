@@ -25,7 +25,7 @@ P = "decoder.layers.{i}."
 def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     if t.shape[dim] % size:
         raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split over tensor-parallel size {size}")
-    return t.chunk(size, dim=dim)[rank].clone()
+    return t.chunk(size, dim=dim)[rank]  # a view: the caller copies it into its parameter
 
 
 def _qkv_full(cfg: ModelConfig, q, k, v) -> torch.Tensor:
@@ -223,11 +223,18 @@ class CanonicalView(Mapping):
         if name in self._NON_BLOCK:
             mc = self._NON_BLOCK[name]
             return _gather_param(dict(self.model.named_parameters())[mc], mc).float().cpu()
-        i = int(name.split(".")[2])
+        return self.layer(int(name.split(".")[2]))[name]
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Every canonical tensor of layer `i` (kept until another layer is read; collective over TP)."""
         if self._layer[0] != i:
             self._layer = (None, {})  # drop the previous layer before gathering the next
             self._layer = (i, block_canonical(self.model.decoder.layers[i], self.cfg, i, self.cfg.blocks[i]))
-        return self._layer[1][name]
+        return self._layer[1]
+
+    def non_block(self) -> dict[str, torch.Tensor]:
+        """The embeddings, final norm and (untied) output layer (collective over TP)."""
+        return {n: self[n] for n in self.shapes if not n.startswith("model.layers.")}
 
     def drain(self) -> None:
         """Read every tensor in order and keep none: the collectives of a rank that does not write."""
@@ -237,7 +244,8 @@ class CanonicalView(Mapping):
 
 
 def canonical_state(model) -> dict[str, torch.Tensor]:
-    """The model's weights as canonical tensors (fp32, CPU), at any TP size."""
+    """The model's weights as canonical tensors (fp32, CPU), at any TP size: a whole host copy of the
+    model, for tests and small models; the stages read a `CanonicalView` instead."""
     return from_megatron(model.puzzle_config, full_state(model))
 
 

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..arch import AttentionVariant, BlockConfig, ModelConfig, variant_from_name
+from ..arch.shapes import non_block_shapes
 from ..convert.megatron_layout import block_canonical, load_block
 from ..library import Library, LibraryError, entry_name, expected_shapes, write_entry, write_non_block, write_space
 from ..library.store import entry_dir
@@ -397,11 +398,14 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
     pairs = pairs_of_space(space, bld.coupled_pairs)
     report = BLDReport()
     world_rank = dist.get_rank() if dist.is_initialized() else 0
+    # read on every rank: a `CanonicalView` at TP > 1 gathers over the TP group
+    non_block = {k: parent_tensors[k] for k in non_block_shapes(cfg)}
     if world_rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         write_space(root, [list(n) for n in space], pairs, cfg, {"bld": bld.to_dict(), "init": init.to_dict(),
                                                                   "settings": fp_hash})
-        write_non_block(root, cfg, parent_tensors)
+        write_non_block(root, cfg, non_block)
+    del non_block
     parallel.barrier()
 
     all_entries = entries_of_space(cfg, space, pairs, init)

@@ -55,16 +55,16 @@ def load_run_config(run_dir: str | Path, config: str | Path | None = None) -> Ru
 
 
 def _load_parent(run: Path, tp: int):
-    from ..convert.megatron_layout import CanonicalView, canonical_state
+    from ..convert.megatron_layout import CanonicalView
     from ..model import checkpoint
     from ..model.parallel import init_distributed
 
     init_distributed(tensor_parallel=tp)
     model = checkpoint.load(run / "parent")
     model.eval()
-    # TP 1: the parent's canonical tensors read one layer at a time, no host copy of the model; TP > 1 still
-    # gathers it all, since init deals entries over all ranks and a view's gathers need a TP group in step
-    return model, (CanonicalView(model) if tp == 1 else canonical_state(model))
+    # the parent's canonical tensors read one layer at a time (gathered over TP when read): no host copy
+    # of the model at any TP; init and BLD read the layers in step on every rank of a TP group
+    return model, CanonicalView(model)
 
 
 def _batches(run: Path, split: str, cfg: BLDConfig, shuffle: bool):
