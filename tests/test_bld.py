@@ -290,3 +290,31 @@ def test_schedule_balances_cost_within_the_lpt_bound_of_brute_force():
     layered = [Entry(i, "x", "ffn", None, "m", True, 1) for i in (0, 0, 1, 2, 3, 3, 4)]
     assert [[e.layer for e in p] for p in passes(layered, 2)] == [[0, 0, 1], [2, 3, 3], [4]]
     assert len(passes(layered, 0)) == 1
+
+
+def test_bld_with_a_bf16_parent_trains_fp32_entries_like_an_fp32_parent(mcore, tmp_path):
+    """bld.dtype bfloat16 (the GPU default): the parent held in bf16, entries with fp32 weights under
+    autocast; their final losses agree with an fp32 parent's run to 2% and the library stays fp32."""
+    from megatron_puzzle.distill.bld import BLDConfig, run_bld
+
+    assert BLDConfig().torch_dtype() == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    with pytest.raises(ValueError, match="bld.dtype must be auto, float32 or bfloat16"):
+        BLDConfig(dtype="fp16")
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tensors = _deep_parent(2)
+        model.to(dtype)
+        cfg = model.puzzle_config
+        toks = torch.randint(0, cfg.vocab_size, (8, 2, 16), generator=torch.Generator().manual_seed(0))
+        space = [["attn_kv1", "attn_linear", "ffn_32", "ffn_linear"]] * cfg.num_layers
+        bld = BLDConfig(steps=6, batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=100, eval_batches=1,
+                        progress=False)
+        root = tmp_path / str(dtype)
+        run_bld(model, tensors, root, space, bld, InitConfig(ffn_prune="truncate", ffn_linear="up_down"),
+                lambda s: toks[s], [toks[7]], None)
+        lib = Library(root)
+        losses[dtype] = {(i, n): json.loads((root / f"layer_{i:03d}" / n / "stats.json").read_text())["final_loss"]
+                         for i, n in lib.entries()}
+        assert all(t.dtype == torch.float32 for e in _library_tensors(root).values() for t in e.values())
+    for k, ref in losses[torch.float32].items():
+        assert losses[torch.bfloat16][k] == pytest.approx(ref, rel=0.02), k

@@ -28,6 +28,7 @@ the library for the other groups' finished entries.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -72,6 +73,7 @@ class BLDConfig:
     seed: int = 0
     tensor_parallel: int = 1
     layers_per_pass: int = 0  # layers whose entries train at once (0: all); bounds memory at any depth
+    dtype: str = "auto"  # the parent's parameters and the compute: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     coupled_pairs: list[str] = field(default_factory=list)  # e.g. ["attn_kv1+ffn_768"], trained at every layer
     progress: bool = True
 
@@ -83,6 +85,8 @@ class BLDConfig:
         if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 0:
             raise ValueError(f"bld.layers_per_pass must be 0 (all layers at once) or a positive integer, "
                              f"got {self.layers_per_pass!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"bld.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.eval_batches < 1:
             raise ValueError(f"bld.eval_batches must be >= 1, got {self.eval_batches}")
         for pair in self.coupled_pairs:
@@ -98,6 +102,12 @@ class BLDConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The parent's parameter dtype; entries keep fp32 weights and run under autocast to it."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, self.dtype)
 
     def fingerprint(self, init: InitConfig) -> dict:
         """What a library entry depends on; a done entry with another fingerprint is refused."""
@@ -277,9 +287,9 @@ class BLDReport:
 
 def _build_entry(e: Entry, cfg: ModelConfig, parent_model, init_tensors: dict[str, torch.Tensor],
                  bld: BLDConfig) -> None:
-    # in the parent's dtype (bf16 on GPU), so an entry's inputs and the shared FFN match it
-    dtype = next(parent_model.parameters()).dtype
-    e.module = build_layer(cfg, e.block, layer_number=e.layer + 1, opts=RuntimeOptions(dtype=dtype))
+    # fp32 weights (the optimizer's master copy); with a bf16 parent the entry runs under autocast
+    # (`_autocast`), so its inputs and the shared parent FFN stay bf16
+    e.module = build_layer(cfg, e.block, layer_number=e.layer + 1, opts=RuntimeOptions(dtype=torch.float32))
     if e.kind == "attention":
         # the parent's FFN module itself, frozen, not a copy (the layer's own FFN is dropped here)
         parent_layer = parent_model.decoder.layers[e.layer]
@@ -309,6 +319,15 @@ def _parent_layers(parent_model, tokens: torch.Tensor, end: int, report: BLDRepo
         yield acts
 
 
+def _autocast(parent_model):
+    """Autocast to the parent's dtype when it is not fp32 (bf16 on GPU): the parent's bf16 matrices,
+    its fp32 local-spec norms and the entries' fp32 weights then meet in one compute dtype."""
+    dtype = parent_model.embedding.word_embeddings.weight.dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=parallel.device().type, dtype=dtype)
+
+
 def _by_layer(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
     out: dict[int, list[Entry]] = {}
     for e in entries:
@@ -329,12 +348,13 @@ def _evaluate(entries: list[Entry], parent_model, eval_tokens: list[torch.Tensor
     err = {id(e): torch.zeros((), dtype=torch.float64, device=parallel.device()) for e in entries}
     ref = {id(e): torch.zeros((), dtype=torch.float64, device=parallel.device()) for e in entries}
     layers = _by_layer(entries)
-    for tokens in eval_tokens:
-        for acts in _parent_layers(parent_model, tokens, max(layers) + 1, report):
-            for e in layers.get(acts.layer, ()):
-                out, y = _run_entry(e, acts)
-                err[id(e)] += (out - y).double().pow(2).sum()
-                ref[id(e)] += y.double().pow(2).sum()
+    with _autocast(parent_model):
+        for tokens in eval_tokens:
+            for acts in _parent_layers(parent_model, tokens, max(layers) + 1, report):
+                for e in layers.get(acts.layer, ()):
+                    out, y = _run_entry(e, acts)
+                    err[id(e)] += (out - y).double().pow(2).sum()
+                    ref[id(e)] += y.double().pow(2).sum()
     return {id(e): (err[id(e)] / ref[id(e)]).item() for e in entries}
 
 
@@ -471,6 +491,26 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
     return report
 
 
+def _train_step(training: list[Entry], layers: dict[int, list[Entry]], parent_model, tokens: torch.Tensor, step: int,
+                end: int, tokens_per_step: int, report: BLDReport) -> None:
+    """One optimizer step of every entry due at `step`, fed by one parent forward."""
+    for acts in _parent_layers(parent_model, tokens, end, report):
+        for e in layers.get(acts.layer, ()):
+            if e.step != step:
+                continue
+            t1 = time.perf_counter()
+            out, y = _run_entry(e, acts)
+            loss = nmse(out, y)
+            e.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            e.optimizer.step()
+            e.step += 1
+            e.tokens += tokens_per_step
+            e.wall_s += time.perf_counter() - t1
+            report.variant_s += time.perf_counter() - t1
+            report.variant_tokens += tokens_per_step
+
+
 def _train_pass(entries: list[Entry], k: int, n_passes: int, cfg: ModelConfig, parent_model, bld: BLDConfig,
                 initial: Callable, finish: Callable, root: Path, fp_hash: str, train_batch: Callable,
                 eval_tokens: list[torch.Tensor], report: BLDReport, world_rank: int, dp_rank: int,
@@ -503,21 +543,8 @@ def _train_pass(entries: list[Entry], k: int, n_passes: int, cfg: ModelConfig, p
     for step in bar:
         if not any(e.step == step for e in training):
             continue
-        for acts in _parent_layers(parent_model, train_batch(step), end, report):
-            for e in layers.get(acts.layer, ()):
-                if e.step != step:
-                    continue
-                t1 = time.perf_counter()
-                out, y = _run_entry(e, acts)
-                loss = nmse(out, y)
-                e.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                e.optimizer.step()
-                e.step += 1
-                e.tokens += tokens_per_step
-                e.wall_s += time.perf_counter() - t1
-                report.variant_s += time.perf_counter() - t1
-                report.variant_tokens += tokens_per_step
+        with _autocast(parent_model):
+            _train_step(training, layers, parent_model, train_batch(step), step, end, tokens_per_step, report)
         report.steps_run += 1
         report.tokens += tokens_per_step
         if (step + 1) % bld.checkpoint_every == 0 and step + 1 < bld.steps:

@@ -54,13 +54,15 @@ def load_run_config(run_dir: str | Path, config: str | Path | None = None) -> Ru
     return RunConfig.from_dict({k: data.get(k) for k in SECTIONS})
 
 
-def _load_parent(run: Path, tp: int):
+def _load_parent(run: Path, tp: int, dtype: torch.dtype = torch.float32):
     from ..convert.megatron_layout import CanonicalView
     from ..model import checkpoint
+    from ..model.gpt import RuntimeOptions
     from ..model.parallel import init_distributed
 
     init_distributed(tensor_parallel=tp)
-    model = checkpoint.load(run / "parent")
+    model = checkpoint.load(run / "parent", RuntimeOptions(dtype=dtype))  # bld.dtype: bf16 on a GPU
+    model.to(dtype)  # the local specs' norms too: the frozen parent runs wholly in its dtype
     model.eval()
     # the parent's canonical tensors read one layer at a time (gathered over TP when read): no host copy
     # of the model at any TP; init and BLD read the layers in step on every rank of a TP group
@@ -84,7 +86,7 @@ def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = N
         if not (run / need / "done").exists():
             raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
                                     f"`{'import' if need == 'parent' else 'data'}` stage first")
-    model, tensors = _load_parent(run, rc.bld.tensor_parallel)
+    model, tensors = _load_parent(run, rc.bld.tensor_parallel, rc.bld.torch_dtype())
     try:
         space = configured_search_space(model.puzzle_config, rc.space)
     except ValueError as e:  # a search space that does not fit this parent
