@@ -63,7 +63,8 @@ def _check_plan(result: dict, tp: int, pp: int, world: int):
     assert result["device_memory_bytes"] == 80_000_000_000
     assert list(result["stages"]) == STAGES
     for stage, e in result["stages"].items():
-        assert e["tensor_parallel"] == tp and e["pipeline_parallel"] == pp and e["data_parallel"] == world // (tp * pp)
+        p = pp if stage == "gkd" else 1  # only GKD runs pipeline-parallel; the others hold the parent per TP group
+        assert e["tensor_parallel"] == tp and e["pipeline_parallel"] == p and e["data_parallel"] == world // (tp * p)
         parts = e["weights_bytes"] + e["gradients_bytes"] + e["optimizer_bytes"] + e["activations_bytes"]
         assert parts == e["peak_bytes"] and e["activations_bytes"] >= 0
         assert e["fits"] is True, (stage, e["peak_bytes"] / 1e9)
@@ -118,7 +119,7 @@ def test_run_stops_a_config_that_does_not_fit_before_any_work(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith("stage import needs") and " over " in msg and "to fit, try" in msg
-    assert "pipeline_parallel: 2" in msg
+    assert "tensor_parallel: 2" in msg and "pipeline_parallel" not in msg  # import holds the parent per TP group
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
 
 
@@ -164,3 +165,17 @@ def test_layout_keys_are_checked():
     assert parse_bytes("80GB") == 80_000_000_000 and parse_bytes("1 GiB") == 2**30 and parse_bytes(5) == 5
     with pytest.raises(PlanError, match="write it like 80GB"):
         parse_bytes("eighty")
+
+
+def test_advice_names_bld_layers_per_pass_and_gkd_optimizer_offload():
+    from megatron_puzzle.plan.plan import advice
+
+    base = {"tensor_parallel": 8, "pipeline_parallel": 4, "data_parallel": 1, "weights_bytes": 10, "gradients_bytes": 10,
+            "activations_bytes": 30}
+    bld = dict(base, optimizer_bytes=20, peak_bytes=70, layers_per_pass=4)
+    assert advice({}, "bld", bld).startswith("bld.layers_per_pass: 2")
+    assert "layers_per_pass" not in advice({}, "bld", dict(bld, layers_per_pass=1))
+    gkd = dict(base, optimizer_bytes=27, peak_bytes=77, recompute=True, distributed_optimizer=True)
+    assert "gkd.optimizer_cpu_offload: true" in advice({}, "gkd", gkd, limit=72)  # 77 - 27 fits in 72
+    assert "optimizer_cpu_offload" not in advice({}, "gkd", gkd, limit=40)  # offload alone would not fit it
+    assert "optimizer_cpu_offload" not in advice({}, "gkd", dict(gkd, optimizer_cpu_offload=True), limit=72)
