@@ -52,6 +52,14 @@ def _save(path: Path, data: dict) -> None:
     atomic_write_json(path, data)
 
 
+def _loss_weights(text: str) -> dict:
+    """'cosine=1,kl=1,lm=0.5' -> {'cosine': 1.0, 'kl': 1.0, 'lm': 0.5}"""
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--loss wants term=weight pairs like cosine=1,kl=1,lm=0.5, got {text!r}") from None
+
+
 def sweep(args) -> dict:
     import torch
     import yaml
@@ -89,7 +97,10 @@ def sweep(args) -> dict:
     run_gkd_cfg = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("gkd", {}) \
         if (run / "config.yaml").exists() else {}
     overrides = {k: v for k, v in (("lr", args.lr), ("min_lr", args.min_lr), ("batch_size", args.batch_size),
-                                   ("seq_len", args.seq_len)) if v is not None}
+                                   ("seq_len", args.seq_len), ("dtype", args.dtype),
+                                   ("teacher_dtype", args.teacher_dtype), ("warmup", args.warmup)) if v is not None}
+    if args.loss:
+        overrides["loss"] = {**(run_gkd_cfg.get("loss") or {}), **_loss_weights(args.loss)}
     for steps in args.steps:
         gcfg = GKDConfig.from_dict({**run_gkd_cfg, **overrides, "steps": steps, "eval_tokens": 0, "save_interval": 0,
                                     "progress": not args.no_progress})
@@ -103,7 +114,8 @@ def sweep(args) -> dict:
         wall = time.perf_counter() - t0
         point = {"label": label, "steps": steps, "tokens": int(res.get("tokens", steps * gcfg.batch_size * gcfg.seq_len)),
                  "wall_s": wall, "lr": gcfg.lr, "min_lr": gcfg.min_lr, "batch_size": gcfg.batch_size,
-                 "seq_len": gcfg.seq_len, "loss": gcfg.loss, **_evaluate(work / STAGE_DIR / FINAL_DIR, parent, batches)}
+                 "seq_len": gcfg.seq_len, "loss": gcfg.loss, "dtype": gcfg.dtype, "teacher_dtype": gcfg.teacher_dtype,
+                 **_evaluate(work / STAGE_DIR / FINAL_DIR, parent, batches)}
         data["points"].append(point)
         _save(path, data)
         log.info("%s: %d tokens in %.0f s: accuracy %.4f (%.1f%% of the parent's), KL %.4f", label, point["tokens"],
@@ -158,6 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--min-lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--dtype", choices=["auto", "fastest", "float32", "bfloat16"], help="the student's compute dtype")
+    p.add_argument("--teacher-dtype", choices=["auto", "fastest", "float32", "bfloat16"], help="the frozen parent's dtype")
+    p.add_argument("--loss", help="loss weights, e.g. cosine=1,kl=1,lm=0.5 (unnamed terms keep the run's)")
     p.add_argument("--label-prefix", default="", help="prefix of the points' labels (e.g. lr5e-4_)")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--eval-seq-len", type=int, default=128)

@@ -59,3 +59,24 @@ def test_run_config_checks_the_realize_section():
         run_config.resolve({"realize": {"target": "2x"}})
     with pytest.raises(run_config.ConfigError, match="section realize: unknown speed option"):
         run_config.resolve({"realize": {"speed": {"round": 3}}})
+    with pytest.raises(run_config.ConfigError, match="realize.pp_first_stage_layers must be a layer count"):
+        run_config.resolve({"realize": {"pp_first_stage_layers": "1"}})
+    assert run_config.resolve({"realize": {"pp_last_stage_layers": 3}})["realize"]["pp_last_stage_layers"] == 3
+
+
+def test_the_runs_pipeline_layout_reaches_realize(tmp_path, monkeypatch):
+    from megatron_puzzle.pipeline import realize as realize_module
+    from megatron_puzzle.pipeline.stages import stage_realize
+    from megatron_puzzle.utils.io import atomic_write_json
+
+    seen = []
+    monkeypatch.setattr(realize_module, "realize", lambda run, solution, **kw: seen.append(kw) or {})
+    atomic_write_json(tmp_path / "search" / "solutions.json", {"constraints": [], "solutions": [{}]})
+    cfg = run_config.resolve({"tensor_parallel": 2, "pipeline_parallel": 2,
+                              "realize": {"target": None, "pp_first_stage_layers": 1}})
+    stage_realize(tmp_path, cfg)
+    assert len(seen) == 1
+    assert {k: seen[0][k] for k in ("tensor_parallel", "pipeline_parallel", "pp_first_stage_layers",
+                                    "pp_last_stage_layers")} == {"tensor_parallel": 2, "pipeline_parallel": 2,
+                                                                 "pp_first_stage_layers": 1,
+                                                                 "pp_last_stage_layers": None}

@@ -318,3 +318,56 @@ def test_bld_with_a_bf16_parent_trains_fp32_entries_like_an_fp32_parent(mcore, t
         assert all(t.dtype == torch.float32 for e in _library_tensors(root).values() for t in e.values())
     for k, ref in losses[torch.float32].items():
         assert losses[torch.bfloat16][k] == pytest.approx(ref, rel=0.02), k
+
+
+STOP_WORKER = REPO / "tests" / "workers" / "bld_stop_worker.py"
+
+
+def test_pp2_library_equals_pp1(mcore, tmp_path):
+    """BLD with a 3-layer parent split over 2 pipeline stages (layers 0 | 1-2, torchrun 2 processes,
+    one layer per pass: the first stage joins the second's second pass with no entries; init first
+    at PP 1 in the same launch), killed and resumed, writes the library one process writes: every
+    entry's weights to round-off, and the same stats."""
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.distill.bld_run import build_library
+    from megatron_puzzle.model.gpt import build_model
+    from megatron_puzzle.model.parallel import init_distributed
+
+    init_distributed(tensor_parallel=1)  # a CLI test before may have shut this process's group down
+    cfg = tiny_parent(num_layers=3)
+    model = build_model(cfg)
+    load_canonical(model, random_canonical(cfg, seed=2, std=0.1))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run in (one, two):
+        run.mkdir()
+    _prepare_run(one, (model, None))
+    (one / "config.yaml").write_text((one / "config.yaml").read_text().replace("bld: {", "bld: {layers_per_pass: 1, "))
+    for sub in ("parent", "data"):
+        shutil.copytree(one / sub, two / sub)
+    shutil.copy(one / "config.yaml", two / "config.yaml")
+    build_library(one, one / "config.yaml")
+    # stopped after 3 steps (partial checkpoints after 2), then finished by the CLI at the same layout
+    torchrun(STOP_WORKER, 2, str(two), str(two / "config.yaml"), "3", "--pp", "2", "--pp-first-stage-layers", "1")
+    assert (two / "library" / "done").exists()
+    a, b = _library_tensors(one / "library"), _library_tensors(two / "library")
+    assert {layer for layer, _ in a} == {0, 1, 2}  # entries of both stages
+    _assert_same(a, b, 1e-5)
+    for (layer, name) in a:
+        sa, sb = (json.loads((r / "library" / f"layer_{layer:03d}" / name / "stats.json").read_text()) for r in (one, two))
+        assert sa["steps"] == sb["steps"] and sa["settings"] == sb["settings"]
+        assert sb["final_loss"] == pytest.approx(sa["final_loss"], rel=1e-4, abs=1e-7), (layer, name)
+        assert sb["init_loss"] == pytest.approx(sa["init_loss"], rel=1e-4, abs=1e-7), (layer, name)
+    nb = [load_file(r / "library" / "non_block.safetensors") for r in (one, two)]
+    assert nb[0].keys() == nb[1].keys() and all(torch.equal(nb[0][k], nb[1][k]) for k in nb[0])
+
+
+def test_bld_refuses_layouts_the_parent_cannot_take(parent, tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    _prepare_run(tmp_path, parent)
+    for argv, words in ((["--pp", "3"], "PP 3 exceeds the parent's 2 layers"),
+                        (["--pipeline-parallel", "2"], "1 processes are not a multiple of TP x PP = 1 x 2")):
+        assert main(["bld", "--run-dir", str(tmp_path), "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "init").exists() and not (tmp_path / "library").exists()

@@ -233,3 +233,23 @@ def test_a_tp_rank_reads_only_its_partition(tmp_path):
         layers = [t for k, t in w.items() if k.startswith("model.layers.")]
         # half of every layer matrix, and the (replicated) norms whole: never a whole matrix
         assert reader.bytes_read == sum(t.numel() * 2 // (2 if t.dim() == 2 else 1) for t in layers)
+
+
+def test_stages_load_their_layers_and_write_one_checkpoint(tmp_path, mcore):
+    """A tied-embedding child built at PP 2 (2 processes, layers 0-1 | 2-5) and loaded with `load_layers`:
+    the checkpoint the stages write together loads at PP 1 as exactly the canonical tensors, and the logits
+    run through the stages (the last stage's copy of the tied embedding) equal one process's."""
+    from _models import REPO, torchrun
+    from megatron_puzzle.convert.megatron_layout import canonical_state
+
+    torchrun(REPO / "tests" / "workers" / "stage_load_worker.py", 2, str(tmp_path))
+    cfg = every_variant_child(tie=True)
+    want = random_canonical(cfg, seed=0, std=0.15)
+    model = checkpoint.load(tmp_path / "ckpt")
+    got = canonical_state(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = forward.logits(model, tokens)
+    staged = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert staged.shape == ref.shape and (staged - ref).abs().max().item() <= 1e-5

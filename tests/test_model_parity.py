@@ -109,6 +109,8 @@ _NEEDS = {  # (module, attribute) -> text its original source still contains
     ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "__init__"): "_build_model_and_main_param_groups",
     ("megatron.core.models.common.language_module.language_module.LanguageModule",
      "setup_embeddings_and_output_layer"): "weight.data.cuda()",
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "get_parameter_state_dp_zero"):
+        "send_tensor.cuda()",
     ("megatron.core.transformer.utils", "get_default_causal_mask"): 'device="cuda"',
     ("megatron.core.tensor_parallel.random", "_get_all_rng_states"): "_get_cuda_rng_state(",
     ("megatron.core.tensor_parallel.random", "_set_all_rng_states"): "_set_cuda_rng_state(",
@@ -161,6 +163,45 @@ def test_cpu_redirections_still_match_megatron(mcore):
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with cpu_support._cuda_type_names():
         assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+    # 9: the TP linear functions still bind custom_bwd to CUDA, so CPU autocast needs re-entering in backward
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    assert 'custom_bwd = partial(torch.amp.custom_bwd, device_type="cuda")' in inspect.getsource(tp_layers)
+
+
+def test_bf16_autocast_backward_through_megatron_linear_on_cpu(mcore):
+    """Redirection 9: under CPU bf16 autocast, Megatron's TP linear gives the float64 gradients to bf16
+    accuracy (its backward would otherwise multiply a bf16 gradient with the fp32 weight and fail)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU autocast path")
+    from megatron.core.tensor_parallel.layers import (LinearWithGradAccumulationAndAsyncCommunication,
+                                                      linear_with_grad_accumulation_and_async_allreduce)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, generator=g, requires_grad=True)
+    w = torch.randn(8, 16, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_with_grad_accumulation_and_async_allreduce(x, w, None, False, False, False)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (x64 @ w64.T).square().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    for got, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        assert torch.allclose(got.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item()), (got, ref)
+    # and without the redirection the same backward fails as Megatron-Core ships it
+    fn = LinearWithGradAccumulationAndAsyncCommunication
+    patched = fn.forward, fn.backward
+    fn.forward, fn.backward = (staticmethod(patched[0].cpu_support_original),
+                               staticmethod(patched[1].cpu_support_original))
+    try:
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = linear_with_grad_accumulation_and_async_allreduce(x, w, None, False, False, False)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            y.float().square().sum().backward()
+    finally:
+        fn.forward, fn.backward = (staticmethod(patched[0]), staticmethod(patched[1]))
 
 
 def test_te_extra_state_keys_and_local_checkpoints_load_into_each_other(mcore, tmp_path):

@@ -26,6 +26,11 @@ def test_config_defaults_and_errors(tmp_path):
     assert cfg["search"]["constraints"] == ["memory<=0.5x"]
     quick = run_config.resolve({}, quick=True)
     assert quick["parent_layers"] == 4 and quick["data"]["source"] == "sample"
+    assert run_config.resolve({}, profile="quick") == quick
+    long = run_config.resolve({"gkd": {"lr": 1e-3}}, profile="long")  # the user's values still win
+    assert long["gkd"]["lr"] == 1e-3 and long["gkd"]["steps"] == run_config.LONG["gkd"]["steps"]
+    with pytest.raises(run_config.ConfigError, match="unknown profile 'fast'; the profiles are default, quick, long"):
+        run_config.resolve({}, profile="fast")
     with pytest.raises(run_config.ConfigError, match="unknown config section"):
         run_config.resolve({"bldd": {}})
     with pytest.raises(run_config.ConfigError, match="section bld"):
@@ -38,11 +43,32 @@ def test_config_defaults_and_errors(tmp_path):
         run_config.load(bad)
 
 
+def test_pipeline_parallel_reaches_bld_and_score(tmp_path, monkeypatch):
+    """The run config's pipeline_parallel is the PP size of BLD and scoring (as of GKD)."""
+    from megatron_puzzle.distill import bld_run
+    from megatron_puzzle.pipeline import stages
+    from megatron_puzzle.score import stage as score_stage
+
+    cfg = run_config.resolve({"pipeline_parallel": 2})
+    assert cfg["bld"]["pipeline_parallel"] == 2
+    with pytest.raises(run_config.ConfigError, match="bld.pipeline_parallel=1 differs from pipeline_parallel=2"):
+        run_config.resolve({"pipeline_parallel": 2, "bld": {"pipeline_parallel": 1}})
+    seen = {}
+    monkeypatch.setattr(score_stage, "run_score", lambda run, c: seen.setdefault("score", c))
+    monkeypatch.setattr(bld_run, "run_bld", lambda run, c: seen.setdefault("bld", c))
+    stages.stage_score(tmp_path, cfg)
+    stages.stage_bld(tmp_path, cfg)
+    assert seen["score"].pipeline_parallel == 2 and seen["bld"].bld.pipeline_parallel == 2
+
+
 def test_run_refuses_bad_config_with_exit_code_2(tmp_path):
     (tmp_path / "c.yaml").write_text("gkd: {loss: {cosine: 1, foo: 2}}\n")
     p = subprocess.run(CLI + ["run", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")],
                        capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "foo" in p.stderr and not (tmp_path / "r").exists()
+    p = subprocess.run(CLI + ["run", "--quick", "--profile", "long", "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and "two profiles" in p.stderr and not (tmp_path / "r").exists()
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,49 @@ def _assert_library_weights(weights, run, variants):
         expected.update(lib.load(i, ffn))
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_realize_at_pp2_equals_pp1(tiny_run, tmp_path):
+    """realize with the child split over 2 pipeline stages (layers 0 | 1-3, torchrun 2 processes): each stage
+    builds and writes its own layers, and the one checkpoint they write, loaded at PP 1, holds exactly the
+    tensors realize writes in one process; the held-out evaluation through the stages gives the same metrics."""
+    import shutil
+
+    from _models import REPO, torchrun
+
+    one, two = tmp_path / "pp1", tmp_path / "pp2"
+    for run in (one, two):  # no measure/: no timing, the same report fields on both sides
+        shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("child", "measure"))
+    want = realize(one, 1, eval_tokens=512, seq_len=32, batch_size=4)
+    torchrun(REPO / "tests" / "workers" / "cli_worker.py", 2, "realize", "--run-dir", str(two), "--solution", "1",
+             "--pp", "2", "--pp-first-stage-layers", "1", "--eval-tokens", "512", "--seq-len", "32",
+             "--batch-size", "4")
+    got = json.loads((two / "child" / "realize.json").read_text())
+    assert got.keys() == want.keys() and got["variants"] == want["variants"]
+    q1, q2 = want["measured_quality"], got["measured_quality"]
+    assert q1.keys() == q2.keys() and q1["tokens"] == q2["tokens"] > 0
+    for k, v in q1.items():
+        assert q2[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    assert q1["kl_div"] > 1e-4  # the child differs from the parent: the comparison means something
+    a, b = (checkpoint.load(run / "child") for run in (one, two))  # both at PP 1
+    sa, sb = ({k: v for k, v in m.state_dict().items() if not k.endswith("_extra_state")} for m in (a, b))
+    assert sa.keys() == sb.keys() and any(k.startswith("decoder.layers.3.") for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert checkpoint.load_config(two / "child") == checkpoint.load_config(one / "child")
+
+
+def test_realize_refuses_layouts_the_child_cannot_take(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from megatron_puzzle.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("child", "measure"))
+    for argv, words in ((["--pp", "3"], "PP 3 does not split the child's 4 layers evenly"),
+                        (["--pipeline-parallel", "5"], "PP 5 exceeds the child's 4 layers"),
+                        (["--pp", "2", "--pp-first-stage-layers", "4"], "first/last pipeline stage layers 4/None"),
+                        (["--pp", "2"], "1 processes are not a multiple of TP x PP = 1 x 2")):
+        assert main(["realize", "--run-dir", str(run), "--solution", "1", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not (run / "child").exists()

@@ -211,3 +211,79 @@ def test_cli_names_the_missing_stage(tmp_path, capsys):
     assert main(["score", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "parent" in err and "megatron-puzzle import" in err
+
+
+CLI_WORKER = REPO / "tests" / "workers" / "cli_worker.py"
+
+
+def _score_run(run, cfg, tensors):
+    """A run directory the score stage reads: the tiny parent's checkpoint, held-out tokens, the library."""
+    import numpy as np
+
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.model import checkpoint
+    from megatron_puzzle.model.gpt import build_model
+    from megatron_puzzle.model.parallel import init_distributed
+    from megatron_puzzle.utils.io import atomic_write_json
+
+    init_distributed(tensor_parallel=1)  # a CLI test before may have shut this process's group down
+    model = build_model(cfg)
+    load_canonical(model, tensors)
+    checkpoint.save(model, run / "parent")
+    data = run / "data"
+    data.mkdir(parents=True)
+    g = np.random.default_rng(3)
+    splits = {}
+    for split in ("train", "calib", "heldout"):
+        np.save(data / f"{split}.npy", g.integers(0, cfg.vocab_size, 512, dtype=np.uint32))
+        splits[split] = {"file": f"{split}.npy", "tokens": 512}
+    atomic_write_json(data / "meta.json", {"seed": 0, "vocab_size": cfg.vocab_size, "splits": splits})
+    (data / "done").write_text("ok\n")
+    sc.write_library(run / "library", cfg, tensors)
+    (run / "library" / "done").write_text("ok\n")
+
+
+def _cached(score_dir):
+    return {p.name: json.loads(p.read_text()) for p in sorted((score_dir / "cache").iterdir())}
+
+
+def test_pp2_scores_equal_pp1(tiny, tmp_path):
+    """The score stage with the parent split over 2 pipeline stages (layers 0 | 1-2, torchrun 2 processes)
+    gives every metric of every entry, and the parent's, that the stage gives in one process."""
+    import shutil
+
+    from megatron_puzzle.score import ScoreConfig, run_score
+
+    cfg, tensors, _, _ = tiny
+    one, two = tmp_path / "pp1", tmp_path / "pp2"
+    _score_run(one, cfg, tensors)
+    two.mkdir()
+    for sub in ("parent", "data", "library"):
+        shutil.copytree(one / sub, two / sub)
+    args = dict(tokens=96, batch_size=2, seq_len=16)
+    want = run_score(one, ScoreConfig(**args, max_entries=5, progress=False))
+    torchrun(CLI_WORKER, 2, "score", "--run-dir", str(two), "--pp", "2", "--pp-first-stage-layers", "1",
+             "--tokens", "96", "--batch-size", "2", "--seq-len", "16", "--max-entries", "5")
+    got = json.loads((two / "score" / "scores.json").read_text())
+    assert (two / "score" / "done").exists() and got.keys() == want.keys() and got["tokens"] == want["tokens"] == 96
+    a, b = _cached(one / "score"), _cached(two / "score")
+    assert a.keys() == b.keys() and len(a) == len(entries_of(sc.SPACE)) + 1  # every entry and the parent
+    for name in a:
+        assert a[name]["metrics"].keys() == b[name]["metrics"].keys() == {*ALL_METRICS, "tokens"}
+        for m, v in a[name]["metrics"].items():
+            assert b[name]["metrics"][m] == pytest.approx(v, rel=1e-6, abs=1e-6), (name, m)
+    assert a["layer_002__attn_kv4.json"]["metrics"]["kl_div"] > 1e-4  # an entry on the second stage moved
+
+
+def test_score_refuses_layouts_the_parent_cannot_take(tiny, tmp_path, capsys):
+    from megatron_puzzle.cli import main
+
+    cfg, tensors, _, _ = tiny
+    _score_run(tmp_path, cfg, tensors)
+    for argv, words in ((["--pp", "2"], "PP 2 does not split the parent's 3 layers evenly"),
+                        (["--pipeline-parallel", "4"], "PP 4 exceeds the parent's 3 layers"),
+                        (["--pp", "3"], "1 processes are not a multiple of TP x PP = 1 x 3")):
+        assert main(["score", "--run-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "score" / "scores.json").exists()

@@ -19,7 +19,7 @@ import torch
 
 from ..model import checkpoint
 from ..utils.errors import InputError
-from ..model.gpt import RuntimeOptions, build_model
+from ..model.gpt import RuntimeOptions, build_model, check_layout, launch_world
 from ..model.parallel import init_distributed, is_rank0 as _rank0
 from .megatron_layout import CanonicalView, load_layers
 
@@ -49,6 +49,7 @@ def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: 
                              f"choose 1..{cfg.num_layers} (or null for all)")
         cfg = replace(cfg, num_layers=layers, blocks=cfg.blocks[:layers])
     log.info("read %s: %d layers, hidden %d, %d tensors", hf_path, cfg.num_layers, cfg.hidden_size, len(reader.keys()))
+    check_layout(cfg, tp=tp, world=launch_world(), what="checkpoint")  # before any process group or model
     init_distributed(tp)
     model = build_model(cfg, RuntimeOptions(dtype=dtype or reader.dtype))
     load_layers(model, reader, lambda i: reader)  # this rank's slice of one tensor read at a time
@@ -96,6 +97,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, dtype: tor
     checkpoint.check(ckpt_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another output directory")
+    check_layout(checkpoint.load_config(ckpt_dir), tp=tp, world=launch_world(), what="checkpoint")
     init_distributed(tp)
     model = checkpoint.load(ckpt_dir)
     export_model(model, out_dir, tokenizer=load_checkpoint_tokenizer(ckpt_dir), dtype=dtype)

@@ -197,29 +197,44 @@ def load_layers(model, non_block, layer: Callable[[int], Mapping[str, torch.Tens
     """Copy canonical tensors into a built model one layer at a time (`layer(i)` gives layer i's tensors,
     `non_block` the others; dicts, or readers like `TensorSource` that read this TP rank's slices only):
     at most one layer is in flight, sliced to this rank's partition and cast to the parameter's dtype
-    as it is copied."""
+    as it is copied.
+
+    Under pipeline parallelism `model` is this rank's stage: only its layers are asked for (by global
+    index) and only the non-block weights it holds are set (the embedding on the first stage; the final
+    norm and output layer on the last, the output layer from the embedding when they are tied).
+    `non_block` may also be a callable giving the dict or reader, called only on a stage that holds some."""
     from megatron.core import parallel_state
+
+    from ..model.pipe import PipeStage
 
     cfg = model.puzzle_config
     rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     params = {n: p for n, p in model.named_parameters() if not n.startswith("decoder.layers.")}
-    src = _source(non_block)
-    col = lambda n: src.read(n, 0, *_bounds(src.shape(n)[0], 0, rank, size))  # noqa: E731
-    sd = {"embedding.word_embeddings.weight": col("model.embed_tokens.weight"),
-          "decoder.final_layernorm.weight": src.read("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        sd["output_layer.weight"] = col("lm_head.weight")
-    if set(sd) != set(params):
-        raise KeyError(f"weights do not match the model: missing {sorted(set(params) - set(sd))[:5]}, "
-                       f"unexpected {sorted(set(sd) - set(params))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != sd[name].shape:
-                raise ValueError(f"{name}: model expects {tuple(p.shape)}, weights have {tuple(sd[name].shape)}")
-            p.copy_(sd[name].to(p.dtype))
-    del sd
-    for i, b in enumerate(cfg.blocks):
-        load_block(model.decoder.layers[i], cfg, i, b, layer(i))
+    if params:
+        src = _source(non_block() if callable(non_block) and not hasattr(non_block, "read") else non_block)
+        col = lambda n: src.read(n, 0, *_bounds(src.shape(n)[0], 0, rank, size))  # noqa: E731
+        sd = {}
+        if getattr(model, "pre_process", True):
+            sd["embedding.word_embeddings.weight"] = col("model.embed_tokens.weight")
+        if getattr(model, "post_process", True):
+            sd["decoder.final_layernorm.weight"] = src.read("model.norm.weight")
+            if not cfg.tie_word_embeddings:
+                sd["output_layer.weight"] = col("lm_head.weight")
+            elif not getattr(model, "pre_process", True):  # a last stage's copy of the tied embedding
+                sd["output_layer.weight"] = col("model.embed_tokens.weight")
+        del src
+        if set(sd) != set(params):
+            raise KeyError(f"weights do not match the model: missing {sorted(set(params) - set(sd))[:5]}, "
+                           f"unexpected {sorted(set(sd) - set(params))[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.shape != sd[name].shape:
+                    raise ValueError(f"{name}: model expects {tuple(p.shape)}, weights have {tuple(sd[name].shape)}")
+                p.copy_(sd[name].to(p.dtype))
+        del sd
+    stage = PipeStage(model)
+    for i in stage.layers:
+        load_block(model.decoder.layers[stage.local(i)], cfg, i, cfg.blocks[i], layer(i))
 
 
 def _gather_param(p: torch.Tensor, name: str) -> torch.Tensor:

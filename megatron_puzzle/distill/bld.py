@@ -19,6 +19,13 @@ pass's last layer, so memory does not grow with the parent's depth (the parent's
 early layers are rerun once per pass instead). Tensor parallelism shards the parent
 and every entry's layer alike (Megatron-Core layers).
 
+Pipeline parallelism splits the parent over stages (`model.pipe.PipeStage`): each stage
+streams the parent through its own layers (input from the previous stage, output sent
+to the next) and trains the entries of its layers, dealt over the data-parallel groups
+of that stage. The stages of one model replica run the same parent forwards in the same
+order: each pass k of every stage runs together (a stage with fewer passes joins with
+none), and a pass's steps and evaluations run on every stage if any stage needs them.
+
 Resumable: every `checkpoint_every` steps each unfinished entry saves its weights,
 optimizer state and counters atomically; a rerun skips finished entries, resumes
 partial ones, and refuses entries built with other settings (by name). Groups never
@@ -55,6 +62,7 @@ from ..utils.config import from_section
 from ..utils.io import DONE_MARKER, atomic_path, atomic_write_text
 from ..init.variants import InitConfig, init_pair, init_variant, method_for
 from ..model.activations import LayerActivations, stream_parent
+from ..model.pipe import PipeStage
 
 log = logging.getLogger(__name__)
 PARTIAL_DIR = ".partial"
@@ -72,6 +80,9 @@ class BLDConfig:
     checkpoint_every: int = 25  # steps between partial checkpoints
     seed: int = 0
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # the parent split over this many stages (world = TP x PP x DP)
+    pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
+    pp_last_stage_layers: int | None = None
     layers_per_pass: int = 0  # layers whose entries train at once (0: all); bounds memory at any depth
     dtype: str = "auto"  # the parent's parameters and the compute: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     coupled_pairs: list[str] = field(default_factory=list)  # e.g. ["attn_kv1+ffn_768"], trained at every layer
@@ -79,7 +90,7 @@ class BLDConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "tensor_parallel"):
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "tensor_parallel", "pipeline_parallel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "steps" else 1):
                 raise ValueError(f"bld.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 0:
@@ -286,13 +297,13 @@ class BLDReport:
 
 
 def _build_entry(e: Entry, cfg: ModelConfig, parent_model, init_tensors: dict[str, torch.Tensor],
-                 bld: BLDConfig) -> None:
+                 bld: BLDConfig, stage: PipeStage) -> None:
     # fp32 weights (the optimizer's master copy); with a bf16 parent the entry runs under autocast
     # (`_autocast`), so its inputs and the shared parent FFN stay bf16
     e.module = build_layer(cfg, e.block, layer_number=e.layer + 1, opts=RuntimeOptions(dtype=torch.float32))
     if e.kind == "attention":
         # the parent's FFN module itself, frozen, not a copy (the layer's own FFN is dropped here)
-        parent_layer = parent_model.decoder.layers[e.layer]
+        parent_layer = parent_model.decoder.layers[stage.local(e.layer)]
         e.module.pre_mlp_layernorm = parent_layer.pre_mlp_layernorm
         e.module.mlp = parent_layer.mlp
     load_block(e.module, cfg, e.layer, e.block, init_tensors, subblocks=e.subblocks)
@@ -305,9 +316,9 @@ def _build_entry(e: Entry, cfg: ModelConfig, parent_model, init_tensors: dict[st
                                         weight_decay=bld.weight_decay)
 
 
-def _parent_layers(parent_model, tokens: torch.Tensor, end: int, report: BLDReport):
+def _parent_layers(parent_model, tokens: torch.Tensor, end: int, report: BLDReport, stage: PipeStage):
     """`stream_parent`, with the time spent in the parent's forward added to the report."""
-    it = stream_parent(parent_model, tokens.to(parallel.device()), end)
+    it = stream_parent(parent_model, tokens.to(parallel.device()), end, stage)
     while True:
         t0 = time.perf_counter()
         try:
@@ -322,7 +333,7 @@ def _parent_layers(parent_model, tokens: torch.Tensor, end: int, report: BLDRepo
 def _autocast(parent_model):
     """Autocast to the parent's dtype when it is not fp32 (bf16 on GPU): the parent's bf16 matrices,
     its fp32 local-spec norms and the entries' fp32 weights then meet in one compute dtype."""
-    dtype = parent_model.embedding.word_embeddings.weight.dtype
+    dtype = next(parent_model.parameters()).dtype  # the whole parent (any pipeline stage of it) is in one dtype
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=parallel.device().type, dtype=dtype)
@@ -342,20 +353,27 @@ def _run_entry(e: Entry, acts: LayerActivations):
 
 
 @torch.no_grad()
-def _evaluate(entries: list[Entry], parent_model, eval_tokens: list[torch.Tensor], report: BLDReport) -> dict[int, float]:
+def _evaluate(entries: list[Entry], parent_model, eval_tokens: list[torch.Tensor], report: BLDReport,
+              stage: PipeStage) -> dict[int, float]:
     """Normalised MSE of each entry over all eval batches: sum of squared errors / sum of squared targets.
-    The sums stay on the device (one scalar per entry) and are read once at the end."""
+    The sums stay on the device (one scalar per entry) and are read once at the end. Under pipeline
+    parallelism every stage calls it together (those with no entries pass the parent's states on)."""
     err = {id(e): torch.zeros((), dtype=torch.float64, device=parallel.device()) for e in entries}
     ref = {id(e): torch.zeros((), dtype=torch.float64, device=parallel.device()) for e in entries}
     layers = _by_layer(entries)
     with _autocast(parent_model):
         for tokens in eval_tokens:
-            for acts in _parent_layers(parent_model, tokens, max(layers) + 1, report):
+            for acts in _parent_layers(parent_model, tokens, _end(layers, stage), report, stage):
                 for e in layers.get(acts.layer, ()):
                     out, y = _run_entry(e, acts)
                     err[id(e)] += (out - y).double().pow(2).sum()
                     ref[id(e)] += y.double().pow(2).sum()
     return {id(e): (err[id(e)] / ref[id(e)]).item() for e in entries}
+
+
+def _end(layers: Mapping[int, list], stage: PipeStage) -> int:
+    """Where a parent forward may stop: after the last layer with entries (this stage's first layer if none)."""
+    return max(layers) + 1 if layers else stage.offset
 
 
 def _entry_tensors(e: Entry, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -401,9 +419,10 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
             stop_after_steps: int | None = None, stop_after_entries: int | None = None) -> BLDReport:
     """Build (or finish) the block library in `library_dir`.
 
-    `parent_model`: the parent GPTModel (built at the current TP size; frozen here);
+    `parent_model`: the parent GPTModel (built at the current TP size; frozen here), or under
+    pipeline parallelism this rank's stage of it (every stage calls `run_bld`);
     `parent_tensors`: its canonical tensors (read for the non-block tensors, and per
-    layer only when `init_source` is None). `train_batch(step)` gives the tokens
+    layer only when `init_source` is None; at PP > 1 pass an `init_source`). `train_batch(step)` gives the tokens
     [batch, seq] of a step (the same on every rank); `eval_tokens` the held-out batches
     for the init/final loss. `init_source`: the init directory (a `Library`) or a
     function (layer, name) -> tensors; None computes the training-free init without
@@ -432,10 +451,13 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
     pending = [e for e in all_entries if not _check_done_entry(root, e, fp_hash)]
     parallel.barrier()  # every rank has looked before any rank writes (the last collective across groups)
     dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
-    mine = schedule(pending, dp_size)[dp_rank]
+    stage = PipeStage(parent_model)
+    # this pipeline stage's entries, dealt over its data-parallel groups
+    mine = schedule([e for e in pending if e.layer in stage.layers], dp_size)[dp_rank]
     my_passes = passes(mine, bld.layers_per_pass)
-    log.info("BLD: %d entries, %d finished, %d on this rank (dp %d of %d, cost %d) in %d pass(es)",
-             len(all_entries), len(all_entries) - len(pending), len(mine), dp_rank, dp_size,
+    n_passes = max(stage.gather(len(my_passes)))  # the stages of a replica run their passes side by side
+    log.info("BLD: %d entries, %d finished, %d on this rank (dp %d of %d, pp %d of %d, cost %d) in %d pass(es)",
+             len(all_entries), len(all_entries) - len(pending), len(mine), dp_rank, dp_size, stage.rank, stage.size,
              sum(e.cost for e in mine), len(my_passes))
 
     def initial(e: Entry) -> dict[str, torch.Tensor]:
@@ -470,10 +492,11 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
     for p in frozen:  # the parent is frozen; entries share its FFN modules
         p.requires_grad_(False)
     try:
-        for k, group in enumerate(my_passes):
+        for k in range(n_passes):
+            group = my_passes[k] if k < len(my_passes) else []
             report.passes += 1
-            _train_pass(group, k, len(my_passes), cfg, parent_model, bld, initial, finish, root, fp_hash,
-                        train_batch, eval_tokens, report, world_rank, dp_rank, stop_after_steps)
+            _train_pass(group, k, n_passes, cfg, parent_model, bld, initial, finish, root, fp_hash,
+                        train_batch, eval_tokens, report, world_rank, dp_rank, stop_after_steps, stage)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -492,9 +515,10 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
 
 
 def _train_step(training: list[Entry], layers: dict[int, list[Entry]], parent_model, tokens: torch.Tensor, step: int,
-                end: int, tokens_per_step: int, report: BLDReport) -> None:
-    """One optimizer step of every entry due at `step`, fed by one parent forward."""
-    for acts in _parent_layers(parent_model, tokens, end, report):
+                end: int, tokens_per_step: int, report: BLDReport, stage: PipeStage) -> None:
+    """One optimizer step of every entry due at `step`, fed by one parent forward (through this rank's
+    pipeline stage: every stage runs it, also one with no entry due)."""
+    for acts in _parent_layers(parent_model, tokens, end, report, stage):
         for e in layers.get(acts.layer, ()):
             if e.step != step:
                 continue
@@ -514,37 +538,38 @@ def _train_step(training: list[Entry], layers: dict[int, list[Entry]], parent_mo
 def _train_pass(entries: list[Entry], k: int, n_passes: int, cfg: ModelConfig, parent_model, bld: BLDConfig,
                 initial: Callable, finish: Callable, root: Path, fp_hash: str, train_batch: Callable,
                 eval_tokens: list[torch.Tensor], report: BLDReport, world_rank: int, dp_rank: int,
-                stop_after_steps: int | None) -> None:
-    """Build, train, evaluate and write one pass's entries; nothing of them is left alive after."""
+                stop_after_steps: int | None, stage: PipeStage) -> None:
+    """Build, train, evaluate and write one pass's entries; nothing of them is left alive after.
+    Every pipeline stage of a replica calls it for its pass k together (`entries` may be empty)."""
     for e in entries:
-        _build_entry(e, cfg, parent_model, initial(e), bld)
+        _build_entry(e, cfg, parent_model, initial(e), bld, stage)
         if e.trainable:
             load_partial(root, e, fp_hash)
     fresh = [e for e in entries if e.init_loss is None]
-    if fresh:  # init loss of the entries not evaluated yet
+    training = [e for e in entries if e.trainable]
+    # what the stages need: an init evaluation, training, and the first step to train from
+    needs = stage.gather((bool(fresh), bool(training), min((e.step for e in training), default=bld.steps)))
+    if any(n[0] for n in needs):  # init loss of the entries not evaluated yet
         t0 = time.perf_counter()
-        losses = _evaluate(fresh, parent_model, eval_tokens, report)
+        losses = _evaluate(fresh, parent_model, eval_tokens, report, stage)
         for e in fresh:
             e.init_loss = losses[id(e)]
             e.wall_s += (time.perf_counter() - t0) / len(fresh)
     for e in [e for e in entries if not e.trainable]:  # parent and no-op variants are final now
         finish(e, e.init_loss)
     gc.collect()  # Megatron-Core layers hold reference cycles: free dropped entries now, not at some later gc
-    training = [e for e in entries if e.trainable]
-    if not training:
+    if not any(n[1] for n in needs):
         return
     layers = _by_layer(training)
-    end = max(layers) + 1
-    start = min(e.step for e in training)
+    end = _end(layers, stage)
+    start = min(n[2] for n in needs)
     tokens_per_step = bld.batch_size * bld.seq_len
     desc = f"BLD rank {dp_rank}" + (f" pass {k + 1}/{n_passes}" if n_passes > 1 else "")
     bar = tqdm(range(start, bld.steps), desc=desc, disable=not bld.progress or world_rank != 0)
     t_loop = time.perf_counter()
-    for step in bar:
-        if not any(e.step == step for e in training):
-            continue
+    for step in bar:  # every step from the earliest entry's on trains some entry (of some stage)
         with _autocast(parent_model):
-            _train_step(training, layers, parent_model, train_batch(step), step, end, tokens_per_step, report)
+            _train_step(training, layers, parent_model, train_batch(step), step, end, tokens_per_step, report, stage)
         report.steps_run += 1
         report.tokens += tokens_per_step
         if (step + 1) % bld.checkpoint_every == 0 and step + 1 < bld.steps:
@@ -553,7 +578,7 @@ def _train_pass(entries: list[Entry], k: int, n_passes: int, cfg: ModelConfig, p
         if stop_after_steps is not None and report.steps_run >= stop_after_steps:
             raise Interrupted(f"stopped after {report.steps_run} steps (test hook)")
     report.train_s += time.perf_counter() - t_loop
-    finals = _evaluate(training, parent_model, eval_tokens, report)
+    finals = _evaluate(training, parent_model, eval_tokens, report, stage)
     for e in training:
         finish(e, finals[id(e)])
     gc.collect()

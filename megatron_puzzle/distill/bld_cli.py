@@ -3,6 +3,7 @@
     megatron-puzzle init --run-dir RUN [--config FILE]     training-free initial weights (RUN/init)
     megatron-puzzle bld  --run-dir RUN [--config FILE]     init (if needed) + BLD (RUN/library)
     torchrun --nproc-per-node 2 $(which megatron-puzzle) bld --run-dir RUN    variants spread over 2 ranks
+    torchrun --nproc-per-node 2 $(which megatron-puzzle) bld --run-dir RUN --pp 2    the parent split in 2 stages
 
 The config is YAML with sections `search_space`, `init` and `bld` (docs/bld.md);
 without --config, RUN/config.yaml is read when present. A killed run resumes when
@@ -26,6 +27,11 @@ def _run(args: argparse.Namespace, init_only: bool) -> int:
         raise UserError(str(e)) from None
     if args.no_progress:
         rc.bld.progress = False
+    for name in ("pipeline_parallel", "pp_first_stage_layers", "pp_last_stage_layers"):
+        if getattr(args, name, None) is not None:
+            setattr(rc.bld, name, getattr(args, name))
+    if rc.bld.pipeline_parallel < 1:
+        raise UserError(f"--pp must be a positive integer, got {rc.bld.pipeline_parallel}")
     if init_only:
         run_init(args.run_dir, rc)
         report = None
@@ -48,4 +54,12 @@ def register(sub) -> None:
         p.add_argument("--run-dir", required=True, help="run directory with parent/ and data/")
         p.add_argument("--config", help="YAML run config (sections search_space, init, bld)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if not init_only:  # init runs on the whole parent
+            p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=None,
+                           help="pipeline-parallel size: the parent split over this many stages, each training the "
+                                "entries of its layers (launch TP x PP x DP processes; default: bld.pipeline_parallel)")
+            p.add_argument("--pp-first-stage-layers", type=int, default=None,
+                           help="layers on the first pipeline stage (uneven split)")
+            p.add_argument("--pp-last-stage-layers", type=int, default=None,
+                           help="layers on the last pipeline stage (uneven split)")
         p.set_defaults(func=lambda a, _i=init_only: _run(a, _i))

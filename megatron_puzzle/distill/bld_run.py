@@ -9,6 +9,7 @@ three sections, each optional: `search_space` (`arch.search_space.SearchSpaceCon
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,27 +78,70 @@ def _batches(run: Path, split: str, cfg: BLDConfig, shuffle: bool):
                         epochs=None)
 
 
+def _check_layout(parent_cfg, bld: BLDConfig, pp: int, space) -> None:
+    """TP / PP sizes against the parent's layers, every search-space variant and the launch: one line on
+    every rank before any work."""
+    from ..model.gpt import check_layout, launch_world
+
+    check_layout(parent_cfg, tp=bld.tensor_parallel, pp=pp, world=launch_world(),
+                 first_stage_layers=bld.pp_first_stage_layers if pp > 1 else None,
+                 last_stage_layers=bld.pp_last_stage_layers if pp > 1 else None, what="parent", variants=space)
+
+
+def _load_parent_stage(run: Path, bld: BLDConfig):
+    """This rank's pipeline stage of the parent (Megatron-Core's split over bld.pipeline_parallel stages),
+    wholly in bld.dtype like `_load_parent`."""
+    from ..model import checkpoint
+    from ..model.gpt import RuntimeOptions
+    from ..model.parallel import init_distributed
+
+    init_distributed(tensor_parallel=bld.tensor_parallel, pipeline_parallel=bld.pipeline_parallel)
+    dtype = bld.torch_dtype()
+    model = checkpoint.load(run / "parent", RuntimeOptions(dtype=dtype, first_stage_layers=bld.pp_first_stage_layers,
+                                                           last_stage_layers=bld.pp_last_stage_layers))
+    model.to(dtype)
+    return model.eval()
+
+
 def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = None, *, init_only: bool = False,
                   **hooks) -> BLDReport | None:
-    """The init stage (RUN/init) then BLD (RUN/library). Resumes whatever a killed run left."""
+    """The init stage (RUN/init) then BLD (RUN/library). Resumes whatever a killed run left.
+
+    With bld.pipeline_parallel > 1, init (when not yet complete) still runs on the whole parent
+    (PP 1, entries dealt over all ranks); BLD then loads the parent split over the stages."""
+    from ..init.stage import is_complete
+    from ..model import checkpoint
+
     run = Path(run_dir)
     rc = config if isinstance(config, RunConfig) else load_run_config(run, config)
     for need in ("parent", "data"):
         if not (run / need / "done").exists():
             raise FileNotFoundError(f"{run / need} is missing or unfinished; run the "
                                     f"`{'import' if need == 'parent' else 'data'}` stage first")
-    model, tensors = _load_parent(run, rc.bld.tensor_parallel, rc.bld.torch_dtype())
+    pp = 1 if init_only else rc.bld.pipeline_parallel
+    parent_cfg = checkpoint.load_config(run / "parent")
     try:
-        space = configured_search_space(model.puzzle_config, rc.space)
+        space = configured_search_space(parent_cfg, rc.space)
     except ValueError as e:  # a search space that does not fit this parent
         raise InputError(f"search_space: {e}") from None
-    calib = _batches(run, "calib", rc.bld, shuffle=False)
-    calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
-    with torch.no_grad():
-        init_dir = init_entries(model, tensors, run / "init", space, rc.init, calib_tokens, seed=rc.bld.seed,
-                            progress=rc.bld.progress)
+    # every entry BLD builds is split like the parent: refuse a layout some variant cannot take
+    _check_layout(parent_cfg, rc.bld, pp, space)
+    model = tensors = None
+    if pp == 1 or not is_complete(run / "init", space, rc.init, rc.bld.seed):
+        model, tensors = _load_parent(run, rc.bld.tensor_parallel, rc.bld.torch_dtype())
+        calib = _batches(run, "calib", rc.bld, shuffle=False)
+        calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
+        with torch.no_grad():
+            init_entries(model, tensors, run / "init", space, rc.init, calib_tokens, seed=rc.bld.seed,
+                         progress=rc.bld.progress)
+    init_dir = run / "init"
     if init_only:
         return None
+    if pp > 1:  # the whole parent (if init needed it) gives way to this rank's stage
+        del model, tensors
+        gc.collect()  # Megatron-Core modules hold reference cycles
+        model = _load_parent_stage(run, rc.bld)
+        tensors = Library(init_dir).non_block()  # the parent's non-block tensors, as init wrote them
     train = _batches(run, "train", rc.bld, shuffle=True)
     held = _batches(run, "heldout", rc.bld, shuffle=False)
     eval_tokens = [held.batch(i) for i in range(min(rc.bld.eval_batches, held.batches_per_epoch))]
@@ -114,5 +158,5 @@ def run_init(run_dir: str | Path, config: RunConfig) -> None:
 
 def run_bld(run_dir: str | Path, config: RunConfig) -> BLDReport:
     """The bld stage (init first, if not done): RUN/init -> RUN/library. Every rank works (entries dealt over
-    data-parallel ranks)."""
+    data-parallel ranks; with bld.pipeline_parallel > 1, over the pipeline stages holding their layers)."""
     return build_library(run_dir, config)

@@ -23,9 +23,9 @@ Outputs (RUN/gkd/):
   eval.json            held-out metrics before and after; log.csv: per-step losses; config.json; done
 
 A killed run restarted with the same command (or at another TP x PP x DP with the same
-global batch) resumes from the newest complete checkpoint: weights, optimizer, LR schedule
-(a function of the step) and data position (batch index = step), so the loss curve
-continues as if never stopped (dropout is 0: no RNG state to restore).
+global batch) resumes from the newest complete checkpoint: weights, optimizer state (model
+space: any layout), Megatron-Core's LR scheduler state and data position (batch index =
+step), so the loss curve continues as if never stopped (dropout is 0: no RNG state to restore).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from ..model.gpt import RuntimeOptions, check_runtime
 from ..model.parallel import rank as _rank, world_size as _world
 from ..utils import preempt
 from ..utils.config import from_section
+from ..utils.errors import InputError
 from ..utils.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, read_json
 from . import train_utils
 
@@ -60,10 +61,28 @@ CKPT_DIR = "ckpt"
 FINAL_DIR = "final"
 TRAINER_STATE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
+# the optimizer state's layout in a checkpoint: model space (any TP x PP x DP); older checkpoints
+# (no such key) held the distributed optimizer's flat buffers (dp_reshardable: same TP x PP only)
+OPTIMIZER_FORMAT = "model_space"
 # Fields that may change between a killed run and its resume without changing the curve.
 _RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute", "tp", "pp",
                 "pp_first_stage_layers", "pp_last_stage_layers", "micro_batch_size", "shard_optimizer",
                 "optimizer_cpu_offload"}
+
+
+_DTYPES = ("auto", "fastest", "float32", "bfloat16")
+
+
+def _resolve_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on a GPU, fp32 on a CPU (the reference the CPU tests compare layouts in); fastest: bf16 also
+    on a CPU with bf16 units (AVX512-BF16 or AMX: there bf16 GKD trains ~1.6x faster to the same quality,
+    docs/report.md), fp32 on other CPUs, where bf16 is emulated and slower."""
+    if name in ("auto", "fastest"):
+        from ..model.cpu_support import cpu_has_bf16
+
+        fast = torch.cuda.is_available() or (name == "fastest" and cpu_has_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    return getattr(torch, name)
 
 
 @dataclass
@@ -87,11 +106,11 @@ class GKDConfig:
     pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
     pp_last_stage_layers: int | None = None
     micro_batch_size: int | None = None  # sequences per micro-batch (None: the whole batch_size; PP wants several)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fastest (also bf16 on CPUs with bf16 units), float32, bfloat16
     fp8: str | None = None  # None, "hybrid" or "e4m3" (Transformer Engine, Hopper GPUs)
     shard_optimizer: bool | None = None  # Megatron-Core's distributed optimizer (None: on when data-parallel > 1)
     optimizer_cpu_offload: bool = False  # Megatron-Core's optimizer CPU offload (GPU runs)
-    teacher_dtype: str = "auto"  # the frozen parent's parameters: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    teacher_dtype: str = "auto"  # the frozen parent's parameters: auto, fastest, float32, bfloat16 (as dtype)
     fp8_recipe: str = "delayed"  # the student's FP8 scaling: delayed (amax history) or tensorwise (current scaling)
     sequence_parallel: bool = False  # Megatron-Core sequence parallelism with TP > 1 (TE norms: GPU only)
     recompute: bool = False  # keep only each layer's input, recompute the layer in the backward (~1/3 more compute)
@@ -120,10 +139,9 @@ class GKDConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.teacher_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"teacher_dtype must be auto, float32 or bfloat16, got {self.teacher_dtype!r}")
+        for name in ("dtype", "teacher_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(_DTYPES)}, got {getattr(self, name)!r}")
         if self.fp8_recipe not in ("delayed", "tensorwise"):
             raise ValueError(f"fp8_recipe must be delayed or tensorwise (current scaling), got {self.fp8_recipe!r}")
         if self.sequence_parallel and self.tp < 2:
@@ -141,9 +159,7 @@ class GKDConfig:
         return max(1, -(-self.tokens // (self.batch_size * self.seq_len * dp)))
 
     def compute_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return getattr(torch, self.dtype)
+        return _resolve_dtype(self.dtype)
 
     def use_distributed_optimizer(self) -> bool:
         from ..model.parallel import dp_size
@@ -151,9 +167,7 @@ class GKDConfig:
         return dp_size() > 1 if self.shard_optimizer is None else bool(self.shard_optimizer)
 
     def teacher_torch_dtype(self) -> torch.dtype:
-        if self.teacher_dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return getattr(torch, self.teacher_dtype)
+        return _resolve_dtype(self.teacher_dtype)
 
     def runtime(self) -> RuntimeOptions:
         """Student build options: fp32 parameters always (master weights); Transformer Engine specs
@@ -343,6 +357,7 @@ class Engine:
     model: Any  # megatron.core.distributed.DistributedDataParallel wrapping a GKDStage
     optimizer: Any  # megatron.core.optimizer.MegatronOptimizer
     stage: GKDStage
+    scheduler: Any = None  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler (run_gkd sets it)
 
 
 def build_engine(student, teacher, cfg: "GKDConfig") -> Engine:
@@ -473,18 +488,22 @@ def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dic
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
-def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float) -> dict[str, float]:
+def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | None = None) -> dict[str, float]:
     """One optimizer step on this rank's batch [batch, seq_len + 1]: Megatron-Core's schedule runs
     forward and backward of every micro-batch, `finalize_model_grads` reduces the gradients,
-    its optimizer clips and steps. Returns the loss terms averaged over data-parallel ranks."""
+    its optimizer clips and steps. The LR is the one the scheduler set (or `lr` when given).
+    Returns the loss terms averaged over data-parallel ranks."""
     from megatron.core import parallel_state
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
     from ..model.parallel import dp_size
 
     engine.model.zero_grad_buffer()
     engine.optimizer.zero_grad()
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    if lr is not None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+    lr = get_canonical_lr_for_logging(engine.optimizer.param_groups)
     terms = _run_schedule(engine, batch, cfg, evaluate=False)
     micro = cfg.micro_batch_size or batch.shape[0]
     terms = terms / (-(-batch.shape[0] // micro))
@@ -515,14 +534,6 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(done, key=lambda p: int(_STEP_RE.match(p.name).group(1))) if done else None
 
 
-def _optimizer_sharded(engine: Engine, model_sd, is_loading: bool):
-    # dp_reshardable: the distributed optimizer's flat shards, regathered for any DP size;
-    # the plain optimizer maps its state onto the model's sharded tensors (any layout)
-    if engine.optimizer.config.use_distributed_optimizer:
-        return engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, sharding_type="dp_reshardable")
-    return engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-
-
 def save_training_checkpoint(ckpt_root: Path, engine: Engine, state: dict[str, Any]) -> Path:
     """model/ (Megatron-Core distributed checkpoint of the student and its sharded optimizer
     state) + trainer.json, built under a temp name and renamed when complete."""
@@ -530,12 +541,15 @@ def save_training_checkpoint(ckpt_root: Path, engine: Engine, state: dict[str, A
 
     final = step_dir(ckpt_root, state["step"])
     tmp = final.with_name(f".{final.name}.tmp")
+    state = {**state, "scheduler": engine.scheduler.state_dict() if engine.scheduler is not None else None,
+             "distributed_optimizer": train_utils.is_distributed(engine.optimizer),
+             "optimizer_format": OPTIMIZER_FORMAT}
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     student = engine.stage.student
-    opt_sd = _optimizer_sharded(engine, student.sharded_state_dict(), is_loading=False)
+    opt_sd = train_utils.sharded_optimizer_state(engine.optimizer, student.sharded_state_dict(), is_loading=False)
     checkpoint.save(student, tmp / "model", extra={"step": state["step"], "tokens": state["tokens"]},
                     extra_state={"optimizer": opt_sd})
     barrier()
@@ -556,16 +570,28 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
 
 
 def load_training_checkpoint(path: Path, engine: Engine) -> dict[str, Any]:
-    """Weights and optimizer state saved at any TP x PP x DP layout, into this layout's engine."""
+    """Weights, optimizer state and LR schedule saved at any TP x PP x DP layout, into this layout's
+    engine (the optimizer of the kind that saved them: `saved_optimizer_kind`)."""
     state = read_json(path / TRAINER_STATE)
     student = engine.stage.student
     train_utils.init_optimizer_state(engine.optimizer)
     with torch.no_grad():  # fp32 main params are views of the trained parameters
-        opt_sd = _optimizer_sharded(engine, student.sharded_state_dict(), is_loading=True)
+        opt_sd = train_utils.sharded_optimizer_state(engine.optimizer, student.sharded_state_dict(), is_loading=True,
+                                                     layout_free=state.get("optimizer_format") == OPTIMIZER_FORMAT)
         extras = checkpoint.load_into(student, path / "model", extra_state={"optimizer": opt_sd})
-        engine.optimizer.load_state_dict(extras["optimizer"])
-    train_utils.set_step_count(engine.optimizer, state["step"])
+    train_utils.load_optimizer_state(engine.optimizer, extras["optimizer"], state["step"])
+    if engine.scheduler is not None:
+        if state.get("scheduler"):
+            engine.scheduler.load_state_dict(state["scheduler"])
+        else:  # a checkpoint from before the scheduler was saved: its position is the step
+            engine.scheduler.step(state["step"])
     return state
+
+
+def saved_optimizer_kind(path: Path) -> bool | None:
+    """Whether the checkpoint at `path` holds the distributed optimizer's state (None: unknown, an
+    older checkpoint). Its state loads into an optimizer of the same kind, at any layout."""
+    return read_json(path / TRAINER_STATE).get("distributed_optimizer")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -601,15 +627,28 @@ def _check_inputs(run: Path) -> None:
 
 def _check_layout(run: Path, cfg: GKDConfig) -> None:
     """TP / PP / world size against the parent's and the child's layers, before any model is built."""
-    import os
+    from ..model.gpt import check_layout, launch_world
 
-    from ..model.gpt import check_layout
-
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world()
     for name in ("child", "parent"):
         check_layout(checkpoint.load_config(run / name), tp=cfg.tp, pp=cfg.pp, world=world, fp8=bool(cfg.fp8),
                      first_stage_layers=cfg.pp_first_stage_layers, last_stage_layers=cfg.pp_last_stage_layers,
                      what=name)
+
+
+def _resume_optimizer_kind(latest: Path, cfg: GKDConfig) -> GKDConfig:
+    """A resume keeps the optimizer kind that saved the checkpoint (its state loads at any layout):
+    the distributed optimizer's state goes on in a distributed optimizer, at DP 1 too."""
+    saved = saved_optimizer_kind(latest)
+    if saved is None:
+        return cfg
+    if cfg.shard_optimizer is None:
+        return replace(cfg, shard_optimizer=saved)
+    if bool(cfg.shard_optimizer) != saved:
+        have = "the distributed optimizer's" if saved else "the plain optimizer's"
+        raise InputError(f"{latest} holds {have} state; resume with shard_optimizer {str(saved).lower()} (or unset), "
+                         f"or rerun with overwrite to start over")
+    return cfg
 
 
 def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: bool = False,
@@ -621,7 +660,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     unless `overwrite`. `on_step(step, record)` runs after each step (tests use it to
     simulate a crash).
     """
-    from ..model.parallel import barrier, dp_rank, dp_size, init_distributed
+    from ..model.parallel import barrier, dp_size, init_distributed
 
     cfg = config or GKDConfig()
     opts = cfg.runtime()
@@ -639,6 +678,9 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     barrier()
     torch.manual_seed(cfg.seed)
 
+    latest = latest_checkpoint(out / CKPT_DIR)
+    if latest is not None:
+        cfg = _resume_optimizer_kind(latest, cfg)
     teacher = checkpoint.load(run / "parent", cfg.teacher_runtime())
     teacher.requires_grad_(False)
     teacher.eval()
@@ -649,6 +691,8 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
                          f"{teacher.puzzle_config.num_layers}: the cosine term needs equal counts; set loss.cosine: 0")
     engine = build_engine(student, teacher, cfg)
     total = cfg.total_steps(dp_size())
+    engine.scheduler = train_utils.lr_scheduler(engine.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup,
+                                                total=total, weight_decay=cfg.weight_decay)
     tokens_per_step = cfg.batch_size * cfg.seq_len * dp_size()
     cfg_dict = cfg.to_dict()
     cfg_dict_global = {**cfg_dict, "batch_size": cfg.batch_size * dp_size()}  # what a resume must keep
@@ -657,13 +701,12 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "history": [], "eval_before": None,
                              "world_size": _world(), "tp": cfg.tp, "pp": cfg.pp, "dp": dp_size(),
                              "config": cfg_dict_global}
-    latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         saved = read_json(latest / TRAINER_STATE)
         changed = sorted(k for k in cfg_dict_global
                          if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict_global[k])
         if changed:
-            raise ValueError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
+            raise InputError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
                              f"same config (any TP x PP x DP with the same global batch), or rerun with overwrite "
                              f"to start over")
         state = load_training_checkpoint(latest, engine)
@@ -688,14 +731,14 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
     with preempt.watching():
         while state["step"] < total:
             step = state["step"]
-            lr = train_utils.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=total)
             t0 = time.perf_counter()
             if preempt.requested():  # once per step, the same answer on every rank: save, then stop together
                 save_training_checkpoint(ckpt_root, engine, state)
                 if _rank() == 0:
                     _write_log_csv(out / "log.csv", state["history"])
                 raise preempt.Preempted(f"gkd stopped at step {step} on request; the same command resumes it")
-            record = train_step(engine, next(batches), cfg, lr)
+            engine.scheduler.step(1)  # the LR of step s + 1: warm-up starts above 0
+            record = train_step(engine, next(batches), cfg)
             dt = time.perf_counter() - t0
             state["step"] = step + 1
             state["tokens"] += tokens_per_step

@@ -28,10 +28,12 @@ _FLAGS = {  # flag -> (GKDConfig field, type, help)
     "--pp-first-stage-layers": ("pp_first_stage_layers", int, "layers on the first pipeline stage (uneven split)"),
     "--pp-last-stage-layers": ("pp_last_stage_layers", int, "layers on the last pipeline stage (uneven split)"),
     "--micro-batch-size": ("micro_batch_size", int, "sequences per micro-batch (divides --batch-size)"),
-    "--dtype": ("dtype", str, "auto, float32 or bfloat16 (bf16 autocast, fp32 master weights)"),
+    "--dtype": ("dtype", str, "auto (bf16 on GPU), fastest (also bf16 on CPUs with bf16 units), "
+                                  "float32 or bfloat16 (bf16 autocast, fp32 master weights)"),
     "--fp8": ("fp8", str, "hybrid or e4m3: FP8 through Transformer Engine for the student (Hopper GPUs)"),
     "--fp8-recipe": ("fp8_recipe", str, "delayed (amax history) or tensorwise (current scaling)"),
-    "--teacher-dtype": ("teacher_dtype", str, "auto (bf16 on GPU), float32 or bfloat16"),
+    "--teacher-dtype": ("teacher_dtype", str, "the frozen parent's weights: auto, fastest, "
+                                                  "float32 or bfloat16 (as --dtype)"),
     "--seed": ("seed", int, "seed"),
 }
 _WEIGHTS = {"--cosine-weight": "cosine", "--kl-weight": "kl", "--lm-weight": "lm"}

@@ -31,6 +31,16 @@ def init_settings(init: InitConfig, seed: int) -> str:
     return hashlib.sha256(json.dumps({"init": init.to_dict(), "seed": seed}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def is_complete(init_dir: str | Path, space: Sequence[Sequence[str]], init: InitConfig, seed: int = 0) -> bool:
+    """True when `init_dir` holds every entry of `space`, made with these settings (a rerun keeps it)."""
+    root = Path(init_dir)
+    if not (root / DONE_MARKER).exists():
+        return False
+    meta = json.loads((root / "space.json").read_text())
+    return meta.get("settings", {}).get("settings") == init_settings(init, seed) and \
+        meta["layers"] == [list(n) for n in space]
+
+
 def run_init(parent_model, parent_tensors: Mapping[str, torch.Tensor], init_dir: str | Path, space: Sequence[Sequence[str]],
              init: InitConfig, calib_batches: Iterable[torch.Tensor], seed: int = 0, progress: bool = True) -> Path:
     """Write the initial weights of every variant of `space` into `init_dir` (skips finished entries).
@@ -42,11 +52,9 @@ def run_init(parent_model, parent_tensors: Mapping[str, torch.Tensor], init_dir:
     root = Path(init_dir)
     settings = init_settings(init, seed)
     rank, world = parallel.rank(), parallel.world_size()
-    if (root / DONE_MARKER).exists():
-        meta = json.loads((root / "space.json").read_text())
-        if meta.get("settings", {}).get("settings") == settings and meta["layers"] == [list(n) for n in space]:
-            log.info("init: %s is complete; keeping it", root)
-            return root
+    if is_complete(root, space, init, seed):
+        log.info("init: %s is complete; keeping it", root)
+        return root
     # read on every rank: a `CanonicalView` at TP > 1 gathers over the TP group
     non_block = {k: parent_tensors[k] for k in non_block_shapes(cfg)}
     if rank == 0:

@@ -13,6 +13,10 @@ exactly as Megatron-Core runs it, at any TP size. Everything is [seq, batch, hid
 `stream_parent` yields one layer's states at a time and keeps nothing of the
 layers before, so its memory does not grow with the number of layers;
 `parent_activations` keeps every layer's (tests and small tools only).
+
+Under pipeline parallelism `model` is this rank's stage: `stream_parent` receives the
+previous stage's output (the first stage embeds), yields the states of the stage's own
+layers (global layer numbers), and sends its last output on to the next stage.
 """
 
 from __future__ import annotations
@@ -53,17 +57,30 @@ class ParentActivations:
 
 
 @torch.no_grad()
-def stream_parent(model, tokens: torch.Tensor, end: int | None = None) -> Iterator[LayerActivations]:
+def stream_parent(model, tokens: torch.Tensor, end: int | None = None, stage=None) -> Iterator[LayerActivations]:
     """Run the parent on tokens [batch, seq] through layers [0, end), yielding each layer's states
-    as it is reached. The caller's code between yields runs with gradients enabled."""
+    as it is reached. The caller's code between yields runs with gradients enabled.
+
+    Pipeline parallel (`stage`: the model's `pipe.PipeStage`, made here when None): every stage
+    calls it for the same batches; a stage before the last runs all its layers (the next stage
+    waits for their output) and `end` only stops the last stage early. Exhaust the iterator:
+    the send to the next stage happens after the last yield."""
+    from .pipe import PipeStage
+
+    st = PipeStage(model) if stage is None else stage
     decoder_layers = model.decoder.layers
-    n = len(decoder_layers) if end is None else end
+    n = len(decoder_layers)
+    if end is not None and st.is_last:
+        n = max(0, min(n, end - st.offset))
     mid: list[torch.Tensor] = []
 
     def capture(_module, args):
         mid.append(args[0].detach())
 
-    h = forward.embed(model, tokens)
+    if st.is_first:
+        h = forward.embed(model, tokens)
+    else:
+        h = st.recv((tokens.shape[1], tokens.shape[0], model.puzzle_config.hidden_size))
     rope = forward.rotary(model, h.shape[0])
     for i in range(n):
         handle = decoder_layers[i].pre_mlp_layernorm.register_forward_pre_hook(capture)
@@ -73,10 +90,12 @@ def stream_parent(model, tokens: torch.Tensor, end: int | None = None) -> Iterat
             handle.remove()
         if not mid:
             raise RuntimeError("a parent layer has no FFN norm to capture; BLD needs a parent with full blocks")
-        acts = LayerActivations(i, h, mid.pop(), out.detach(), rope)
+        acts = LayerActivations(st.offset + i, h, mid.pop(), out.detach(), rope)
         yield acts
         h = acts.h_out
         del acts
+    if not st.is_last:
+        st.send(h)
 
 
 def parent_activations(model, tokens: torch.Tensor, layers: int | None = None) -> ParentActivations:

@@ -22,23 +22,31 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
 6. ``Tensor.type()`` string checks (``'torch.cuda.FloatTensor'``) in grad clipping
    and the distributed optimizer's setup: while those two functions run, CPU
    tensors report the CUDA type names of the same dtype.
-8. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
-   state (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``): without CUDA there is none;
-   the CPU state and the tracker's states are still saved and restored.
 7. ``weight.data.cuda()`` of the tied embedding under pipeline parallelism
    (``LanguageModule.setup_embeddings_and_output_layer``): ``.cuda()`` stays on the
    CPU while that method runs.
+8. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+   state (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``): without CUDA there is none;
+   the CPU state and the tracker's states are still saved and restored.
+9. The tensor-parallel linear functions (``tensor_parallel.layers``) carry
+   ``custom_fwd``/``custom_bwd`` bound to ``device_type="cuda"``, so under CPU bf16 autocast
+   their backward runs outside the forward's autocast (bf16 gradient @ fp32 weight fails):
+   the backward re-enters the CPU autocast its forward ran under.
+10. ``send_tensor.cuda()`` before the all-gather that builds the distributed optimizer's
+   model-space (``fully_reshardable``) checkpoint state
+   (``DistributedOptimizer.get_parameter_state_dp_zero``): ``.cuda()`` stays on the CPU
+   while that method runs (gloo gathers CPU tensors).
 
 Call :func:`apply` before building a model. It does nothing when CUDA is available.
 Each redirected spot is listed in :data:`REDIRECTED` (module, attribute) and the
 test suite checks that they still exist in the installed Megatron-Core.
 
-9. The memory plan (``megatron_puzzle.plan``) steps the engine on fake tensors on any machine,
-   CUDA or not, and the plan's check against real CPU tensors does the same: the context manager
-   :func:`engine_on_cpu` makes, while it is open, ``device="cuda"`` tensors from
-   ``torch.tensor`` / ``torch.zeros`` on the CPU, has every float tensor answer ``type()`` with
-   its CUDA name (the plan is of a GPU run) and computes the local grad-norm fallback on tensors
-   (fake tensors have no Python values). Listed in :data:`REDIRECTED_IN_CONTEXT`; undone on exit.
+11. The memory plan (``megatron_puzzle.plan``) steps the engine on fake tensors on any machine,
+    CUDA or not, and the plan's check against real CPU tensors does the same: the context manager
+    :func:`engine_on_cpu` makes, while it is open, ``device="cuda"`` tensors from
+    ``torch.tensor`` / ``torch.zeros`` on the CPU, has every float tensor answer ``type()`` with
+    its CUDA name (the plan is of a GPU run) and computes the local grad-norm fallback on tensors
+    (fake tensors have no Python values). Listed in :data:`REDIRECTED_IN_CONTEXT`; undone on exit.
 """
 
 from __future__ import annotations
@@ -164,6 +172,26 @@ def _within(fn, context):
     return call
 
 
+def _keep_cpu_autocast(fn_cls) -> None:
+    """Run `fn_cls.backward` under the CPU autocast state its forward saw (what custom_bwd does for CUDA)."""
+    forward, backward = fn_cls.forward, fn_cls.backward
+
+    @functools.wraps(forward)
+    def forward_(ctx, *args, **kwargs):
+        ctx.cpu_autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return forward(ctx, *args, **kwargs)
+
+    @functools.wraps(backward)
+    def backward_(ctx, *grads):
+        if ctx.cpu_autocast_dtype is None:
+            return backward(ctx, *grads)
+        with torch.autocast("cpu", dtype=ctx.cpu_autocast_dtype):
+            return backward(ctx, *grads)
+
+    forward_.cpu_support_original, backward_.cpu_support_original = forward, backward
+    fn_cls.forward, fn_cls.backward = staticmethod(forward_), staticmethod(backward_)
+
+
 # (module, attribute) of every redirected spot; tests/test_model_parity.py checks each still exists.
 REDIRECTED = [
     ("torch.cuda", "current_device"),  # 1
@@ -183,7 +211,16 @@ REDIRECTED = [
      "setup_embeddings_and_output_layer"),  # 7
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),  # 8
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),  # 8
+    ("megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication", "backward"),  # 9
+    ("megatron.core.tensor_parallel.layers.LinearWithFrozenWeight", "backward"),  # 9
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "get_parameter_state_dp_zero"),  # 10
 ]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 beats fp32 on it."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def apply() -> None:
@@ -223,12 +260,17 @@ def apply() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clipped
     DO = distrib_optimizer.DistributedOptimizer
     DO.__init__ = _within(DO.__init__, _cuda_type_names)
+    DO.get_parameter_state_dp_zero = _within(DO.get_parameter_state_dp_zero, _cuda_stays_on_cpu)  # 10
     LanguageModule.setup_embeddings_and_output_layer = _within(  # 7
         LanguageModule.setup_embeddings_and_output_layer, _cuda_stays_on_cpu)
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    for fn_cls in (tp_layers.LinearWithGradAccumulationAndAsyncCommunication, tp_layers.LinearWithFrozenWeight):
+        _keep_cpu_autocast(fn_cls)  # 9
     _APPLIED = True
 
 
-# (module, attribute) of the spots `engine_on_cpu` redirects while it is open (9).
+# (module, attribute) of the spots `engine_on_cpu` redirects while it is open (11).
 REDIRECTED_IN_CONTEXT = [
     ("torch", "tensor"),
     ("torch", "zeros"),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import ModelConfig
+from ..arch.block_config import AttentionVariant, variant_from_name
 from . import cpu_support
 
 
@@ -72,8 +73,11 @@ def check_runtime(opts: RuntimeOptions) -> None:
                                  "with the local (torch) specs: drop --sequence-parallel on CPU")
 
 
-def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
-    """Megatron-Core `HeterogeneousTransformerConfig` for a model config."""
+def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None, *, pipeline: bool = True):
+    """Megatron-Core `HeterogeneousTransformerConfig` for a model config.
+
+    `pipeline=False`: a config outside the pipeline split (PP 1), for a standalone layer that
+    any stage may build (its layer number is then not shifted by a stage's offset)."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 
     from megatron.core import parallel_state
@@ -84,7 +88,7 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
     tp = pp = 1
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size() if pipeline else 1
     fp8_kwargs = {}
     if opts.fp8:
         fp8_kwargs = dict(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
@@ -124,8 +128,8 @@ def transformer_config(cfg: ModelConfig, opts: RuntimeOptions | None = None):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,  # what stages send each other (fp32 master weights; GKD's p2p)
-        num_layers_in_first_pipeline_stage=opts.first_stage_layers,
-        num_layers_in_last_pipeline_stage=opts.last_stage_layers,
+        num_layers_in_first_pipeline_stage=opts.first_stage_layers if pipeline else None,
+        num_layers_in_last_pipeline_stage=opts.last_stage_layers if pipeline else None,
         heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": cfg.block_configs_json()}),
         **fp8_kwargs,
     )
@@ -204,7 +208,7 @@ def build_layer(cfg: ModelConfig, block, layer_number: int = 1, opts: RuntimeOpt
     check_runtime(opts)
     cpu_support.apply()
     one = replace(cfg, num_layers=1, blocks=[block])
-    tcfg = transformer_config(one, opts)
+    tcfg = transformer_config(one, opts, pipeline=False)
     spec = get_gpt_heterogeneous_layer_spec(tcfg, use_te=opts.use_te).layer_specs[0]
     layer = build_module(spec, config=tcfg.get_config_for_layer(1), layer_number=layer_number,
                          pg_collection=ProcessGroupCollection.use_mpu_process_groups())
@@ -246,12 +250,51 @@ def _stage_layers(num_layers: int, pp: int, first: int | None, last: int | None)
     return stages
 
 
+def launch_world() -> int:
+    """The number of processes this command was launched with (torchrun's WORLD_SIZE), before or
+    after the process group exists."""
+    import os
+
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_attention(where: str, attention, cfg: ModelConfig, tp: int, fp8: bool) -> None:
+    kv = attention.num_kv_heads if attention.kind == "full" else None
+    if kv is None:
+        return
+    heads = cfg.num_attention_heads
+    if kv % tp and tp % kv:
+        valid = sorted({d for d in _divisors(heads) if kv % d == 0 or d % kv == 0})
+        raise LayoutError(f"{where}: TP {tp} neither splits nor replicates its {kv} KV heads; valid TP: "
+                          f"{', '.join(map(str, valid))}")
+    if fp8 and (max(kv // tp, 1) * cfg.head_dim) % 16:
+        raise LayoutError(f"{where}: FP8 needs each TP shard's KV width to be a multiple of 16, got "
+                          f"{max(kv // tp, 1)} heads x {cfg.head_dim}; change TP or drop --fp8")
+
+
+def _check_ffn(where: str, ffn_variant, cfg: ModelConfig, tp: int, fp8: bool) -> None:
+    ffn = ffn_variant.intermediate_size if ffn_variant.kind == "full" else None
+    if ffn is None:
+        return
+    if ffn % tp:
+        raise LayoutError(f"{where}: TP {tp} does not split its FFN size {ffn}; valid TP: "
+                          f"{', '.join(str(d) for d in _divisors(cfg.num_attention_heads) if ffn % d == 0)}")
+    if fp8 and (ffn // tp) % 16:
+        raise LayoutError(f"{where}: FP8 needs each TP shard's FFN size to be a multiple of 16, got "
+                          f"{ffn} / TP {tp} = {ffn // tp}; choose a round_to multiple of {16 * tp} or drop --fp8")
+
+
 def check_layout(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, world: int | None = None, fp8: bool = False,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                 what: str = "model") -> None:
+                 what: str = "model", variants: list[list[str]] | None = None) -> None:
     """Refuse parallel sizes the model cannot be split by, in one line naming the layer, the size
     and the valid choices. Pure arithmetic on the config: every rank raises the same error
-    before any model is built (no rank is left waiting in a collective)."""
+    before any model is built (no rank is left waiting in a collective).
+
+    `variants` (a search space: variant names per layer) checks every variant a stage may build
+    too (BLD, scoring), naming the layer and the variant."""
     if tp < 1 or pp < 1:
         raise LayoutError(f"tensor and pipeline parallel sizes must be >= 1, got TP {tp}, PP {pp}")
     heads = cfg.num_attention_heads
@@ -259,22 +302,15 @@ def check_layout(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, world: int | Non
         raise LayoutError(f"TP {tp} does not split the {what}'s {heads} query heads; valid TP: "
                           f"{', '.join(map(str, _divisors(heads)))}")
     for i, block in enumerate(cfg.blocks):
-        kv = block.attention.num_kv_heads if block.attention.kind == "full" else None
-        if kv is not None and kv % tp and tp % kv:
-            valid = sorted({d for d in _divisors(heads) if kv % d == 0 or d % kv == 0})
-            raise LayoutError(f"layer {i}: TP {tp} neither splits nor replicates its {kv} KV heads; valid TP: "
-                              f"{', '.join(map(str, valid))}")
-        ffn = block.ffn.intermediate_size if block.ffn.kind == "full" else None
-        if ffn is not None and ffn % tp:
-            raise LayoutError(f"layer {i}: TP {tp} does not split its FFN size {ffn}; valid TP: "
-                              f"{', '.join(str(d) for d in _divisors(heads) if ffn % d == 0)}")
-        if fp8:
-            if ffn is not None and (ffn // tp) % 16:
-                raise LayoutError(f"layer {i}: FP8 needs each TP shard's FFN size to be a multiple of 16, got "
-                                  f"{ffn} / TP {tp} = {ffn // tp}; choose a round_to multiple of {16 * tp} or drop --fp8")
-            if kv is not None and (max(kv // tp, 1) * cfg.head_dim) % 16:
-                raise LayoutError(f"layer {i}: FP8 needs each TP shard's KV width to be a multiple of 16, got "
-                                  f"{max(kv // tp, 1)} heads x {cfg.head_dim}; change TP or drop --fp8")
+        _check_attention(f"layer {i}", block.attention, cfg, tp, fp8)
+        _check_ffn(f"layer {i}", block.ffn, cfg, tp, fp8)
+    if variants is not None:
+        for i, names in enumerate(variants):
+            for name in names:
+                for part in name.split("+"):  # a coupled entry names its attention and FFN variants
+                    v = variant_from_name(part)
+                    check = _check_attention if isinstance(v, AttentionVariant) else _check_ffn
+                    check(f"layer {i} variant {part}", v, cfg, tp, fp8)
     layers = cfg.num_layers
     if pp > layers:
         raise LayoutError(f"PP {pp} exceeds the {what}'s {layers} layers; valid PP: 1..{layers}")

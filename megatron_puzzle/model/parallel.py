@@ -94,7 +94,9 @@ def init_distributed(tensor_parallel: int = 1, seed: int = 1234, timeout_min: fl
     init_process_group(timeout_min)
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
-        raise ValueError(
+        from .gpt import LayoutError  # the commands check earlier (gpt.check_layout); this is the last guard
+
+        raise LayoutError(
             f"tensor x pipeline parallel size {tensor_parallel} x {pipeline_parallel} does not divide the {world} "
             f"processes; launch a multiple of {tensor_parallel * pipeline_parallel} processes (torchrun --nproc-per-node)"
         )

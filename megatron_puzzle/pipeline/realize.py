@@ -57,6 +57,9 @@ class RealizeConfig:
     repeats: int = 5
     force: bool = False  # realize again even if RUN/child is complete
     tensor_parallel: int = 1  # the child checkpoint's TP (each rank writes its shards)
+    pipeline_parallel: int = 1  # the child split over this many stages (each builds and writes its layers)
+    pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
+    pp_last_stage_layers: int | None = None
 
 
 def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
@@ -66,18 +69,23 @@ def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
 
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
             seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
-            tensor_parallel: int = 1, speed=None) -> dict:
+            tensor_parallel: int = 1, pipeline_parallel: int = 1, pp_first_stage_layers: int | None = None,
+            pp_last_stage_layers: int | None = None, speed=None) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured).
 
     At `tensor_parallel` > 1 (under torchrun) each rank reads the library one layer at a time,
-    keeps its own partition and writes its shards of the checkpoint. The child's speed is measured
-    on rank 0 alone (other ranks timing at once would slow it) and shared, so every rank returns
-    the same report."""
+    keeps its own partition and writes its shards of the checkpoint. At `pipeline_parallel` > 1
+    each rank builds only its stage of the child (Megatron-Core's split, even or
+    `pp_first/last_stage_layers`) and reads only that stage's layers; the ranks write one
+    distributed checkpoint together, which loads at any layout. The held-out evaluation then
+    runs the child and the parent through the stages (metrics on the last, shared with all).
+    The child's speed is measured on rank 0 alone (other ranks timing at once would slow it) and
+    shared, so every rank returns the same report."""
     from ..convert.megatron_io import TOKENIZER_DIR
     from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
-    from ..model.gpt import build_model
+    from ..model.gpt import RuntimeOptions, build_model, check_layout, launch_world
     from ..model.parallel import barrier, broadcast_from_rank0, init_distributed, is_rank0
 
     run = Path(run_dir)
@@ -86,12 +94,16 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         log.info("%s already realized; keeping it", out)
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
+    # sizes the child cannot be split by: one line on every rank, before any process group waits
+    check_layout(child, tp=tensor_parallel, pp=pipeline_parallel, world=launch_world(),
+                 first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers, what="child")
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
     lib = Library(run / "library")
     lib.check_child(child)
-    init_distributed(tensor_parallel)
-    model = build_model(child)
-    load_layers(model, lib.non_block(), lambda i: lib.child_layer(child, i))  # one layer read at a time
+    init_distributed(tensor_parallel, pipeline_parallel=pipeline_parallel)
+    opts = RuntimeOptions(first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers)
+    model = build_model(child, opts)  # this rank's stage
+    load_layers(model, lib.non_block, lambda i: lib.child_layer(child, i))  # its layers, one read at a time
     checkpoint.save(model, out, extra={"stage": "realize", "solution": solution, "variants": sol.get("variants")})
     tok = run / "parent" / TOKENIZER_DIR
     if is_rank0() and tok.is_dir() and not (out / TOKENIZER_DIR).exists():  # one copy, not one per rank
@@ -116,7 +128,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         from ..score.evaluate import evaluate_model
         from ..score.stage import heldout_batches
 
-        parent = checkpoint.load(run / "parent")
+        parent = checkpoint.load(run / "parent", opts)  # the same stage split as the child
         batches = heldout_batches(run / "data", eval_tokens, seq_len, batch_size)
         with torch.no_grad():
             report["measured_quality"] = evaluate_model(model, parent, batches)

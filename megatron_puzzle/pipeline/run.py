@@ -11,7 +11,7 @@ from typing import Callable
 from ..model import parallel
 from ..utils.io import atomic_write_text, read_json, sweep_before_start
 from . import config as run_config
-from .stages import STAGE, is_complete, set_aside
+from .stages import STAGE, check_run_layout, is_complete, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def run_pipeline(run_dir: str | Path, cfg: dict, *, from_stage: str | None = Non
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     run = Path(run_dir)
+    check_run_layout(run, cfg)  # parallel sizes the models cannot take: one line, before anything starts
     run.mkdir(parents=True, exist_ok=True)
     stages = run_config.STAGES
     if from_stage is not None and from_stage not in stages:

@@ -47,6 +47,39 @@ def _parent_source(cfg: dict) -> Path:
     return default_parent_path() if cfg["parent"] == "default" else Path(cfg["parent"])
 
 
+def check_run_layout(run: Path, cfg: dict) -> None:
+    """The run's TP / PP / world size against the parent and every variant of the search space, before
+    any stage starts: pure arithmetic on configs, the same error on every rank. The parent is read from
+    RUN/parent once imported, else from the HF directory's config.json (a GGUF parent is checked by the
+    import stage itself, which reads its header before building anything)."""
+    from dataclasses import replace
+
+    from ..arch.search_space import configured_search_space
+    from ..model import checkpoint
+    from ..model.gpt import check_layout, launch_world
+    from ..utils.io import is_done
+
+    if is_done(run / "parent"):
+        parent = checkpoint.load_config(run / "parent")
+    else:
+        source = _parent_source(cfg)
+        if not (source.is_dir() and (source / "config.json").exists()):
+            return
+        from ..convert.hf_io import _read_hf_config
+
+        parent = _read_hf_config(source)
+        if cfg.get("parent_layers"):
+            parent = replace(parent, num_layers=cfg["parent_layers"], blocks=parent.blocks[:cfg["parent_layers"]])
+    try:
+        space = configured_search_space(parent, cfg.get("search_space"))
+    except ValueError:  # the init stage names a search space that does not fit the parent
+        space = None
+    gkd = cfg.get("gkd") or {}
+    check_layout(parent, tp=cfg["tensor_parallel"], pp=cfg.get("pipeline_parallel", 1), world=launch_world(),
+                 fp8=bool(gkd.get("fp8")), first_stage_layers=gkd.get("pp_first_stage_layers"),
+                 last_stage_layers=gkd.get("pp_last_stage_layers"), what="parent", variants=space)
+
+
 def stage_import(run: Path, cfg: dict) -> None:
     from ..convert.megatron_io import import_hf
 
@@ -75,7 +108,8 @@ def stage_bld(run: Path, cfg: dict) -> None:
 def stage_score(run: Path, cfg: dict) -> None:
     from ..score.stage import ScoreConfig, run_score
 
-    run_score(run, ScoreConfig.from_dict(dict(cfg["score"], tensor_parallel=cfg["tensor_parallel"])))
+    run_score(run, ScoreConfig.from_dict(dict(cfg["score"], tensor_parallel=cfg["tensor_parallel"],
+                                              pipeline_parallel=cfg.get("pipeline_parallel", 1))))
 
 
 def stage_measure(run: Path, cfg: dict) -> None:

@@ -109,16 +109,22 @@ def device_memory(cfg: dict) -> tuple[int | None, str]:
 
 
 def stage_layout(cfg: dict, stage: str) -> tuple[int, int, int, int]:
-    """(world, TP, PP, DP) a stage runs at: GKD at the run's TP x PP; the other stages hold the whole
-    parent on each TP group (no pipeline parallelism), BLD at `bld.tensor_parallel`."""
+    """(world, TP, PP, DP) a stage runs at: BLD, scoring, realize and GKD at the run's TP x PP (BLD at
+    `bld.tensor_parallel` x `bld.pipeline_parallel`, which the pipeline keeps equal to the run's); import
+    at PP 1 (each TP group reads the whole checkpoint's slices)."""
     world, tp, pp, dp = layout(cfg)
-    if stage == "gkd":
+    if stage in ("score", "realize", "gkd"):
         return world, tp, pp, dp
     if stage == "bld":
-        tp = int((cfg.get("bld") or {}).get("tensor_parallel") or tp)
-    if world % tp:
-        raise PlanError(f"plan.world_size {world} is not a multiple of the {stage} stage's tensor_parallel {tp}")
-    return world, tp, 1, world // tp
+        bld = cfg.get("bld") or {}
+        tp = int(bld.get("tensor_parallel") or tp)
+        pp = int(bld.get("pipeline_parallel") or pp)
+    else:
+        pp = 1
+    if world % (tp * pp):
+        raise PlanError(f"plan.world_size {world} is not a multiple of the {stage} stage's "
+                        f"tensor_parallel x pipeline_parallel = {tp * pp}")
+    return world, tp, pp, world // (tp * pp)
 
 
 def layout(cfg: dict) -> tuple[int, int, int, int]:
@@ -178,11 +184,14 @@ def bld_entries(cfg: dict, shape: ModelConfig) -> list:
 
 
 def bld_layers_per_pass(cfg: dict, shape: ModelConfig) -> int:
-    """Layers whose entries a BLD rank holds at once (`bld.layers_per_pass`; 0 means every layer)."""
+    """Layers whose entries a BLD rank holds at once (`bld.layers_per_pass`; 0 means every layer of its
+    pipeline stage)."""
     from ..distill.bld import BLDConfig
 
+    _, _, pp, _ = stage_layout(cfg, "bld")
     k = BLDConfig.from_dict(cfg.get("bld") or {}).layers_per_pass
-    return min(k, shape.num_layers) if k else shape.num_layers
+    per_stage = max(1, shape.num_layers // pp)
+    return min(k, per_stage) if k else per_stage
 
 
 # --------------------------------------------------------------------------- planning
@@ -289,7 +298,7 @@ def advice(cfg: dict, stage: str, entry: dict, limit: int | None = None) -> str:
                 tips.append(f"plan.world_size: {2 * tp * pp * dp} (Adam state over {2 * dp} data-parallel groups)")
         elif part in ("weights_bytes", "gradients_bytes") and stage == "gkd" and entry.get("teacher_dtype") == "float32":
             tips.append("gkd.teacher_dtype: bfloat16")
-    if stage == "gkd":  # the other stages hold the whole parent per TP group (no pipeline parallelism)
+    if stage != "import":  # import holds the parent per TP group (no pipeline parallelism)
         tips.append(f"pipeline_parallel: {pp * 2} (plan.world_size: {2 * tp * pp * dp} keeps {dp} data-parallel "
                     f"group{'s' if dp > 1 else ''})")
     if tp < 8:

@@ -20,7 +20,8 @@ def _run(args: argparse.Namespace) -> int:
     sweep_before_start(run / "score")
     cfg = ScoreConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, coupled=args.coupled,
                       metrics=args.metric, variants=args.variants, tensor_parallel=args.tensor_parallel,
-                      max_entries=args.max_entries, force=args.force)
+                      pipeline_parallel=args.pipeline_parallel, pp_first_stage_layers=args.pp_first_stage_layers,
+                      pp_last_stage_layers=args.pp_last_stage_layers, max_entries=args.max_entries, force=args.force)
     try:
         scores = run_score(run, cfg)
     finally:
@@ -48,6 +49,13 @@ def register(subparsers) -> None:
     p.add_argument("--variants", type=_names, default=None, metavar="A,B,...",
                    help="score only these variant names (a reduced set, e.g. for --coupled)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
+    p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=1,
+                   help="pipeline-parallel size: the parent split over this many stages "
+                        "(launch TP x PP x DP processes)")
+    p.add_argument("--pp-first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split)")
+    p.add_argument("--pp-last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split)")
     p.add_argument("--max-entries", type=int, default=64,
                    help="entries (built layers) kept in memory at once (one parent pass per batch per group)")
     p.add_argument("--force", action="store_true", help="score again even what is cached")

@@ -17,9 +17,18 @@ from ..model.metrics import ALL_METRICS, MetricSums, Reference
 from .replace import model_device, replace_subblock, split_batch
 
 
+def _whole(model) -> None:
+    """The parent's references are reused over whole-model evaluations (PP 1); at PP `evaluate_model` runs
+    the parent alongside the child, and GKD evaluates at PP itself."""
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+        raise ValueError("this is a whole-model evaluation (pipeline-parallel size 1) and the model is one "
+                         "pipeline stage: evaluate at PP 1, or give evaluate_model both models' stages")
+
+
 @torch.no_grad()
 def parent_references(parent_model, batches: Iterable[torch.Tensor]) -> list[Reference]:
     """The parent's side of `evaluate_model` for each batch, to reuse over many children."""
+    _whole(parent_model)
     parent_model.eval()
     device = model_device(parent_model)
     return [Reference.from_logits(forward.logits(parent_model, split_batch(w, device)[0]), split_batch(w, device)[1])
@@ -34,7 +43,20 @@ def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor],
     `batches` yields held-out windows [batch, seq + 1]; both models run on the same
     TP group and return vocab-parallel logits. `references` (from `parent_references`
     on the same batches) saves the parent's forwards. Token-weighted means, plus "tokens".
+
+    Under pipeline parallelism both models are this rank's stage of the same split (built after
+    `init_distributed` with the same PP and stage layers): each batch runs through the stages
+    (`model.pipe.PipeStage`), the parent's pass first, the last stage computes the metrics and
+    every rank returns them. `references` are for whole models only.
     """
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):  # a pipeline stage
+        from ..model.pipe import PipeStage
+
+        if references is not None:
+            raise ValueError("references are for whole models (PP 1); under pipeline parallelism the parent "
+                             "runs alongside the child")
+        return _evaluate_stages(PipeStage(model), PipeStage(parent_model), batches)
+    _whole(model), _whole(parent_model)
     was_training = model.training, parent_model.training
     model.eval(), parent_model.eval()
     sums = MetricSums()
@@ -64,6 +86,45 @@ def assemble_layer(parent_cfg: ModelConfig, parent_layer: Mapping[str, torch.Ten
         if w is not None:
             layer = replace_subblock(child_cfg, i, layer, v.name, w)
     return layer
+
+
+def _stage_logits(stage, tokens: torch.Tensor):
+    """This stage's part of one whole forward: vocab-parallel logits on the last stage, None on the others
+    (which send their hidden states on)."""
+    model = stage.model
+    if stage.is_first:
+        h = forward.embed(model, tokens)
+    else:
+        h = stage.recv((tokens.shape[1], tokens.shape[0], model.puzzle_config.hidden_size))
+    h = forward.run_layers(model, h)
+    if not stage.is_last:
+        stage.send(h)
+        return None
+    return forward.head(model, h)
+
+
+def _evaluate_stages(child, parent, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """`evaluate_model` over pipeline stages (`child`, `parent`: PipeStages of the same split)."""
+    if (child.size, child.rank, list(child.layers)) != (parent.size, parent.rank, list(parent.layers)):
+        raise ValueError(f"the child's stage holds layers {list(child.layers)} and the parent's "
+                         f"{list(parent.layers)}: build both with the same pipeline split")
+    models = child.model, parent.model
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    sums = MetricSums()
+    try:
+        for window in batches:
+            tokens, targets = split_batch(window, model_device(child.model))
+            parent_logits = _stage_logits(parent, tokens)  # every stage runs the two passes in this order
+            child_logits = _stage_logits(child, tokens)
+            if child.is_last:
+                sums.add(child_logits, Reference.from_logits(parent_logits, targets))
+    finally:
+        for m, t in zip(models, was_training):
+            m.train(t)
+    result = dict(sums.means(ALL_METRICS), tokens=sums.tokens) if child.is_last else None
+    return child.gather(result)[-1]  # the last stage's metrics, on every stage
 
 
 def assemble(parent_cfg: ModelConfig, parent_tensors: Mapping[str, torch.Tensor], child_cfg: ModelConfig,

@@ -6,6 +6,13 @@ subblock, the parent's weights in the other) is a standalone layer; only layers
 l..L rerun, from the parent's cached input of layer l, with the entry in place
 of layer l. Entry layers are built once and reused over all batches; at most
 `max_entries` are alive at a time (one parent pass per batch per group of them).
+
+Under pipeline parallelism the parent is this rank's stage (`model.pipe.PipeStage`): the
+parent pass runs stage by stage, each caching the inputs of its own layers; an entry of
+layer l is built and run on the stage owning l, which sends its hidden state on; later
+stages continue with their parent layers and the last stage computes logits and metrics.
+Every stage walks a group's entries in the same order, so the sends pair up. Results
+(metrics) exist on the last stage only.
 """
 
 from __future__ import annotations
@@ -77,8 +84,11 @@ class ReplaceScorer:
     """Scores (layer, variant) entries of one parent model against the parent itself."""
 
     def __init__(self, parent, variant_weights: VariantWeights, max_entries: int = 64):
+        from ..model.pipe import PipeStage
+
         self.parent = parent.eval()
         self.cfg: ModelConfig = parent.puzzle_config
+        self.stage = PipeStage(parent)
         self.variant_weights = variant_weights
         self.max_entries = max(1, int(max_entries))
         self._parent_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -89,7 +99,7 @@ class ReplaceScorer:
 
         if layer not in self._parent_layer:
             self._parent_layer[layer] = block_canonical(
-                self.parent.decoder.layers[layer], self.cfg, layer, self.cfg.blocks[layer])
+                self.parent.decoder.layers[self.stage.local(layer)], self.cfg, layer, self.cfg.blocks[layer])
         return self._parent_layer[layer]
 
     def entry_tensors(self, layer: int, name: str) -> dict[str, torch.Tensor]:
@@ -124,18 +134,57 @@ class ReplaceScorer:
         load_block(module, self.cfg, layer, block, tensors)
         return module.eval()
 
+    def build_group(self, group: Sequence[Entry]) -> tuple[dict, set]:
+        """({entry: layer module} of `group`'s entries held on this stage, the entries that are the
+        parent's own block with its own weights, on every stage: never rerun, their logits are the
+        parent's). A bad library entry raises on every stage alike."""
+        built, error = {}, None
+        for entry in group:
+            if entry[0] in self.stage.layers:
+                try:
+                    built[entry] = self.build_entry(*entry)
+                except LibraryError as e:
+                    error = str(e)
+                    break
+        answers = self.stage.gather((error, [e for e, m in built.items() if m is None]))
+        errors = [err for err, _ in answers if err]
+        if errors:
+            raise LibraryError(errors[0])
+        same = {tuple(e) for _, parents in answers for e in parents}
+        return {e: m for e, m in built.items() if m is not None}, same
+
     # ------------------------------------------------------------------ the parent pass
     def parent_pass(self, tokens: torch.Tensor, targets: torch.Tensor):
-        """(inputs of every layer, rope, parent logits, Reference) of one batch: computed once, reused by every entry."""
+        """(inputs of this stage's layers, rope, parent logits, Reference) of one batch: computed once,
+        reused by every entry. Logits and Reference are None except on the last pipeline stage."""
+        st = self.stage
         rope = forward.rotary(self.parent, tokens.shape[1])
-        h0 = forward.embed(self.parent, tokens)
+        h0 = forward.embed(self.parent, tokens) if st.is_first else st.recv(self._shape(tokens))
         out, outs = forward.run_layers(self.parent, h0, rope=rope, collect=True)
         inputs = [h0] + outs[:-1]
+        if not st.is_last:
+            st.send(out)
+            return inputs, rope, None, None
         logits = forward.head(self.parent, out)
         return inputs, rope, logits, Reference.from_logits(logits, targets)
 
-    def entry_logits(self, layer: int, module, inputs, rope) -> torch.Tensor:
-        h = forward.run_layers(self.parent, inputs[layer], start=layer, rope=rope, layers={layer: module})
+    def _shape(self, tokens: torch.Tensor) -> tuple[int, int, int]:
+        return tokens.shape[1], tokens.shape[0], self.cfg.hidden_size
+
+    def entry_logits(self, layer: int, module, inputs, rope, tokens: torch.Tensor | None = None):
+        """Logits with `module` in place of `layer` (last stage; None on the others, which run their part
+        and send it on). `inputs` are this stage's from `parent_pass`; `tokens` give the shape received."""
+        st = self.stage
+        if layer in st.layers:
+            i = st.local(layer)
+            h = forward.run_layers(self.parent, inputs[i], start=i, rope=rope, layers={i: module})
+        elif layer < st.offset:
+            h = forward.run_layers(self.parent, st.recv(self._shape(tokens)), rope=rope)
+        else:
+            return None  # a later stage starts this entry
+        if not st.is_last:
+            st.send(h)
+            return None
         return forward.head(self.parent, h)
 
     # ------------------------------------------------------------------ scoring
@@ -146,7 +195,9 @@ class ReplaceScorer:
 
         `batches` yields held-out windows [batch, seq + 1] and must be re-iterable (it is read
         once per group of entries). `on_done(entry, metrics)` runs as each entry finishes
-        (the stage caches scores there). Returns (scores by entry, parent metrics or None).
+        (the stage caches scores there). Returns (scores by entry, parent metrics or None);
+        under pipeline parallelism only the last stage has metrics (the others return ({}, None)
+        and never call `on_done`). Call on every stage with the same entries.
         """
         from tqdm.auto import tqdm
 
@@ -155,29 +206,35 @@ class ReplaceScorer:
         groups = [entries[i : i + self.max_entries] for i in range(0, len(entries), self.max_entries)]
         if not groups and parent_metrics:
             groups = [[]]
+        last = self.stage.is_last
         results: dict[Entry, dict] = {}
         parent_sums = MetricSums() if parent_metrics else None
         bar = tqdm(total=len(entries) * len(batches), unit="variant-batch", desc="score",
                    disable=not progress or None)
         for gi, group in enumerate(groups):
-            modules = {entry: self.build_entry(*entry) for entry in group}
+            modules, same = self.build_group(group)
             sums = {entry: MetricSums() for entry in group}
             for window in batches:
                 tokens, targets = split_batch(window, model_device(self.parent))
                 inputs, rope, parent_logits, ref = self.parent_pass(tokens, targets)
-                if gi == 0 and parent_sums is not None:
+                if gi == 0 and parent_sums is not None and last:
                     parent_sums.add(parent_logits, ref)
                 for entry in group:
-                    layer, module = entry[0], modules[entry]
-                    # module None: the parent's own block with its own weights, so its logits are the parent's
-                    logits = parent_logits if module is None else self.entry_logits(layer, module, inputs, rope)
-                    sums[entry].add(logits, ref)
+                    if entry in same:
+                        logits = parent_logits
+                    else:
+                        logits = self.entry_logits(entry[0], modules.get(entry), inputs, rope, tokens)
+                    if last:
+                        sums[entry].add(logits, ref)
                     bar.update(1)
-            for entry in group:
-                results[entry] = dict(sums[entry].means(ALL_METRICS), tokens=sums[entry].tokens)
-                if on_done is not None:
-                    on_done(entry, results[entry])
+            if last:
+                for entry in group:
+                    results[entry] = dict(sums[entry].means(ALL_METRICS), tokens=sums[entry].tokens)
+                    if on_done is not None:
+                        on_done(entry, results[entry])
             del modules
         bar.close()
-        parent = None if parent_sums is None else dict(parent_sums.means(ALL_METRICS), tokens=parent_sums.tokens)
+        parent = None
+        if parent_sums is not None and last:
+            parent = dict(parent_sums.means(ALL_METRICS), tokens=parent_sums.tokens)
         return results, parent

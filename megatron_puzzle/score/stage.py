@@ -1,8 +1,9 @@
 """The `score` stage over a run directory: spread, cache, merge.
 
 (layer, variant) entries are dealt round-robin over data-parallel ranks; the ranks of
-one tensor-parallel group score the same entries together. Each finished entry is
-cached in `RUN/score/cache/layer_NNN__<variant>.json` (atomically, by TP rank 0), so
+one tensor-parallel group, and the pipeline stages of one model replica, score the same
+entries together. Each finished entry is cached in
+`RUN/score/cache/layer_NNN__<variant>.json` (atomically, by TP rank 0 of the last pipeline stage), so
 a rerun skips what is scored. A cached score is reused only when it was made with
 the same held-out settings and after its library entry was last written. Rank 0
 then merges every entry into `RUN/score/scores.json` (docs/formats.md) and writes `done`.
@@ -138,7 +139,11 @@ def score_space(parent, variant_weights, space: Sequence[Sequence[str]], batches
         raise lib.LibraryError(f"the search space lists {len(space)} layers but the parent has {cfg.num_layers}")
     score_dir = Path(score_dir)
     entries = entries_of(space, coupled, only)
-    dp_rank, dp_size, writer = parallel.dp_rank(), parallel.dp_size(), parallel.tp_rank() == 0
+    from megatron.core import parallel_state
+
+    # the metrics exist on the last pipeline stage; its TP rank 0 writes them
+    dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
+    writer = parallel.tp_rank() == 0 and parallel_state.is_pipeline_last_stage()
 
     def fresh(entry: Entry) -> bool:
         if force:
@@ -190,6 +195,9 @@ class ScoreConfig:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))  # written to scores.json
     variants: list[str] | None = None  # score only these variant names
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # the parent split over this many stages (world = TP x PP x DP)
+    pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
+    pp_last_stage_layers: int | None = None
     max_entries: int = 64  # entries (built layers) kept in memory at once
     force: bool = False  # score again even what is cached
     progress: bool = True
@@ -205,16 +213,22 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig) -> dict | None:
     Returns scores.json's content on global rank 0, None on the others.
     """
     from ..model import checkpoint, parallel
+    from ..model.gpt import RuntimeOptions, check_layout, launch_world
 
     run = Path(run_dir)
     for sub, stage in (("parent", "import"), ("data", "data"), ("library", "bld")):
         if not is_done(run / sub):
             raise FileNotFoundError(f"{run / sub} is missing or unfinished; run `megatron-puzzle {stage}` first")
     space = lib.read_space(run / "library")
+    # sizes the parent or a variant cannot be split by: one line on every rank, before any process group waits
+    check_layout(checkpoint.load_config(run / "parent"), tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
+                 world=launch_world(), first_stage_layers=cfg.pp_first_stage_layers,
+                 last_stage_layers=cfg.pp_last_stage_layers, what="parent", variants=space)
     batches = heldout_batches(run / "data", cfg.tokens, cfg.seq_len, cfg.batch_size)
     settings = Settings(tokens=sum(b[:, 1:].numel() for b in batches), seq_len=cfg.seq_len, batch_size=cfg.batch_size)
-    parallel.init_distributed(tensor_parallel=cfg.tensor_parallel)
-    parent = checkpoint.load(run / "parent")
+    parallel.init_distributed(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
+    parent = checkpoint.load(run / "parent", RuntimeOptions(first_stage_layers=cfg.pp_first_stage_layers,
+                                                            last_stage_layers=cfg.pp_last_stage_layers))
     return score_space(parent, lib.library_weights(run / "library"), space, batches, run / "score", settings=settings,
                        metrics=cfg.metrics, coupled=cfg.coupled, only=cfg.variants, library_dir=run / "library",
                        max_entries=cfg.max_entries, force=cfg.force, progress=cfg.progress)

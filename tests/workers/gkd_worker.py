@@ -135,7 +135,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--also", default="[]",
                     help='JSON list of {"run_dir", "config", "stop_after" (optional step), '
-                         '"resume_config" (optional: resume at another layout)}')
+                         '"resume_config" (optional: resume at another layout), "branches" (optional: '
+                         '[{"run_dir", "config"}], copies of the stopped run resumed at other layouts)}')
     a = ap.parse_args()
 
     from megatron_puzzle.distill.gkd import GKDConfig, run_gkd
@@ -159,7 +160,11 @@ def main():
             torch.distributed.barrier()
             if torch.distributed.get_rank() == 0:
                 shutil.copytree(Path(extra["run_dir"]) / "gkd" / "ckpt", Path(extra["run_dir"] + "_ckpt_at_stop"))
+                for branch in extra.get("branches", []):  # the stopped run, copied to resume at other layouts
+                    shutil.copytree(extra["run_dir"], branch["run_dir"])
             torch.distributed.barrier()
+            for branch in extra.get("branches", []):
+                run_gkd(branch["run_dir"], GKDConfig.from_dict(branch["config"]))
         if extra.get("resume_config"):
             cfg = GKDConfig.from_dict(extra["resume_config"])
         run_gkd(extra["run_dir"], cfg)
