@@ -323,11 +323,13 @@ def test_bld_with_a_bf16_parent_trains_fp32_entries_like_an_fp32_parent(mcore, t
 STOP_WORKER = REPO / "tests" / "workers" / "bld_stop_worker.py"
 
 
-def test_pp2_library_equals_pp1(mcore, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pp2_library_equals_pp1(mcore, tmp_path, dtype):
     """BLD with a 3-layer parent split over 2 pipeline stages (layers 0 | 1-2, torchrun 2 processes,
     one layer per pass: the first stage joins the second's second pass with no entries; init first
     at PP 1 in the same launch), killed and resumed, writes the library one process writes: every
-    entry's weights to round-off, and the same stats."""
+    entry's weights to round-off, and the same stats. With bld.dtype bfloat16 (the GPU default) the
+    stages hold the parent and hand on hidden states in bf16; the entries stay fp32."""
     from megatron_puzzle.convert.megatron_layout import load_canonical
     from megatron_puzzle.distill.bld_run import build_library
     from megatron_puzzle.model.gpt import build_model
@@ -341,7 +343,7 @@ def test_pp2_library_equals_pp1(mcore, tmp_path):
     for run in (one, two):
         run.mkdir()
     _prepare_run(one, (model, None))
-    (one / "config.yaml").write_text((one / "config.yaml").read_text().replace("bld: {", "bld: {layers_per_pass: 1, "))
+    (one / "config.yaml").write_text((one / "config.yaml").read_text().replace("bld: {", f"bld: {{layers_per_pass: 1, dtype: {dtype}, "))
     for sub in ("parent", "data"):
         shutil.copytree(one / sub, two / sub)
     shutil.copy(one / "config.yaml", two / "config.yaml")
@@ -352,6 +354,7 @@ def test_pp2_library_equals_pp1(mcore, tmp_path):
     a, b = _library_tensors(one / "library"), _library_tensors(two / "library")
     assert {layer for layer, _ in a} == {0, 1, 2}  # entries of both stages
     _assert_same(a, b, 1e-5)
+    assert all(t.dtype == torch.float32 for e in b.values() for t in e.values())
     for (layer, name) in a:
         sa, sb = (json.loads((r / "library" / f"layer_{layer:03d}" / name / "stats.json").read_text()) for r in (one, two))
         assert sa["steps"] == sb["steps"] and sa["settings"] == sb["settings"]
