@@ -1,16 +1,15 @@
 """BLD: parent activations, loss decrease, resume after a kill, rank-count independence, library checks,
 memory that does not grow with the parent's depth."""
 
-import gc
 import json
 import shutil
-import weakref
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _memory import TensorBytes
 from _models import REPO, tiny_parent, torchrun
 from megatron_puzzle.arch import AttentionVariant, BlockConfig, FFNVariant
 from megatron_puzzle.arch.search_space import SearchSpaceConfig, configured_search_space
@@ -19,9 +18,6 @@ from megatron_puzzle.init import methods
 from megatron_puzzle.init.stage import run_init
 from megatron_puzzle.init.variants import InitConfig
 from megatron_puzzle.library import Library, LibraryError
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 WORKER = REPO / "tests" / "workers" / "bld_worker.py"
 SPACE = SearchSpaceConfig(ffn_fractions=[1.0, 0.5], round_to=16)
@@ -221,41 +217,6 @@ def test_library_does_not_depend_on_rank_count(parent, tmp_path):
                                                                           "model.norm.weight", "lm_head.weight"}
 
 
-class TensorBytes(TorchDispatchMode):
-    """Bytes of tensor storage allocated inside the block and still alive: the current and the peak.
-
-    Every op's outputs are seen here; a storage is counted once, when first seen, and
-    uncounted when it dies. Storages that exist on entry (the parent's weights) count 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = WeakIdKeyDictionary()
-
-    def __enter__(self):
-        gc.collect()
-        for o in gc.get_objects():
-            if isinstance(o, torch.Tensor) and not o.is_meta:
-                self.seen[o.untyped_storage()] = 0
-        return super().__enter__()
-
-    def _free(self, n):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st not in self.seen:
-                    n = st.nbytes()
-                    self.seen[st] = n
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, n)
-        return out
-
-
 def test_tensor_bytes_counts_allocations_and_frees():
     old = torch.ones(1000)
     with TensorBytes() as tb:
@@ -331,14 +292,44 @@ def test_schedule_balances_cost_within_the_lpt_bound_of_brute_force():
     assert len(passes(layered, 0)) == 1
 
 
+def test_bld_with_a_bf16_parent_trains_fp32_entries_like_an_fp32_parent(mcore, tmp_path):
+    """bld.dtype bfloat16 (the GPU default): the parent held in bf16, entries with fp32 weights under
+    autocast; their final losses agree with an fp32 parent's run to 2% and the library stays fp32."""
+    from megatron_puzzle.distill.bld import BLDConfig, run_bld
+
+    assert BLDConfig().torch_dtype() == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    with pytest.raises(ValueError, match="bld.dtype must be auto, float32 or bfloat16"):
+        BLDConfig(dtype="fp16")
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tensors = _deep_parent(2)
+        model.to(dtype)
+        cfg = model.puzzle_config
+        toks = torch.randint(0, cfg.vocab_size, (8, 2, 16), generator=torch.Generator().manual_seed(0))
+        space = [["attn_kv1", "attn_linear", "ffn_32", "ffn_linear"]] * cfg.num_layers
+        bld = BLDConfig(steps=6, batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=100, eval_batches=1,
+                        progress=False)
+        root = tmp_path / str(dtype)
+        run_bld(model, tensors, root, space, bld, InitConfig(ffn_prune="truncate", ffn_linear="up_down"),
+                lambda s: toks[s], [toks[7]], None)
+        lib = Library(root)
+        losses[dtype] = {(i, n): json.loads((root / f"layer_{i:03d}" / n / "stats.json").read_text())["final_loss"]
+                         for i, n in lib.entries()}
+        assert all(t.dtype == torch.float32 for e in _library_tensors(root).values() for t in e.values())
+    for k, ref in losses[torch.float32].items():
+        assert losses[torch.bfloat16][k] == pytest.approx(ref, rel=0.02), k
+
+
 STOP_WORKER = REPO / "tests" / "workers" / "bld_stop_worker.py"
 
 
-def test_pp2_library_equals_pp1(mcore, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pp2_library_equals_pp1(mcore, tmp_path, dtype):
     """BLD with a 3-layer parent split over 2 pipeline stages (layers 0 | 1-2, torchrun 2 processes,
     one layer per pass: the first stage joins the second's second pass with no entries; init first
     at PP 1 in the same launch), killed and resumed, writes the library one process writes: every
-    entry's weights to round-off, and the same stats."""
+    entry's weights to round-off, and the same stats. With bld.dtype bfloat16 (the GPU default) the
+    stages hold the parent and hand on hidden states in bf16; the entries stay fp32."""
     from megatron_puzzle.convert.megatron_layout import load_canonical
     from megatron_puzzle.distill.bld_run import build_library
     from megatron_puzzle.model.gpt import build_model
@@ -352,7 +343,7 @@ def test_pp2_library_equals_pp1(mcore, tmp_path):
     for run in (one, two):
         run.mkdir()
     _prepare_run(one, (model, None))
-    (one / "config.yaml").write_text((one / "config.yaml").read_text().replace("bld: {", "bld: {layers_per_pass: 1, "))
+    (one / "config.yaml").write_text((one / "config.yaml").read_text().replace("bld: {", f"bld: {{layers_per_pass: 1, dtype: {dtype}, "))
     for sub in ("parent", "data"):
         shutil.copytree(one / sub, two / sub)
     shutil.copy(one / "config.yaml", two / "config.yaml")
@@ -363,6 +354,7 @@ def test_pp2_library_equals_pp1(mcore, tmp_path):
     a, b = _library_tensors(one / "library"), _library_tensors(two / "library")
     assert {layer for layer, _ in a} == {0, 1, 2}  # entries of both stages
     _assert_same(a, b, 1e-5)
+    assert all(t.dtype == torch.float32 for e in b.values() for t in e.values())
     for (layer, name) in a:
         sa, sb = (json.loads((r / "library" / f"layer_{layer:03d}" / name / "stats.json").read_text()) for r in (one, two))
         assert sa["steps"] == sb["steps"] and sa["settings"] == sb["settings"]

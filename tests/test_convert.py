@@ -181,6 +181,60 @@ def test_import_and_export_at_tp2_stream_each_rank_its_partition(tmp_path):
         assert (decilm(TOKENS).logits - ref(TOKENS).logits).abs().max().item() <= 1e-4
 
 
+def test_bf16_checkpoint_stays_bf16_and_matches_llama(mcore, tmp_path):
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    src, ref = _llama(tmp_path, tie=False)
+    ref = ref.to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "bf16")
+    assert main(["import-hf", str(tmp_path / "bf16"), str(tmp_path / "mc")]) == 0
+    saved = load_tensors_metadata(str(tmp_path / "mc"))
+    matrices = {k: v.dtype for k, v in saved.items() if len(v.local_shape) == 2}
+    assert matrices and set(matrices.values()) == {torch.bfloat16}, matrices
+    model = checkpoint.load(tmp_path / "mc")  # fp32 compute on this CPU: converted on load, exactly
+    with torch.no_grad():
+        theirs = ref.float()(TOKENS).logits
+        assert (forward.full_logits(model, TOKENS) - theirs).abs().max().item() <= 1e-4
+
+
+def test_a_tp_rank_reads_only_its_partition(tmp_path):
+    """Each TP rank's tensors come from slices of the file (bytes read = bytes it keeps) and equal the
+    rank's chunk of the whole tensors, fused qkv included (a layer with one KV group split over 2 ranks)."""
+    from megatron_puzzle.convert.hf_io import open_hf_checkpoint, write_decilm_hf
+    from megatron_puzzle.convert.megatron_layout import block_to_megatron
+
+    cfg = every_variant_child()
+    w = {k: v.to(torch.bfloat16) for k, v in random_canonical(cfg, seed=5).items()}
+    write_decilm_hf(tmp_path / "hf", cfg, w, dtype=torch.bfloat16)
+    d = cfg.head_dim
+    for rank in (0, 1):
+        reader = open_hf_checkpoint(tmp_path / "hf")
+        assert reader.dtype == torch.bfloat16
+        for i, b in enumerate(cfg.blocks):
+            before = reader.bytes_read
+            got = block_to_megatron(cfg, i, b, reader, rank, 2)
+            assert reader.bytes_read - before == sum(t.numel() * 2 for t in got.values())
+            p = f"model.layers.{i}."
+            want = {}
+            if b.attention.kind == "full":
+                kv = b.attention.num_kv_heads
+                q, k, v = (w[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
+                g = cfg.num_attention_heads // kv
+                fused = torch.cat([torch.cat([q[j * g * d:(j + 1) * g * d], k[j * d:(j + 1) * d], v[j * d:(j + 1) * d]])
+                                   for j in range(kv)])
+                want["self_attention.linear_qkv.weight"] = fused.chunk(2)[rank]
+                want["self_attention.linear_proj.weight"] = w[p + "self_attn.o_proj.weight"].chunk(2, dim=1)[rank]
+            if b.ffn.kind == "full":
+                want["mlp.linear_fc1.weight"] = torch.cat([w[p + f"mlp.{n}_proj.weight"].chunk(2)[rank]
+                                                           for n in ("gate", "up")])
+                want["mlp.linear_fc2.weight"] = w[p + "mlp.down_proj.weight"].chunk(2, dim=1)[rank]
+            for name, t in want.items():
+                assert torch.equal(got[name], t), (i, name)
+        layers = [t for k, t in w.items() if k.startswith("model.layers.")]
+        # half of every layer matrix, and the (replicated) norms whole: never a whole matrix
+        assert reader.bytes_read == sum(t.numel() * 2 // (2 if t.dim() == 2 else 1) for t in layers)
+
+
 def test_stages_load_their_layers_and_write_one_checkpoint(tmp_path, mcore):
     """A tied-embedding child built at PP 2 (2 processes, layers 0-1 | 2-5) and loaded with `load_layers`:
     the checkpoint the stages write together loads at PP 1 as exactly the canonical tensors, and the logits

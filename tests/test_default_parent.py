@@ -38,6 +38,15 @@ def test_default_parent_matches_transformers_on_real_text(mcore, parent):
         ours = forward.full_logits(model, ids)
         theirs = ref(ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-3
+    # a TP rank's slices of the GGUF (Q/K un-permuted head by head) equal transformers' whole-file load
+    from megatron_puzzle.convert.hf_io import open_hf_checkpoint
+
+    reader, sd = open_hf_checkpoint(path), ref.state_dict()
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        name = f"model.layers.7.{n}.weight"
+        rows, cols = reader.shape(name)
+        assert torch.equal(reader.read(name, 0, rows // 3, rows // 2), sd[name][rows // 3: rows // 2])
+        assert torch.equal(reader.read(name, 1, cols // 4, cols // 2), sd[name][:, cols // 4: cols // 2])
 
     # held-out loss on real English is far below that on the same tokens shuffled
     def loss(x):

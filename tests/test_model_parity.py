@@ -263,3 +263,22 @@ def test_te_extra_state_keys_and_local_checkpoints_load_into_each_other(mcore, t
     assert set(keys) <= set(checkpoint._without_absent_extra_state(te_like.sharded_state_dict(), tmp_path / "te"))
     kept = set(checkpoint._without_absent_extra_state(te_like.sharded_state_dict(), tmp_path / "local"))
     assert not absent_locally & kept and keys[2] in kept
+
+
+def test_engine_on_cpu_redirects_only_while_open(mcore):
+    """The plan's context (cpu_support item 9): its spots exist, are redirected inside, restored after."""
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_puzzle.model import cpu_support
+
+    for module, attr in cpu_support.REDIRECTED_IN_CONTEXT:
+        assert hasattr(_resolve(module), attr), f"{module}.{attr} no longer exists: revisit cpu_support"
+    before = (torch.tensor, torch.zeros, torch.Tensor.type, clip_grads.l2_norm_impl)
+    with cpu_support.engine_on_cpu():
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        t = [torch.tensor([3.0]), torch.tensor([4.0])]
+        norm, _ = clip_grads.l2_norm_impl(1, None, [t], False)
+        assert norm.item() == pytest.approx(5.0)
+    assert (torch.tensor, torch.zeros, torch.Tensor.type, clip_grads.l2_norm_impl) == before
+    assert torch.zeros(1).type() == "torch.FloatTensor"

@@ -63,7 +63,8 @@ def _check_plan(result: dict, tp: int, pp: int, world: int):
     assert result["device_memory_bytes"] == 80_000_000_000
     assert list(result["stages"]) == STAGES
     for stage, e in result["stages"].items():
-        assert e["tensor_parallel"] == tp and e["pipeline_parallel"] == pp and e["data_parallel"] == world // (tp * pp)
+        p = 1 if stage == "import" else pp  # import holds the parent per TP group; the others run at the config's PP
+        assert e["tensor_parallel"] == tp and e["pipeline_parallel"] == p and e["data_parallel"] == world // (tp * p)
         parts = e["weights_bytes"] + e["gradients_bytes"] + e["optimizer_bytes"] + e["activations_bytes"]
         assert parts == e["peak_bytes"] and e["activations_bytes"] >= 0
         assert e["fits"] is True, (stage, e["peak_bytes"] / 1e9)
@@ -118,7 +119,7 @@ def test_run_stops_a_config_that_does_not_fit_before_any_work(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith("stage import needs") and " over " in msg and "to fit, try" in msg
-    assert "pipeline_parallel: 2" in msg
+    assert "tensor_parallel: 2" in msg and "pipeline_parallel" not in msg  # import holds the parent per TP group
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
 
 
@@ -130,6 +131,27 @@ def test_check_fits_plans_gpu_scenarios_only():
     result = check_fits(_tiny_gpu_config())
     assert set(result["stages"]) == set(STAGES)
     assert all(e["fits"] for e in result["stages"].values())
+
+
+def test_stages_are_planned_at_the_pp_they_run_at():
+    """BLD, score, realize and GKD run at the config's pipeline_parallel (BLD at bld.pipeline_parallel, kept
+    equal to it), import at PP 1; a stage holds half the layers at PP 2, so its weights are under PP 1's."""
+    from megatron_puzzle.pipeline import config as run_config
+    from megatron_puzzle.plan.plan import plan_config, stage_layout
+
+    def cfg(pp):
+        return run_config.resolve({"scenario": "h100-fp8-128-1024", "pipeline_parallel": pp,
+                                   "plan": {"model": dict(TINY, num_layers=4, vocab_size=64), "world_size": 4},
+                                   "bld": {"batch_size": 2, "seq_len": 64, "layers_per_pass": 1},
+                                   "score": {"batch_size": 2, "seq_len": 64}}, quick=True)
+
+    assert {s: stage_layout(cfg(2), s) for s in STAGES} == {
+        "import": (4, 1, 1, 4), "bld": (4, 1, 2, 2), "score": (4, 1, 2, 2), "realize": (4, 1, 2, 2), "gkd": (4, 1, 2, 2)}
+    one, two = (plan_config(cfg(pp), ("import", "bld", "score"))["stages"] for pp in (1, 2))
+    assert [two[s]["pipeline_parallel"] for s in ("import", "bld", "score")] == [1, 2, 2]
+    assert two["import"]["weights_bytes"] == one["import"]["weights_bytes"]
+    for s in ("bld", "score"):
+        assert two[s]["weights_bytes"] < one[s]["weights_bytes"], s
 
 
 def test_plan_cli_names_the_problem_in_one_line(tmp_path):
@@ -164,3 +186,17 @@ def test_layout_keys_are_checked():
     assert parse_bytes("80GB") == 80_000_000_000 and parse_bytes("1 GiB") == 2**30 and parse_bytes(5) == 5
     with pytest.raises(PlanError, match="write it like 80GB"):
         parse_bytes("eighty")
+
+
+def test_advice_names_bld_layers_per_pass_and_gkd_optimizer_offload():
+    from megatron_puzzle.plan.plan import advice
+
+    base = {"tensor_parallel": 8, "pipeline_parallel": 4, "data_parallel": 1, "weights_bytes": 10, "gradients_bytes": 10,
+            "activations_bytes": 30}
+    bld = dict(base, optimizer_bytes=20, peak_bytes=70, layers_per_pass=4)
+    assert advice({}, "bld", bld).startswith("bld.layers_per_pass: 2")
+    assert "layers_per_pass" not in advice({}, "bld", dict(bld, layers_per_pass=1))
+    gkd = dict(base, optimizer_bytes=27, peak_bytes=77, recompute=True, distributed_optimizer=True)
+    assert "gkd.optimizer_cpu_offload: true" in advice({}, "gkd", gkd, limit=72)  # 77 - 27 fits in 72
+    assert "optimizer_cpu_offload" not in advice({}, "gkd", gkd, limit=40)  # offload alone would not fit it
+    assert "optimizer_cpu_offload" not in advice({}, "gkd", dict(gkd, optimizer_cpu_offload=True), limit=72)

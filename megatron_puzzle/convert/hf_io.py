@@ -46,19 +46,26 @@ class HFCheckpointError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
-class CheckpointReader:
-    """A HF checkpoint's canonical tensors, read one at a time (names and shapes already checked).
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
-    safetensors files are opened lazily (`safe_open`, memory-mapped); `.bin` files are
-    memory-mapped with `torch.load(mmap=True, weights_only=True)`. A GGUF file has no
-    canonical layout on disk (quantized, Q/K permuted): transformers dequantizes it whole.
+
+class CheckpointReader:
+    """A HF checkpoint's canonical tensors, read one at a time or as one TP rank's slice (names and
+    shapes already checked).
+
+    safetensors files are opened lazily (`safe_open`, memory-mapped) and sliced with `get_slice`,
+    so a slice reads only its rows or columns; `.bin` files are memory-mapped with
+    `torch.load(mmap=True, weights_only=True)`; a GGUF file is memory-mapped by the `gguf`
+    reader and dequantized one tensor (or one row range) at a time, Q/K un-permuted into HF's
+    rotate-half layout. Tensors come in the file's dtype (bf16 stays bf16; GGUF: fp32).
     """
 
     def __init__(self, source: str, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
-                 where: dict[str, Any], loaded: dict[str, torch.Tensor] | None = None):
-        self.source, self.cfg = source, cfg
-        self._shapes, self._where, self._loaded = shapes, where, loaded
+                 where: dict[str, Any], dtype: torch.dtype = torch.float32, gguf=None):
+        self.source, self.cfg, self.dtype = source, cfg, dtype
+        self._shapes, self._where, self._gguf = shapes, where, gguf
         self._open: dict[Path, Any] = {}
+        self.bytes_read = 0  # bytes of tensor data returned so far (what a TP rank pulled from the files)
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -68,29 +75,46 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor as stored (bf16 stays bf16)."""
-        if self._loaded is not None:
-            return self._loaded[name]
-        f, key = self._where[name]
-        try:
-            if f not in self._open:
-                self._open[f] = _open_weights(f)
-            h = self._open[f]
-            t = h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
-        except HFCheckpointError:
-            raise
-        except Exception as e:
-            raise HFCheckpointError(f"{f}: cannot read tensor {key} ({_reason(e)}); the file is corrupt or "
-                                    "truncated: download it again") from None
-        if tuple(t.shape) != self._shapes[name]:
+        return self.read(name)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """A tensor, or its [start, stop) slice along `dim` (0 or 1): only that slice is read."""
+        shape = self._shapes[name]
+        if dim is not None:
+            stop = shape[dim] if stop is None else stop
+            want = shape[:dim] + (stop - start,) + shape[dim + 1:]
+        else:
+            want = shape
+        if self._gguf is not None:
+            t = self._gguf.read(name, dim, start, stop)
+            f, key = Path(self.source), name
+        else:
+            f, key = self._where[name]
+            try:
+                if f not in self._open:
+                    self._open[f] = _open_weights(f)
+                h = self._open[f]
+                if hasattr(h, "get_slice"):
+                    sl = h.get_slice(key)
+                    t = sl[:] if dim is None else (sl[start:stop] if dim == 0 else sl[:, start:stop])
+                else:
+                    t = h[key] if dim is None else h[key].narrow(dim, start, stop - start).clone()
+            except HFCheckpointError:
+                raise
+            except Exception as e:
+                raise HFCheckpointError(f"{f}: cannot read tensor {key} ({_reason(e)}); the file is corrupt or "
+                                        "truncated: download it again") from None
+        if tuple(t.shape) != want:
             raise HFCheckpointError(f"{f}: tensor {key} has shape {tuple(t.shape)}, its header says "
-                                    f"{self._shapes[name]}; the file is corrupt: download it again")
+                                    f"{want}; the file is corrupt: download it again")
+        self.bytes_read += t.numel() * t.element_size()
         return t
 
     def tensors(self, names) -> dict[str, torch.Tensor]:
         return {n: self.get(n) for n in names}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Every tensor of layer `i` (the one layer in flight while importing)."""
+        """Every tensor of layer `i`, whole."""
         prefix = f"model.layers.{i}."
         return self.tensors(n for n in self._shapes if n.startswith(prefix))
 
@@ -112,13 +136,89 @@ def open_hf_checkpoint(path: str | Path) -> CheckpointReader:
     if path.is_file():
         if path.suffix != ".gguf":
             raise HFCheckpointError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
-        cfg, tensors = _read_gguf(path)
-        tensors = _check_tensors(cfg, tensors, str(path))
-        return CheckpointReader(str(path), cfg, {k: tuple(v.shape) for k, v in tensors.items()}, {}, tensors)
+        g = _GGUFTensors(path)
+        shapes = _check_shapes(g.cfg, g.shapes, str(path))
+        return CheckpointReader(str(path), g.cfg, shapes, {}, torch.float32, g)
     cfg = _read_hf_config(path)
-    shapes, where = _index_weight_files(_weight_files(path))
+    shapes, where, dtypes = _index_weight_files(_weight_files(path))
     shapes = _check_shapes(cfg, shapes, str(path))
-    return CheckpointReader(str(path), cfg, shapes, {k: where[k] for k in shapes})
+    return CheckpointReader(str(path), cfg, shapes, {k: where[k] for k in shapes}, _common_dtype(dtypes, shapes))
+
+
+def _common_dtype(dtypes: dict[str, torch.dtype], names) -> torch.dtype:
+    """The checkpoint's dtype: that of its matrices (bf16, fp16 or fp32); mixed files count as fp32."""
+    found = {dtypes[n] for n in names if n in dtypes}
+    return found.pop() if len(found) == 1 and next(iter(found)) in (torch.bfloat16, torch.float16) else torch.float32
+
+
+class _GGUFTensors:
+    """A `.gguf` file's Llama tensors under canonical names, memory-mapped by the `gguf` reader and
+    dequantized one tensor (or one row range) at a time: the file is never turned into torch tensors
+    all at once. The config comes from the file's metadata through transformers."""
+
+    _LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+    def __init__(self, path: Path):
+        from transformers import AutoConfig
+
+        try:
+            from gguf import GGUFReader
+
+            hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            self.cfg = ModelConfig.from_hf(hf.to_dict())
+            reader = GGUFReader(str(path))  # memory-mapped: tensor data is read when sliced
+        except (OSError, ValueError, KeyError, EOFError, IndexError, TypeError, BlockConfigError) as e:
+            raise HFCheckpointError(f"{path}: cannot read the GGUF file ({_reason(e)}); it is corrupt, truncated or "
+                                    "not a Llama-family model: download it again") from None
+        self.path = path
+        self.tensors = {}
+        for t in reader.tensors:
+            name = self._canonical(t.name)
+            if name is not None:
+                self.tensors[name] = t
+        # GGML lists dimensions innermost first; torch's order is the reverse
+        self.shapes = {k: tuple(int(n) for n in reversed(t.shape)) for k, t in self.tensors.items()}
+
+    def _canonical(self, gguf_name: str) -> str | None:
+        """The canonical name of a GGUF tensor; unknown names are kept (and then refused by name)."""
+        parts = gguf_name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in self._LAYER and parts[3] == "weight":
+            return f"model.layers.{parts[1]}.{self._LAYER[parts[2]]}.weight"
+        if len(parts) == 2 and parts[0] in self._TOP and parts[1] == "weight":
+            return self._TOP[parts[0]] + ".weight"
+        return None if gguf_name == "rope_freqs.weight" else gguf_name
+
+    def read(self, name: str, dim: int | None, start: int, stop: int | None) -> torch.Tensor:
+        """Dequantize the rows needed (GGUF quantizes along a row, so a row range reads only its blocks;
+        a column slice dequantizes the whole tensor first), un-permute Q/K, then slice."""
+        import numpy as np
+        from gguf import dequantize
+
+        t = self.tensors[name]
+        rows = self.shapes[name][0]
+        r0, r1 = (start, stop) if dim == 0 else (0, rows)
+        qk = name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+        d = self.cfg.head_dim
+        if qk:  # the permutation is within each head: read whole heads
+            r0, r1 = r0 // d * d, -(-r1 // d) * d
+        data = t.data if len(self.shapes[name]) == 1 else t.data[r0:r1]
+        try:
+            w = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
+        except Exception as e:
+            raise HFCheckpointError(f"{self.path}: cannot read tensor {t.name} ({_reason(e)}); the file is corrupt "
+                                    "or truncated: download it again") from None
+        out = torch.from_numpy(w.copy()).reshape((r1 - r0,) + self.shapes[name][1:] if len(self.shapes[name]) > 1
+                                                 else self.shapes[name])
+        if qk:  # llama.cpp stores Q/K heads in interleaved-RoPE order; HF's is rotate-half
+            out = out.reshape(-1, d // 2, 2, out.shape[-1]).transpose(1, 2).reshape(out.shape)
+        if dim == 0:
+            out = out[start - r0: stop - r0]
+        elif dim == 1:
+            out = out[:, start:stop]
+        return out.contiguous()
 
 
 def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -187,34 +287,20 @@ def _open_weights(f: Path):
                                 "download it again") from None
 
 
-def _index_weight_files(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[Path, str]]]:
-    """Every tensor's shape and file, from the headers alone (no tensor data is read)."""
-    shapes, where = {}, {}
+def _index_weight_files(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[Path, str]], dict]:
+    """Every tensor's shape, file and dtype, from the headers alone (no tensor data is read)."""
+    shapes, where, dtypes = {}, {}, {}
     for f in files:
         h = _open_weights(f)
         if f.suffix == ".safetensors":
-            items = ((k, tuple(h.get_slice(k).get_shape())) for k in h.keys())
+            items = ((k, tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()))
+                     for k in h.keys() for sl in (h.get_slice(k),))
         else:
-            items = ((k, tuple(v.shape)) for k, v in h.items())
-        for k, shape in items:
-            shapes[k], where[k] = shape, (f, k)
+            items = ((k, tuple(v.shape), v.dtype) for k, v in h.items())
+        for k, shape, dtype in items:
+            shapes[k], where[k], dtypes[k] = shape, (f, k), dtype
         del h
-    return shapes, where
-
-
-def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    # transformers dequantizes to fp32 and un-permutes Q/K into HF's rotate-half layout.
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, EOFError, IndexError, TypeError) as e:
-        raise HFCheckpointError(f"{path}: cannot read the GGUF file ({_reason(e)}); it is corrupt, truncated or not a "
-                                "Llama-family model: download it again") from None
-    cfg = ModelConfig.from_hf(model.config.to_dict())
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    del model
-    return cfg, tensors
+    return shapes, where, dtypes
 
 
 def _check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, tuple[int, ...]]:

@@ -27,9 +27,13 @@ log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
 
 
-def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False, layers: int | None = None):
+def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: bool = False, layers: int | None = None,
+              dtype: torch.dtype | None = None):
     """Convert an HF checkpoint to a Megatron-Core checkpoint at `out_dir`; returns the built model.
 
+    Each TP rank reads only its rows / columns of each weight, one tensor at a time, and the
+    checkpoint keeps the source's dtype (`dtype` None: bf16 stays bf16; GGUF, dequantized: fp32;
+    norms are fp32 with Megatron-Core's local specs); a stage loading it in fp32 converts on load.
     With `layers`, only the first `layers` blocks are kept (with the embeddings, final norm and head):
     the quick profile's cut of a parent; the other blocks are never read."""
     from .hf_io import load_tokenizer, open_hf_checkpoint
@@ -47,8 +51,9 @@ def import_hf(hf_path: str | Path, out_dir: str | Path, tp: int = 1, overwrite: 
     log.info("read %s: %d layers, hidden %d, %d tensors", hf_path, cfg.num_layers, cfg.hidden_size, len(reader.keys()))
     check_layout(cfg, tp=tp, world=launch_world(), what="checkpoint")  # before any process group or model
     init_distributed(tp)
-    model = build_model(cfg, RuntimeOptions())
-    load_layers(model, reader.non_block(), reader.layer)  # one layer in flight, this rank's partition kept
+    model = build_model(cfg, RuntimeOptions(dtype=dtype or reader.dtype))
+    load_layers(model, reader, lambda i: reader)  # this rank's slice of one tensor read at a time
+    log.info("import: %.1f MB of tensor data read on this rank (%s)", reader.bytes_read / 2**20, reader.dtype)
     reader.close()
     tokenizer = None
     try:

@@ -25,13 +25,7 @@ P = "decoder.layers.{i}."
 def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     if t.shape[dim] % size:
         raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split over tensor-parallel size {size}")
-    return t.chunk(size, dim=dim)[rank].clone()
-
-
-def _qkv_full(cfg: ModelConfig, q, k, v) -> torch.Tensor:
-    kv, d, h = k.shape[0] // cfg.head_dim, cfg.head_dim, q.shape[1]
-    g = cfg.num_attention_heads // kv
-    return torch.cat([q.view(kv, g * d, h), k.view(kv, d, h), v.view(kv, d, h)], dim=1).reshape(-1, h)
+    return t.chunk(size, dim=dim)[rank]  # a view: the caller copies it into its parameter
 
 
 def _qkv_split(cfg: ModelConfig, qkv: torch.Tensor, kv: int):
@@ -55,34 +49,87 @@ def to_megatron(cfg: ModelConfig, tensors: dict[str, torch.Tensor], tp_rank: int
     return out
 
 
-def block_to_megatron(cfg: ModelConfig, i: int, b, tensors: dict[str, torch.Tensor], tp_rank: int = 0,
+class TensorSource:
+    """Canonical tensors read whole or as a slice along one dimension; a dict of tensors by default.
+
+    The HF checkpoint reader implements the same two methods over the files, so a TP rank reads
+    only the rows or columns of its partition (`block_to_megatron` asks for nothing more)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if dim is None else t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start)
+
+
+def _source(tensors) -> "TensorSource":
+    return tensors if hasattr(tensors, "read") and hasattr(tensors, "shape") else TensorSource(tensors)
+
+
+def _bounds(n: int, dim: int, rank: int, size: int) -> tuple[int, int]:
+    if n % size:
+        raise ValueError(f"dimension {dim} of size {n} does not split over tensor-parallel size {size}")
+    k = n // size
+    return rank * k, (rank + 1) * k
+
+
+def _qkv_part(cfg: ModelConfig, src, hf: str, rank: int, size: int) -> torch.Tensor:
+    """This TP rank's rows of the fused, per-KV-group interleaved qkv matrix, read from q, k and v
+    slice by slice (only the rows the rank holds, also when a KV group is split over ranks)."""
+    d, heads = cfg.head_dim, cfg.num_attention_heads
+    kv = src.shape(hf + "self_attn.k_proj.weight")[0] // d
+    g = heads // kv
+    per_group = (g + 2) * d
+    a, b = _bounds(kv * per_group, 0, rank, size)
+    pieces = []
+    for grp in range(a // per_group, -(-b // per_group)):
+        lo, hi = max(a, grp * per_group) - grp * per_group, min(b, (grp + 1) * per_group) - grp * per_group
+        for n, start, rows, base in (("q", 0, g * d, grp * g * d), ("k", g * d, d, grp * d), ("v", (g + 1) * d, d, grp * d)):
+            s, e = max(lo, start), min(hi, start + rows)
+            if s < e:
+                pieces.append(src.read(hf + f"self_attn.{n}_proj.weight", 0, base + s - start, base + e - start))
+    return torch.cat(pieces, dim=0)
+
+
+def block_to_megatron(cfg: ModelConfig, i: int, b, tensors, tp_rank: int = 0,
                       tp_size: int = 1, subblocks: tuple[str, ...] = ("attention", "ffn")) -> dict[str, torch.Tensor]:
     """Canonical tensors of layer `i` built as block `b` -> this TP rank's tensors, named relative to the layer.
 
+    `tensors`: a dict of canonical tensors or a `TensorSource`-like reader; only this rank's
+    rows (column-parallel) or columns (row-parallel) of each weight are read from it.
     `subblocks` restricts the result to the attention and/or FFN part (the block library
     stores them apart).
     """
-    col = lambda t: _split(t, 0, tp_rank, tp_size)  # noqa: E731
-    row = lambda t: _split(t, 1, tp_rank, tp_size)  # noqa: E731
+    src = _source(tensors)
+
+    def col(name):
+        return src.read(name, 0, *_bounds(src.shape(name)[0], 0, tp_rank, tp_size))
+
+    def row(name):
+        return src.read(name, 1, *_bounds(src.shape(name)[1], 1, tp_rank, tp_size))
+
     hf, out = f"model.layers.{i}.", {}
     if "attention" in subblocks:
         if b.attention.kind != "no_op":
-            out["input_layernorm.weight"] = tensors[hf + "input_layernorm.weight"].clone()
+            out["input_layernorm.weight"] = src.read(hf + "input_layernorm.weight")
         if b.attention.kind == "full":
-            qkv = _qkv_full(cfg, *(tensors[hf + f"self_attn.{n}_proj.weight"] for n in "qkv"))
-            out["self_attention.linear_qkv.weight"] = col(qkv)
-            out["self_attention.linear_proj.weight"] = row(tensors[hf + "self_attn.o_proj.weight"])
+            out["self_attention.linear_qkv.weight"] = _qkv_part(cfg, src, hf, tp_rank, tp_size)
+            out["self_attention.linear_proj.weight"] = row(hf + "self_attn.o_proj.weight")
         elif b.attention.kind == "linear":
-            out["self_attention.weight"] = col(tensors[hf + "self_attn.linear_attn.weight"])
+            out["self_attention.weight"] = col(hf + "self_attn.linear_attn.weight")
     if "ffn" in subblocks:
         if b.ffn.kind != "no_op":
-            out["pre_mlp_layernorm.weight"] = tensors[hf + "post_attention_layernorm.weight"].clone()
+            out["pre_mlp_layernorm.weight"] = src.read(hf + "post_attention_layernorm.weight")
         if b.ffn.kind == "full":
-            gate, up = col(tensors[hf + "mlp.gate_proj.weight"]), col(tensors[hf + "mlp.up_proj.weight"])
+            gate, up = col(hf + "mlp.gate_proj.weight"), col(hf + "mlp.up_proj.weight")
             out["mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-            out["mlp.linear_fc2.weight"] = row(tensors[hf + "mlp.down_proj.weight"])
+            out["mlp.linear_fc2.weight"] = row(hf + "mlp.down_proj.weight")
         elif b.ffn.kind == "linear":
-            out["mlp.weight"] = col(tensors[hf + "mlp.linear_mlp.weight"])
+            out["mlp.weight"] = col(hf + "mlp.linear_mlp.weight")
     return out
 
 
@@ -146,16 +193,16 @@ def load_canonical(model, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(sd[name].to(p.dtype))
 
 
-def load_layers(model, non_block, layer: Callable[[int], dict[str, torch.Tensor]]) -> None:
-    """Copy canonical tensors into a built model one layer at a time (`layer(i)` gives layer i's tensors):
-    only one layer's full-size tensors are in flight, each sliced to this TP rank's partition and cast
-    to the parameter's dtype as it is copied.
+def load_layers(model, non_block, layer: Callable[[int], Mapping[str, torch.Tensor]]) -> None:
+    """Copy canonical tensors into a built model one layer at a time (`layer(i)` gives layer i's tensors,
+    `non_block` the others; dicts, or readers like `TensorSource` that read this TP rank's slices only):
+    at most one layer is in flight, sliced to this rank's partition and cast to the parameter's dtype
+    as it is copied.
 
     Under pipeline parallelism `model` is this rank's stage: only its layers are asked for (by global
     index) and only the non-block weights it holds are set (the embedding on the first stage; the final
     norm and output layer on the last, the output layer from the embedding when they are tied).
-    `non_block` is the dict of non-block canonical tensors, or a callable giving it, called only on a
-    stage that holds some."""
+    `non_block` may also be a callable giving the dict or reader, called only on a stage that holds some."""
     from megatron.core import parallel_state
 
     from ..model.pipe import PipeStage
@@ -164,18 +211,18 @@ def load_layers(model, non_block, layer: Callable[[int], dict[str, torch.Tensor]
     rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     params = {n: p for n, p in model.named_parameters() if not n.startswith("decoder.layers.")}
     if params:
-        nb = non_block() if callable(non_block) else non_block
-        col = lambda t: _split(t, 0, rank, size)  # noqa: E731
+        src = _source(non_block() if callable(non_block) and not hasattr(non_block, "read") else non_block)
+        col = lambda n: src.read(n, 0, *_bounds(src.shape(n)[0], 0, rank, size))  # noqa: E731
         sd = {}
         if getattr(model, "pre_process", True):
-            sd["embedding.word_embeddings.weight"] = col(nb["model.embed_tokens.weight"])
+            sd["embedding.word_embeddings.weight"] = col("model.embed_tokens.weight")
         if getattr(model, "post_process", True):
-            sd["decoder.final_layernorm.weight"] = nb["model.norm.weight"]
+            sd["decoder.final_layernorm.weight"] = src.read("model.norm.weight")
             if not cfg.tie_word_embeddings:
-                sd["output_layer.weight"] = col(nb["lm_head.weight"])
+                sd["output_layer.weight"] = col("lm_head.weight")
             elif not getattr(model, "pre_process", True):  # a last stage's copy of the tied embedding
-                sd["output_layer.weight"] = col(nb["model.embed_tokens.weight"])
-        del nb
+                sd["output_layer.weight"] = col("model.embed_tokens.weight")
+        del src
         if set(sd) != set(params):
             raise KeyError(f"weights do not match the model: missing {sorted(set(params) - set(sd))[:5]}, "
                            f"unexpected {sorted(set(sd) - set(params))[:5]}")
@@ -240,11 +287,18 @@ class CanonicalView(Mapping):
         if name in self._NON_BLOCK:
             mc = self._NON_BLOCK[name]
             return _gather_param(dict(self.model.named_parameters())[mc], mc).float().cpu()
-        i = int(name.split(".")[2])
+        return self.layer(int(name.split(".")[2]))[name]
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Every canonical tensor of layer `i` (kept until another layer is read; collective over TP)."""
         if self._layer[0] != i:
             self._layer = (None, {})  # drop the previous layer before gathering the next
             self._layer = (i, block_canonical(self.model.decoder.layers[i], self.cfg, i, self.cfg.blocks[i]))
-        return self._layer[1][name]
+        return self._layer[1]
+
+    def non_block(self) -> dict[str, torch.Tensor]:
+        """The embeddings, final norm and (untied) output layer (collective over TP)."""
+        return {n: self[n] for n in self.shapes if not n.startswith("model.layers.")}
 
     def drain(self) -> None:
         """Read every tensor in order and keep none: the collectives of a rank that does not write."""
@@ -254,7 +308,8 @@ class CanonicalView(Mapping):
 
 
 def canonical_state(model) -> dict[str, torch.Tensor]:
-    """The model's weights as canonical tensors (fp32, CPU), at any TP size."""
+    """The model's weights as canonical tensors (fp32, CPU), at any TP size: a whole host copy of the
+    model, for tests and small models; the stages read a `CanonicalView` instead."""
     return from_megatron(model.puzzle_config, full_state(model))
 
 

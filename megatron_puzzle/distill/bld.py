@@ -35,6 +35,7 @@ the library for the other groups' finished entries.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -51,6 +52,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..arch import AttentionVariant, BlockConfig, ModelConfig, variant_from_name
+from ..arch.shapes import non_block_shapes
 from ..convert.megatron_layout import block_canonical, load_block
 from ..library import Library, LibraryError, entry_name, expected_shapes, write_entry, write_non_block, write_space
 from ..library.store import entry_dir
@@ -82,6 +84,7 @@ class BLDConfig:
     pp_first_stage_layers: int | None = None  # uneven split: layers on the first / last stage (None: even)
     pp_last_stage_layers: int | None = None
     layers_per_pass: int = 0  # layers whose entries train at once (0: all); bounds memory at any depth
+    dtype: str = "auto"  # the parent's parameters and the compute: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     coupled_pairs: list[str] = field(default_factory=list)  # e.g. ["attn_kv1+ffn_768"], trained at every layer
     progress: bool = True
 
@@ -93,6 +96,8 @@ class BLDConfig:
         if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 0:
             raise ValueError(f"bld.layers_per_pass must be 0 (all layers at once) or a positive integer, "
                              f"got {self.layers_per_pass!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"bld.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.eval_batches < 1:
             raise ValueError(f"bld.eval_batches must be >= 1, got {self.eval_batches}")
         for pair in self.coupled_pairs:
@@ -108,6 +113,12 @@ class BLDConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The parent's parameter dtype; entries keep fp32 weights and run under autocast to it."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, self.dtype)
 
     def fingerprint(self, init: InitConfig) -> dict:
         """What a library entry depends on; a done entry with another fingerprint is refused."""
@@ -287,9 +298,9 @@ class BLDReport:
 
 def _build_entry(e: Entry, cfg: ModelConfig, parent_model, init_tensors: dict[str, torch.Tensor],
                  bld: BLDConfig, stage: PipeStage) -> None:
-    # in the parent's dtype (bf16 on GPU), so an entry's inputs and the shared FFN match it
-    dtype = next(parent_model.parameters()).dtype
-    e.module = build_layer(cfg, e.block, layer_number=e.layer + 1, opts=RuntimeOptions(dtype=dtype))
+    # fp32 weights (the optimizer's master copy); with a bf16 parent the entry runs under autocast
+    # (`_autocast`), so its inputs and the shared parent FFN stay bf16
+    e.module = build_layer(cfg, e.block, layer_number=e.layer + 1, opts=RuntimeOptions(dtype=torch.float32))
     if e.kind == "attention":
         # the parent's FFN module itself, frozen, not a copy (the layer's own FFN is dropped here)
         parent_layer = parent_model.decoder.layers[stage.local(e.layer)]
@@ -319,6 +330,15 @@ def _parent_layers(parent_model, tokens: torch.Tensor, end: int, report: BLDRepo
         yield acts
 
 
+def _autocast(parent_model):
+    """Autocast to the parent's dtype when it is not fp32 (bf16 on GPU): the parent's bf16 matrices,
+    its fp32 local-spec norms and the entries' fp32 weights then meet in one compute dtype."""
+    dtype = next(parent_model.parameters()).dtype  # the whole parent (any pipeline stage of it) is in one dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=parallel.device().type, dtype=dtype)
+
+
 def _by_layer(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
     out: dict[int, list[Entry]] = {}
     for e in entries:
@@ -341,12 +361,13 @@ def _evaluate(entries: list[Entry], parent_model, eval_tokens: list[torch.Tensor
     err = {id(e): torch.zeros((), dtype=torch.float64, device=parallel.device()) for e in entries}
     ref = {id(e): torch.zeros((), dtype=torch.float64, device=parallel.device()) for e in entries}
     layers = _by_layer(entries)
-    for tokens in eval_tokens:
-        for acts in _parent_layers(parent_model, tokens, _end(layers, stage), report, stage):
-            for e in layers.get(acts.layer, ()):
-                out, y = _run_entry(e, acts)
-                err[id(e)] += (out - y).double().pow(2).sum()
-                ref[id(e)] += y.double().pow(2).sum()
+    with _autocast(parent_model):
+        for tokens in eval_tokens:
+            for acts in _parent_layers(parent_model, tokens, _end(layers, stage), report, stage):
+                for e in layers.get(acts.layer, ()):
+                    out, y = _run_entry(e, acts)
+                    err[id(e)] += (out - y).double().pow(2).sum()
+                    ref[id(e)] += y.double().pow(2).sum()
     return {id(e): (err[id(e)] / ref[id(e)]).item() for e in entries}
 
 
@@ -416,11 +437,14 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
     pairs = pairs_of_space(space, bld.coupled_pairs)
     report = BLDReport()
     world_rank = dist.get_rank() if dist.is_initialized() else 0
+    # read on every rank: a `CanonicalView` at TP > 1 gathers over the TP group
+    non_block = {k: parent_tensors[k] for k in non_block_shapes(cfg)}
     if world_rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         write_space(root, [list(n) for n in space], pairs, cfg, {"bld": bld.to_dict(), "init": init.to_dict(),
                                                                   "settings": fp_hash})
-        write_non_block(root, cfg, parent_tensors)
+        write_non_block(root, cfg, non_block)
+    del non_block
     parallel.barrier()
 
     all_entries = entries_of_space(cfg, space, pairs, init)
@@ -490,6 +514,27 @@ def run_bld(parent_model, parent_tensors: Mapping[str, torch.Tensor], library_di
     return report
 
 
+def _train_step(training: list[Entry], layers: dict[int, list[Entry]], parent_model, tokens: torch.Tensor, step: int,
+                end: int, tokens_per_step: int, report: BLDReport, stage: PipeStage) -> None:
+    """One optimizer step of every entry due at `step`, fed by one parent forward (through this rank's
+    pipeline stage: every stage runs it, also one with no entry due)."""
+    for acts in _parent_layers(parent_model, tokens, end, report, stage):
+        for e in layers.get(acts.layer, ()):
+            if e.step != step:
+                continue
+            t1 = time.perf_counter()
+            out, y = _run_entry(e, acts)
+            loss = nmse(out, y)
+            e.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            e.optimizer.step()
+            e.step += 1
+            e.tokens += tokens_per_step
+            e.wall_s += time.perf_counter() - t1
+            report.variant_s += time.perf_counter() - t1
+            report.variant_tokens += tokens_per_step
+
+
 def _train_pass(entries: list[Entry], k: int, n_passes: int, cfg: ModelConfig, parent_model, bld: BLDConfig,
                 initial: Callable, finish: Callable, root: Path, fp_hash: str, train_batch: Callable,
                 eval_tokens: list[torch.Tensor], report: BLDReport, world_rank: int, dp_rank: int,
@@ -523,21 +568,8 @@ def _train_pass(entries: list[Entry], k: int, n_passes: int, cfg: ModelConfig, p
     bar = tqdm(range(start, bld.steps), desc=desc, disable=not bld.progress or world_rank != 0)
     t_loop = time.perf_counter()
     for step in bar:  # every step from the earliest entry's on trains some entry (of some stage)
-        for acts in _parent_layers(parent_model, train_batch(step), end, report, stage):
-            for e in layers.get(acts.layer, ()):
-                if e.step != step:
-                    continue
-                t1 = time.perf_counter()
-                out, y = _run_entry(e, acts)
-                loss = nmse(out, y)
-                e.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                e.optimizer.step()
-                e.step += 1
-                e.tokens += tokens_per_step
-                e.wall_s += time.perf_counter() - t1
-                report.variant_s += time.perf_counter() - t1
-                report.variant_tokens += tokens_per_step
+        with _autocast(parent_model):
+            _train_step(training, layers, parent_model, train_batch(step), step, end, tokens_per_step, report, stage)
         report.steps_run += 1
         report.tokens += tokens_per_step
         if (step + 1) % bld.checkpoint_every == 0 and step + 1 < bld.steps:

@@ -55,17 +55,19 @@ def load_run_config(run_dir: str | Path, config: str | Path | None = None) -> Ru
     return RunConfig.from_dict({k: data.get(k) for k in SECTIONS})
 
 
-def _load_parent(run: Path, tp: int):
-    from ..convert.megatron_layout import CanonicalView, canonical_state
+def _load_parent(run: Path, tp: int, dtype: torch.dtype = torch.float32):
+    from ..convert.megatron_layout import CanonicalView
     from ..model import checkpoint
+    from ..model.gpt import RuntimeOptions
     from ..model.parallel import init_distributed
 
     init_distributed(tensor_parallel=tp)
-    model = checkpoint.load(run / "parent")
+    model = checkpoint.load(run / "parent", RuntimeOptions(dtype=dtype))  # bld.dtype: bf16 on a GPU
+    model.to(dtype)  # the local specs' norms too: the frozen parent runs wholly in its dtype
     model.eval()
-    # TP 1: the parent's canonical tensors read one layer at a time, no host copy of the model; TP > 1 still
-    # gathers it all, since init deals entries over all ranks and a view's gathers need a TP group in step
-    return model, (CanonicalView(model) if tp == 1 else canonical_state(model))
+    # the parent's canonical tensors read one layer at a time (gathered over TP when read): no host copy
+    # of the model at any TP; init and BLD read the layers in step on every rank of a TP group
+    return model, CanonicalView(model)
 
 
 def _batches(run: Path, split: str, cfg: BLDConfig, shuffle: bool):
@@ -87,14 +89,17 @@ def _check_layout(parent_cfg, bld: BLDConfig, pp: int, space) -> None:
 
 
 def _load_parent_stage(run: Path, bld: BLDConfig):
-    """This rank's pipeline stage of the parent (Megatron-Core's split over bld.pipeline_parallel stages)."""
+    """This rank's pipeline stage of the parent (Megatron-Core's split over bld.pipeline_parallel stages),
+    wholly in bld.dtype like `_load_parent`."""
     from ..model import checkpoint
     from ..model.gpt import RuntimeOptions
     from ..model.parallel import init_distributed
 
     init_distributed(tensor_parallel=bld.tensor_parallel, pipeline_parallel=bld.pipeline_parallel)
-    model = checkpoint.load(run / "parent", RuntimeOptions(first_stage_layers=bld.pp_first_stage_layers,
+    dtype = bld.torch_dtype()
+    model = checkpoint.load(run / "parent", RuntimeOptions(dtype=dtype, first_stage_layers=bld.pp_first_stage_layers,
                                                            last_stage_layers=bld.pp_last_stage_layers))
+    model.to(dtype)
     return model.eval()
 
 
@@ -123,7 +128,7 @@ def build_library(run_dir: str | Path, config: RunConfig | str | Path | None = N
     _check_layout(parent_cfg, rc.bld, pp, space)
     model = tensors = None
     if pp == 1 or not is_complete(run / "init", space, rc.init, rc.bld.seed):
-        model, tensors = _load_parent(run, rc.bld.tensor_parallel)
+        model, tensors = _load_parent(run, rc.bld.tensor_parallel, rc.bld.torch_dtype())
         calib = _batches(run, "calib", rc.bld, shuffle=False)
         calib_tokens = [calib.batch(i) for i in range(min(rc.init.calib_batches, calib.batches_per_epoch))]
         with torch.no_grad():

@@ -12,10 +12,11 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..arch.shapes import non_block_shapes
 from ..library import write_entry, write_non_block, write_space
 from ..library.store import entry_dir
 from ..model import parallel
@@ -40,9 +41,13 @@ def is_complete(init_dir: str | Path, space: Sequence[Sequence[str]], init: Init
         meta["layers"] == [list(n) for n in space]
 
 
-def run_init(parent_model, parent_tensors: dict[str, torch.Tensor], init_dir: str | Path, space: Sequence[Sequence[str]],
+def run_init(parent_model, parent_tensors: Mapping[str, torch.Tensor], init_dir: str | Path, space: Sequence[Sequence[str]],
              init: InitConfig, calib_batches: Iterable[torch.Tensor], seed: int = 0, progress: bool = True) -> Path:
-    """Write the initial weights of every variant of `space` into `init_dir` (skips finished entries)."""
+    """Write the initial weights of every variant of `space` into `init_dir` (skips finished entries).
+
+    `parent_tensors`: the parent's canonical tensors, a dict or a `CanonicalView` (read one layer at
+    a time, in layer order; at TP > 1 every rank steps through the layers together, since each read
+    gathers over the TP group, while the entries are dealt over all ranks)."""
     cfg = parent_model.puzzle_config
     root = Path(init_dir)
     settings = init_settings(init, seed)
@@ -50,12 +55,15 @@ def run_init(parent_model, parent_tensors: dict[str, torch.Tensor], init_dir: st
     if is_complete(root, space, init, seed):
         log.info("init: %s is complete; keeping it", root)
         return root
+    # read on every rank: a `CanonicalView` at TP > 1 gathers over the TP group
+    non_block = {k: parent_tensors[k] for k in non_block_shapes(cfg)}
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / DONE_MARKER).unlink(missing_ok=True)
         write_space(root, [list(n) for n in space], [[] for _ in space], cfg,
                     {"init": init.to_dict(), "seed": seed, "settings": settings})
-        write_non_block(root, cfg, parent_tensors)
+        write_non_block(root, cfg, non_block)
+    del non_block
     parallel.barrier()
     entries = [(i, n) for i, names in enumerate(space) for n in names]
     need_channels, need_lstsq = init.needs()
@@ -63,7 +71,10 @@ def run_init(parent_model, parent_tensors: dict[str, torch.Tensor], init_dir: st
     if need_channels or need_lstsq:
         stats = collect_calibration(parent_model, parent_tensors, calib_batches,
                                     need_channels=need_channels, need_lstsq=need_lstsq, progress=progress)
+    in_step = parallel.tp_size() > 1 and hasattr(parent_tensors, "layer")
     for k, (i, name) in enumerate(entries):
+        if in_step and (k == 0 or entries[k - 1][0] != i):
+            parent_tensors.layer(i)  # every rank of a TP group gathers each layer together, in order
         if k % world != rank:
             continue
         path = entry_dir(root, i, name)

@@ -22,12 +22,12 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
 6. ``Tensor.type()`` string checks (``'torch.cuda.FloatTensor'``) in grad clipping
    and the distributed optimizer's setup: while those two functions run, CPU
    tensors report the CUDA type names of the same dtype.
-8. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
-   state (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``): without CUDA there is none;
-   the CPU state and the tracker's states are still saved and restored.
 7. ``weight.data.cuda()`` of the tied embedding under pipeline parallelism
    (``LanguageModule.setup_embeddings_and_output_layer``): ``.cuda()`` stays on the
    CPU while that method runs.
+8. Activation recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+   state (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``): without CUDA there is none;
+   the CPU state and the tracker's states are still saved and restored.
 9. The tensor-parallel linear functions (``tensor_parallel.layers``) carry
    ``custom_fwd``/``custom_bwd`` bound to ``device_type="cuda"``, so under CPU bf16 autocast
    their backward runs outside the forward's autocast (bf16 gradient @ fp32 weight fails):
@@ -40,6 +40,13 @@ The training engine (DDP, optimizer, grad clipping, pipeline schedules) adds:
 Call :func:`apply` before building a model. It does nothing when CUDA is available.
 Each redirected spot is listed in :data:`REDIRECTED` (module, attribute) and the
 test suite checks that they still exist in the installed Megatron-Core.
+
+11. The memory plan (``megatron_puzzle.plan``) steps the engine on fake tensors on any machine,
+    CUDA or not, and the plan's check against real CPU tensors does the same: the context manager
+    :func:`engine_on_cpu` makes, while it is open, ``device="cuda"`` tensors from
+    ``torch.tensor`` / ``torch.zeros`` on the CPU, has every float tensor answer ``type()`` with
+    its CUDA name (the plan is of a GPU run) and computes the local grad-norm fallback on tensors
+    (fake tensors have no Python values). Listed in :data:`REDIRECTED_IN_CONTEXT`; undone on exit.
 """
 
 from __future__ import annotations
@@ -261,3 +268,59 @@ def apply() -> None:
     for fn_cls in (tp_layers.LinearWithGradAccumulationAndAsyncCommunication, tp_layers.LinearWithFrozenWeight):
         _keep_cpu_autocast(fn_cls)  # 9
     _APPLIED = True
+
+
+# (module, attribute) of the spots `engine_on_cpu` redirects while it is open (11).
+REDIRECTED_IN_CONTEXT = [
+    ("torch", "tensor"),
+    ("torch", "zeros"),
+    ("torch.Tensor", "type"),
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl"),
+]
+
+_CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
+               torch.float16: "torch.cuda.HalfTensor"}
+
+
+@contextlib.contextmanager
+def engine_on_cpu():
+    """Megatron-Core's DDP, optimizer and schedules on CPU tensors (fake or real), as on a GPU.
+
+    Undone on exit. Literal `device="cuda"` scalars are made on the CPU; tensors answer `type()`
+    with CUDA names (the distributed optimizer accepts no others); the local grad-norm fallback,
+    which builds a tensor from Python floats, computes the same norm on tensors.
+    """
+    from megatron.core.optimizer import clip_grads
+
+    saved = {"tensor": torch.tensor, "zeros": torch.zeros}
+    saved_type = torch.Tensor.type
+    saved_l2 = clip_grads.l2_norm_impl
+
+    def on_cpu(factory):
+        def make(*args, **kwargs):
+            dev = kwargs.get("device")
+            if dev is not None and torch.device(dev).type == "cuda":
+                kwargs["device"] = torch.device("cpu")
+            return factory(*args, **kwargs)
+        return make
+
+    def type_(self, *args, **kwargs):
+        if not args and not kwargs and self.dtype in _CUDA_NAMES:
+            return _CUDA_NAMES[self.dtype]
+        return saved_type(self, *args, **kwargs)
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = torch.stack([torch.linalg.vector_norm(t) for ts in tensor_lists for t in ts])
+        return torch.linalg.vector_norm(norms).float().reshape(1), None
+
+    for name, fn in saved.items():
+        setattr(torch, name, on_cpu(fn))
+    torch.Tensor.type = type_
+    clip_grads.l2_norm_impl = l2_norm
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+        torch.Tensor.type = saved_type
+        clip_grads.l2_norm_impl = saved_l2

@@ -11,11 +11,10 @@ What stood in the way of running Megatron-Core's engine on fake tensors (handled
 fake world is open, and undone when it closes):
 - values read back to Python (`.item()`: grad norms, Adam's step count, `all_gather_object`) have no
   data: scalars read as 1 (False for flags); `all_gather_object` fills every slot with this rank's object;
-- literal `device="cuda"` tensors in the optimizer and schedules: created on the fake tensors' device;
-- the distributed optimizer asks `param.type()` for 'torch.cuda.*' names: fake tensors answer as CUDA ones
-  (the plan is of a GPU run);
-- `torch.distributed._coalescing_manager` has no fake kernel: a no-op context;
-- the local (non-apex) grad-norm fallback builds a tensor from Python floats: the same norm on tensors.
+- literal `device="cuda"` tensors in the optimizer and schedules, the distributed optimizer's
+  'torch.cuda.*' type-name checks and the local grad-norm fallback: `model.cpu_support.engine_on_cpu`
+  (the project's one module of CUDA redirections; the plan is of a GPU run);
+- `torch.distributed._coalescing_manager` has no fake kernel: a no-op context.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..model.cpu_support import engine_on_cpu
 
 
 class _NoData(TorchDispatchMode):
@@ -38,54 +39,6 @@ class _NoData(TorchDispatchMode):
                 return False
             return 1.0 if t.dtype.is_floating_point else 1
         return func(*args, **(kwargs or {}))
-
-
-_CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
-               torch.float16: "torch.cuda.HalfTensor"}
-
-
-@contextlib.contextmanager
-def engine_on_cpu():
-    """Megatron-Core's DDP, optimizer and schedules on CPU tensors (fake or real), as on a GPU.
-
-    Undone on exit. Literal `device="cuda"` scalars are made on the CPU; tensors answer `type()`
-    with CUDA names (the distributed optimizer accepts no others); the local grad-norm fallback,
-    which builds a tensor from Python floats, computes the same norm on tensors.
-    """
-    from megatron.core.optimizer import clip_grads
-
-    saved = {"tensor": torch.tensor, "zeros": torch.zeros}
-    saved_type = torch.Tensor.type
-    saved_l2 = clip_grads.l2_norm_impl
-
-    def on_cpu(factory):
-        def make(*args, **kwargs):
-            dev = kwargs.get("device")
-            if dev is not None and torch.device(dev).type == "cuda":
-                kwargs["device"] = torch.device("cpu")
-            return factory(*args, **kwargs)
-        return make
-
-    def type_(self, *args, **kwargs):
-        if not args and not kwargs and self.dtype in _CUDA_NAMES:
-            return _CUDA_NAMES[self.dtype]
-        return saved_type(self, *args, **kwargs)
-
-    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-        norms = torch.stack([torch.linalg.vector_norm(t) for ts in tensor_lists for t in ts])
-        return torch.linalg.vector_norm(norms).float().reshape(1), None
-
-    for name, fn in saved.items():
-        setattr(torch, name, on_cpu(fn))
-    torch.Tensor.type = type_
-    clip_grads.l2_norm_impl = l2_norm
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch, name, fn)
-        torch.Tensor.type = saved_type
-        clip_grads.l2_norm_impl = saved_l2
 
 
 @contextlib.contextmanager

@@ -108,6 +108,25 @@ def device_memory(cfg: dict) -> tuple[int | None, str]:
     return gpu.memory_bytes, gpu.full_name
 
 
+def stage_layout(cfg: dict, stage: str) -> tuple[int, int, int, int]:
+    """(world, TP, PP, DP) a stage runs at: BLD, scoring, realize and GKD at the run's TP x PP (BLD at
+    `bld.tensor_parallel` x `bld.pipeline_parallel`, which the pipeline keeps equal to the run's); import
+    at PP 1 (each TP group reads the whole checkpoint's slices)."""
+    world, tp, pp, dp = layout(cfg)
+    if stage in ("score", "realize", "gkd"):
+        return world, tp, pp, dp
+    if stage == "bld":
+        bld = cfg.get("bld") or {}
+        tp = int(bld.get("tensor_parallel") or tp)
+        pp = int(bld.get("pipeline_parallel") or pp)
+    else:
+        pp = 1
+    if world % (tp * pp):
+        raise PlanError(f"plan.world_size {world} is not a multiple of the {stage} stage's "
+                        f"tensor_parallel x pipeline_parallel = {tp * pp}")
+    return world, tp, pp, world // (tp * pp)
+
+
 def layout(cfg: dict) -> tuple[int, int, int, int]:
     """(world, TP, PP, DP) of the run."""
     tp = int(cfg.get("tensor_parallel", 1))
@@ -140,7 +159,7 @@ def stage_settings(cfg: dict, shape: ModelConfig, on_gpu: bool):
         "score": replace(base, micro_batch_size=int(score.get("batch_size", 1)),
                          seq_len=int(score.get("seq_len", 128))),
         "bld": replace(base, micro_batch_size=int(bld.get("batch_size", 1)), seq_len=int(bld.get("seq_len", 128)),
-                       variants=tuple(bld_entries(cfg, shape))),
+                       variants=tuple(bld_entries(cfg, shape)) * bld_layers_per_pass(cfg, shape)),
         "gkd": replace(base, micro_batch_size=mbs, num_microbatches=batch // mbs, seq_len=int(gkd.get("seq_len", 128)),
                        teacher_dtype=teacher, recompute=bool(gkd.get("recompute", False)),
                        distributed_optimizer=bool(gkd.get("shard_optimizer", False))),
@@ -164,6 +183,17 @@ def bld_entries(cfg: dict, shape: ModelConfig) -> list:
     return max(per_layer.values(), key=len) if per_layer else []
 
 
+def bld_layers_per_pass(cfg: dict, shape: ModelConfig) -> int:
+    """Layers whose entries a BLD rank holds at once (`bld.layers_per_pass`; 0 means every layer of its
+    pipeline stage)."""
+    from ..distill.bld import BLDConfig
+
+    _, _, pp, _ = stage_layout(cfg, "bld")
+    k = BLDConfig.from_dict(cfg.get("bld") or {}).layers_per_pass
+    per_stage = max(1, shape.num_layers // pp)
+    return min(k, per_stage) if k else per_stage
+
+
 # --------------------------------------------------------------------------- planning
 
 def _planned_ranks(tp: int, pp: int, dp: int) -> list[int]:
@@ -178,7 +208,7 @@ def plan_in_process(cfg: dict, stages: tuple[str, ...] = STAGES) -> dict[str, An
 
     shape = model_shape(cfg)
     mem, device_name = device_memory(cfg)
-    world, tp, pp, dp = layout(cfg)
+    world, _, pp, _ = layout(cfg)
     if shape.num_layers % pp:
         raise PlanError(f"pipeline_parallel {pp} does not divide the parent's {shape.num_layers} layers")
     settings = stage_settings(cfg, shape, on_gpu=mem is not None)
@@ -186,6 +216,7 @@ def plan_in_process(cfg: dict, stages: tuple[str, ...] = STAGES) -> dict[str, An
     out: dict[str, Any] = {"device_memory_bytes": mem, "device": device_name, "limit_bytes": limit,
                            "world_size": world, "stages": {}}
     for stage in stages:
+        world, tp, pp, dp = stage_layout(cfg, stage)
         best = None
         for rank in _planned_ranks(tp, pp, dp):
             t0 = time.perf_counter()
@@ -210,6 +241,9 @@ def plan_in_process(cfg: dict, stages: tuple[str, ...] = STAGES) -> dict[str, An
                          teacher_dtype=str(s.teacher_dtype).replace("torch.", ""))
         if stage == "bld":
             entry["entries"] = len(s.variants)
+            entry["layers_per_pass"] = bld_layers_per_pass(cfg, shape)
+        if stage == "gkd":
+            entry["optimizer_cpu_offload"] = bool((cfg.get("gkd") or {}).get("optimizer_cpu_offload", False))
         out["stages"][stage] = entry
     return out
 
@@ -236,10 +270,17 @@ def plan_config(cfg: dict, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- verdicts
 
-def advice(cfg: dict, stage: str, entry: dict) -> str:
+def advice(cfg: dict, stage: str, entry: dict, limit: int | None = None) -> str:
     """Settings that lower a stage's peak, the largest part first."""
     tp, pp, dp = entry["tensor_parallel"], entry["pipeline_parallel"], entry["data_parallel"]
     tips = []
+    k = entry.get("layers_per_pass", 1)
+    if stage == "bld" and k > 1:  # entries' weights, gradients and Adam state grow with the layers per pass
+        tips.append(f"bld.layers_per_pass: {max(1, k // 2)}")
+    if (stage == "gkd" and not entry.get("optimizer_cpu_offload") and limit is not None
+            and entry["peak_bytes"] - entry["optimizer_bytes"] <= limit):
+        # Megatron-Core's optimizer CPU offload keeps the fp32 master weights and Adam state in host memory
+        tips.append("gkd.optimizer_cpu_offload: true")
     parts = sorted(("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes"),
                    key=lambda k: -entry[k])
     for part in parts:
@@ -257,10 +298,11 @@ def advice(cfg: dict, stage: str, entry: dict) -> str:
                 tips.append(f"plan.world_size: {2 * tp * pp * dp} (Adam state over {2 * dp} data-parallel groups)")
         elif part in ("weights_bytes", "gradients_bytes") and stage == "gkd" and entry.get("teacher_dtype") == "float32":
             tips.append("gkd.teacher_dtype: bfloat16")
-    tips.append(f"pipeline_parallel: {pp * 2} (plan.world_size: {2 * tp * pp * dp} keeps {dp} data-parallel "
-                f"group{'s' if dp > 1 else ''})")
+    if stage != "import":  # import holds the parent per TP group (no pipeline parallelism)
+        tips.append(f"pipeline_parallel: {pp * 2} (plan.world_size: {2 * tp * pp * dp} keeps {dp} data-parallel "
+                    f"group{'s' if dp > 1 else ''})")
     if tp < 8:
-        tips.append(f"tensor_parallel: {tp * 2}")
+        tips.append(f"{'bld.' if stage == 'bld' else ''}tensor_parallel: {tp * 2}")
     return ", ".join(dict.fromkeys(tips))
 
 
@@ -279,7 +321,7 @@ def verdict(cfg: dict, result: dict) -> str | None:
                     f"PP {e['pipeline_parallel']} x DP {e['data_parallel']} (weights {_size(e['weights_bytes'])}, "
                     f"gradients {_size(e['gradients_bytes'])}, optimizer {_size(e['optimizer_bytes'])}, "
                     f"activations {_size(e['activations_bytes'])}), {_size(e['peak_bytes'] - limit)} over "
-                    f"{_size(limit)} ({result['device']}); to fit, try {advice(cfg, stage, e)}")
+                    f"{_size(limit)} ({result['device']}); to fit, try {advice(cfg, stage, e, limit)}")
     return None
 
 

@@ -15,6 +15,7 @@ import itertools
 import torch
 
 from ..arch import ModelConfig
+from ..model import cpu_support
 from . import fake, stages
 
 
@@ -49,7 +50,7 @@ def allocator_peak(fn) -> int:
 def measure_stage(stage: str, cfg: ModelConfig, s: stages.StageSettings) -> int:
     """Peak bytes of one real step of `stage` on this process (call inside a real process group)."""
     tracker = fake.Tracker(enabled=False)
-    with fake.engine_on_cpu():
+    with cpu_support.engine_on_cpu():
         run, held = stages.PREPARE[stage](cfg, s, tracker)
         before = _storages_bytes(tracker.registered)
         return before + allocator_peak(run)

@@ -95,11 +95,15 @@ def _largest_full_tensor(cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def prepare_import(cfg: ModelConfig, s: StageSettings, tracker: Tracker):
+    from megatron.core import parallel_state
+
     model = _build(cfg, s.dtype)
     tracker.weights(model)
+    rows, cols = _largest_full_tensor(cfg)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
 
     def run():
-        in_flight = torch.empty(_largest_full_tensor(cfg), dtype=s.dtype)  # read whole, then split over TP
+        in_flight = torch.empty((rows // tp, cols), dtype=s.dtype)  # only this rank's rows are read (get_slice)
         del in_flight
 
     return run, (model,)

@@ -229,37 +229,64 @@ def depth_architectures(parent: ModelConfig, influence: Sequence[float]) -> list
 # --------------------------------------------------------------------------- weights
 
 
-def baseline_tensors(parent: ModelConfig, blocks: Sequence[BlockConfig], library, parent_tensors: Mapping[str, torch.Tensor],
-                     stats_fn: Callable[[], object] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Canonical tensors of a baseline and where each subblock came from ({source: count}).
+class BaselineWeights:
+    """Canonical tensors of a baseline, made one layer at a time, and where each subblock comes from.
 
     A subblock is the library's entry when it has one, the parent's own for the parent's
     variant, else initialised from the parent like the library's init does (channel-contribution
-    FFN pruning needs calibration statistics: `stats_fn()` gives them, once).
+    FFN pruning needs calibration statistics: `stats_fn()` gives them, once, when some subblock
+    needs them). `parent_tensors` may be a `CanonicalView`: only the layer being made is read.
     """
-    from ..arch.shapes import non_block_shapes, variant_shapes
-    from ..init.variants import InitConfig, init_variant
 
-    out = {k: parent_tensors[k] for k in non_block_shapes(parent)}
-    sources: dict[str, int] = {}
-    stats = None
-    own = parent.parent_block()
-    for i, b in enumerate(blocks):
-        for v, pv in ((b.attention, own.attention), (b.ffn, own.ffn)):
-            if v.kind == "no_op":
-                src, t = "no_op", {}
-            elif library is not None and library.has(i, v.name):
-                src, t = "library", library.load(i, v.name)
-            elif v == pv:
-                src, t = "parent", {k: parent_tensors[k] for k in variant_shapes(parent, i, v)}
-            else:
-                if stats is None and stats_fn is not None:
-                    stats = stats_fn()
-                src = "init"
-                t, _ = init_variant(parent, dict(parent_tensors), i, v, InitConfig(), stats)
-            out.update(t)
-            sources[src] = sources.get(src, 0) + 1
-    return out, sources
+    def __init__(self, parent: ModelConfig, blocks: Sequence[BlockConfig], library,
+                 parent_tensors: Mapping[str, torch.Tensor], stats_fn: Callable[[], object] | None = None):
+        self.parent, self.blocks, self.library, self.parent_tensors = parent, list(blocks), library, parent_tensors
+        self.stats_fn, self._stats = stats_fn, None
+        own = parent.parent_block()
+        self.plan: list[list[tuple[str, object]]] = []
+        self.sources: dict[str, int] = {}
+        for i, b in enumerate(self.blocks):
+            row = []
+            for v, pv in ((b.attention, own.attention), (b.ffn, own.ffn)):
+                if v.kind == "no_op":
+                    src = "no_op"
+                elif library is not None and library.has(i, v.name):
+                    src = "library"
+                elif v == pv:
+                    src = "parent"
+                else:
+                    src = "init"
+                row.append((src, v))
+                self.sources[src] = self.sources.get(src, 0) + 1
+            self.plan.append(row)
+
+    def non_block(self) -> dict[str, torch.Tensor]:
+        from ..arch.shapes import non_block_shapes
+
+        return {k: self.parent_tensors[k] for k in non_block_shapes(self.parent)}
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        from ..arch.shapes import variant_shapes
+        from ..init.variants import InitConfig, init_variant
+
+        out: dict[str, torch.Tensor] = {}
+        for src, v in self.plan[i]:
+            if src == "library":
+                out.update(self.library.load(i, v.name))
+            elif src == "parent":
+                out.update({k: self.parent_tensors[k] for k in variant_shapes(self.parent, i, v)})
+            elif src == "init":
+                if self._stats is None and self.stats_fn is not None:
+                    self._stats = self.stats_fn()
+                out.update(init_variant(self.parent, self.parent_tensors, i, v, InitConfig(), self._stats)[0])
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once (small models, tests)."""
+        out = self.non_block()
+        for i in range(len(self.blocks)):
+            out.update(self.layer(i))
+        return out
 
 
 # --------------------------------------------------------------------------- run directory steps
@@ -284,9 +311,10 @@ def load_arch_blocks(parent: ModelConfig, data: dict) -> list[BlockConfig]:
     return [BlockConfig(variant_from_name(a), variant_from_name(f)) for a, f in data["variants"]]
 
 
-def realize(run: Path, name: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], extra: dict) -> Path:
-    """RUN/baselines/<name>/child (checkpoint) with parent/ and data/ linked, ready for `run_gkd`."""
-    from ..convert.megatron_layout import load_canonical
+def realize(run: Path, name: str, cfg: ModelConfig, weights: BaselineWeights, extra: dict) -> Path:
+    """RUN/baselines/<name>/child (checkpoint) with parent/ and data/ linked, ready for `run_gkd`;
+    the child is filled one layer at a time from `weights`."""
+    from ..convert.megatron_layout import load_layers
     from ..model import checkpoint
     from ..model.gpt import build_model
 
@@ -299,7 +327,7 @@ def realize(run: Path, name: str, cfg: ModelConfig, tensors: Mapping[str, torch.
     if is_done(d / "child"):
         return d / "child"
     model = build_model(cfg)
-    load_canonical(model, dict(tensors))
+    load_layers(model, weights.non_block(), weights.layer)
     checkpoint.save(model, d / "child", extra={"stage": "baseline", "baseline": name, **extra})
     return d / "child"
 

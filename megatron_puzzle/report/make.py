@@ -119,10 +119,11 @@ def evaluate_checkpoint(run: Path, name: str, path: Path, model, parent, batches
 
 
 def canonical_of(model):
-    """(config, canonical tensors) of a loaded model."""
-    from ..convert.megatron_layout import canonical_state
+    """(config, canonical tensors) of a loaded model; the tensors are a `CanonicalView` that reads (and
+    gathers over TP) one layer at a time, so no second copy of the whole model is made."""
+    from ..convert.megatron_layout import CanonicalView
 
-    return model.puzzle_config, canonical_state(model)
+    return model.puzzle_config, CanonicalView(model)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -197,10 +198,10 @@ class BaselineBuilder:
         cfg = self.pcfg.with_blocks(bl.load_arch_blocks(self.pcfg, arch))
         if not is_done(d / "child"):
             stats_fn = lambda: self._stats()  # noqa: E731
-            tensors, sources = bl.baseline_tensors(self.pcfg, cfg.blocks, self.library, self.parent_tensors, stats_fn)
-            arch["weights"] = {"sources": sources, "library": self.library_name}
+            weights = bl.BaselineWeights(self.pcfg, cfg.blocks, self.library, self.parent_tensors, stats_fn)
+            arch["weights"] = {"sources": weights.sources, "library": self.library_name}
             atomic_write_json(arch_path, arch)
-            bl.realize(self.run, name, cfg, tensors, {"sources": sources})
+            bl.realize(self.run, name, cfg, weights, {"sources": weights.sources})
         if self.cfg.skip_gkd:
             return d / "child", arch
         gkd_cfg = bl.child_gkd_config(self.run, self.run_config, {"progress": self.progress, **self.cfg.gkd})
@@ -259,22 +260,22 @@ def make_report(run_dir: str | Path, config: str | Path | dict | None = None) ->
     batches = _heldout(run, rcfg)
     settings = {"tokens": rcfg.eval_tokens, "seq_len": rcfg.eval_seq_len, "batch_size": rcfg.eval_batch_size}
     sections: dict[str, dict[str, Any]] = {}
-    weights: dict[str, tuple] = {}
+    runtime: dict[str, torch.nn.Module] = {}
     for name, path in models.items():
         model = parent if name == "parent" else checkpoint.load(path)
         model.eval()
         sections[name] = {"checkpoint": str(path.relative_to(run)),
                           **evaluate_checkpoint(run, name, path, model, parent, batches, settings)}
-        weights[name] = canonical_of(model)
+        # the runtime model that times and generates, copied from the checkpoint one layer at a time
+        runtime[name] = runtime_model(*canonical_of(model))
+        runtime[name].puzzle_config = model.puzzle_config
         del model
     bar.update(1)
 
     step("throughput")
-    runtime = {name: runtime_model(cfg, t) for name, (cfg, t) in weights.items()}
-    for name, m in runtime.items():
-        m.puzzle_config = weights[name][0]
     speed = measure_speed(runtime, scenario, rcfg.speed(), progress=rcfg.progress)
-    for name, (cfg, _) in weights.items():
+    for name, m in runtime.items():
+        cfg = m.puzzle_config
         size = model_size(cfg, scenario)
         sections[name].update(params=size.params, weight_bytes=size.weight_bytes, kv_cache_bytes=size.kv_cache_bytes,
                               memory_bytes=size.memory_bytes, **speed.summary(name),

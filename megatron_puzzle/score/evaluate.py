@@ -73,6 +73,21 @@ def evaluate_model(model, parent_model, batches: Iterable[torch.Tensor],
     return dict(sums.means(ALL_METRICS), tokens=sums.tokens)
 
 
+def assemble_layer(parent_cfg: ModelConfig, parent_layer: Mapping[str, torch.Tensor], child_cfg: ModelConfig, i: int,
+                   variant_weights: VariantWeights) -> dict[str, torch.Tensor]:
+    """Canonical tensors of the child's layer `i`: the parent's layer `i` (`parent_layer`) with every
+    subblock the child changes taken from `variant_weights(i, name)` (None: the parent's own variant)."""
+    block, own = child_cfg.blocks[i], parent_cfg.blocks[i]
+    layer = dict(parent_layer)
+    for v, parent_v in ((block.attention, own.attention), (block.ffn, own.ffn)):
+        w = variant_weights(i, v.name)
+        if w is None and v != parent_v:
+            raise LibraryError(f"no weights for layer {i} variant {v.name}: the library lacks that entry")
+        if w is not None:
+            layer = replace_subblock(child_cfg, i, layer, v.name, w)
+    return layer
+
+
 def _stage_logits(stage, tokens: torch.Tensor):
     """This stage's part of one whole forward: vocab-parallel logits on the last stage, None on the others
     (which send their hidden states on)."""
@@ -116,33 +131,43 @@ def assemble(parent_cfg: ModelConfig, parent_tensors: Mapping[str, torch.Tensor]
              variant_weights: VariantWeights) -> dict[str, torch.Tensor]:
     """Canonical tensors of a child: non-block weights and unchanged subblocks from the parent,
     every other subblock from `variant_weights(layer, name)` (which may return None for the
-    parent's own variant of a layer, meaning the parent's weights)."""
+    parent's own variant of a layer, meaning the parent's weights). A whole copy: for small models
+    and tests; `score_architecture` builds a child one layer at a time."""
     out = {k: v for k, v in parent_tensors.items() if not k.startswith("model.layers.")}
-    for i, block in enumerate(child_cfg.blocks):
+    for i in range(child_cfg.num_layers):
         prefix = f"model.layers.{i}."
         layer = {k: v for k, v in parent_tensors.items() if k.startswith(prefix)}
-        own = parent_cfg.blocks[i]
-        for v, parent_v in ((block.attention, own.attention), (block.ffn, own.ffn)):
-            w = variant_weights(i, v.name)
-            if w is None and v != parent_v:
-                raise LibraryError(f"no weights for layer {i} variant {v.name}: the library lacks that entry")
-            if w is not None:
-                layer = replace_subblock(child_cfg, i, layer, v.name, w)
-        out.update(layer)
+        out.update(assemble_layer(parent_cfg, layer, child_cfg, i, variant_weights))
     return out
+
+
+def build_child(parent, child_cfg: ModelConfig, variant_weights: VariantWeights):
+    """The child model of `child_cfg` at the parent's TP size, filled one layer at a time from the parent's
+    layer (gathered over TP when read) and `variant_weights`: no whole copy of either model is made.
+    Collective over TP."""
+    from ..convert.megatron_layout import CanonicalView, load_layers
+    from ..model.gpt import build_model
+
+    child = build_model(child_cfg)
+    view = CanonicalView(parent)
+    load_layers(child, view.non_block(),
+                lambda i: assemble_layer(parent.puzzle_config, view.layer(i), child_cfg, i, variant_weights))
+    return child
 
 
 def score_architecture(parent, child_cfg: ModelConfig, weights, batches: Iterable[torch.Tensor],
                        references: Sequence[Reference] | None = None) -> dict[str, float]:
     """Build the child (`weights`: its full canonical tensors, or a `variant_weights` callable
-    applied over the parent's), and evaluate it against `parent` on `batches` (see `evaluate_model`)."""
-    from ..convert.megatron_layout import canonical_state, load_canonical
+    applied over the parent's, see `build_child`), and evaluate it against `parent` on `batches`
+    (see `evaluate_model`)."""
+    from ..convert.megatron_layout import load_canonical
     from ..model.gpt import build_model
 
     if callable(weights):
-        weights = assemble(parent.puzzle_config, canonical_state(parent), child_cfg, weights)
-    child = build_model(child_cfg)
-    load_canonical(child, weights)
+        child = build_child(parent, child_cfg, weights)
+    else:
+        child = build_model(child_cfg)
+        load_canonical(child, weights)
     try:
         return evaluate_model(child, parent, batches, references)
     finally:
