@@ -59,6 +59,17 @@ INPUT_ERRORS = (
 )
 
 
+def add_pipeline_arguments(p: argparse.ArgumentParser, what: str, default: int | None = 1) -> None:
+    """--pp/--pipeline-parallel and the uneven split's stage sizes, for a command that splits a model over
+    pipeline stages (`what`: what each stage does with its layers)."""
+    p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=default,
+                   help=f"pipeline-parallel size: {what} (launch TP x PP x DP processes)")
+    p.add_argument("--pp-first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split)")
+    p.add_argument("--pp-last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split)")
+
+
 def is_input_error(e: BaseException) -> bool:
     """True for bad input the user can fix (one line), False for a bug (a traceback)."""
     if isinstance(e, (UserError, FileNotFoundError, FileExistsError, NotADirectoryError)):

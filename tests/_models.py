@@ -21,6 +21,20 @@ def tiny_parent(num_layers: int = 4, tie: bool = False, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+
+def built_tiny_parent(layers: int, **shape):
+    """A tiny parent of `layers` layers built in Megatron-Core with seeded random weights: (model in eval
+    mode, its canonical tensors)."""
+    from megatron_puzzle.arch.shapes import random_canonical
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.model.gpt import build_model
+
+    cfg = tiny_parent(num_layers=layers, **shape)
+    tensors = random_canonical(cfg, seed=1, std=0.1)
+    model = build_model(cfg)
+    load_canonical(model, tensors)
+    return model.eval(), tensors
+
 def every_variant_child(tie: bool = False) -> ModelConfig:
     """A child holding every variant kind: full, fewer KV heads (also fewer than TP=2),
     linear and no-op attention; narrower, linear and no-op FFN."""

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from _memory import TensorBytes
-from _models import REPO, tiny_parent, torchrun
+from _models import REPO, built_tiny_parent, tiny_parent, torchrun
 from megatron_puzzle.arch import AttentionVariant, BlockConfig, FFNVariant
 from megatron_puzzle.arch.search_space import SearchSpaceConfig, configured_search_space
 from megatron_puzzle.arch.shapes import random_canonical
@@ -228,14 +228,7 @@ def test_tensor_bytes_counts_allocations_and_frees():
 
 
 def _deep_parent(layers):
-    from megatron_puzzle.convert.megatron_layout import load_canonical
-    from megatron_puzzle.model.gpt import build_model
-
-    cfg = tiny_parent(num_layers=layers, hidden_size=32, intermediate_size=64, vocab_size=64)
-    tensors = random_canonical(cfg, seed=1, std=0.1)
-    model = build_model(cfg)
-    load_canonical(model, tensors)
-    return model.eval(), tensors
+    return built_tiny_parent(layers, hidden_size=32, intermediate_size=64, vocab_size=64)
 
 
 def _deep_bld(parent, root, layers_per_pass):

@@ -7,20 +7,13 @@ import math
 import torch
 
 from _memory import TensorBytes
-from _models import tiny_parent
+from _models import built_tiny_parent
 from megatron_puzzle.arch import AttentionVariant as A, BlockConfig, FFNVariant as F
-from megatron_puzzle.arch.shapes import canonical_shapes, random_canonical, variant_shapes
+from megatron_puzzle.arch.shapes import canonical_shapes, variant_shapes
 
 
 def _parent(layers):
-    from megatron_puzzle.convert.megatron_layout import load_canonical
-    from megatron_puzzle.model.gpt import build_model
-
-    cfg = tiny_parent(num_layers=layers, vocab_size=64, hidden_size=64, intermediate_size=256)
-    w = random_canonical(cfg, seed=1, std=0.1)
-    model = build_model(cfg)
-    load_canonical(model, w)
-    return model.eval(), w
+    return built_tiny_parent(layers, vocab_size=64, hidden_size=64, intermediate_size=256)
 
 
 def _bytes(cfg, prefix=""):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import add_pipeline_arguments
+
 
 def _run(args: argparse.Namespace, init_only: bool) -> int:
     from ..cli import UserError
@@ -55,11 +57,6 @@ def register(sub) -> None:
         p.add_argument("--config", help="YAML run config (sections search_space, init, bld)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if not init_only:  # init runs on the whole parent
-            p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=None,
-                           help="pipeline-parallel size: the parent split over this many stages, each training the "
-                                "entries of its layers (launch TP x PP x DP processes; default: bld.pipeline_parallel)")
-            p.add_argument("--pp-first-stage-layers", type=int, default=None,
-                           help="layers on the first pipeline stage (uneven split)")
-            p.add_argument("--pp-last-stage-layers", type=int, default=None,
-                           help="layers on the last pipeline stage (uneven split)")
+            add_pipeline_arguments(p, "the parent split over this many stages, each training the entries of its "
+                                      "layers (default: bld.pipeline_parallel)", default=None)
         p.set_defaults(func=lambda a, _i=init_only: _run(a, _i))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import UserError
+from ..cli import UserError, add_pipeline_arguments
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,11 +83,5 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="held-out sequences per batch (default 8)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
-    p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=1,
-                   help="pipeline-parallel size: each stage builds and writes its layers of the child "
-                        "(launch TP x PP x DP processes)")
-    p.add_argument("--pp-first-stage-layers", type=int, default=None,
-                   help="layers on the first pipeline stage (uneven split)")
-    p.add_argument("--pp-last-stage-layers", type=int, default=None,
-                   help="layers on the last pipeline stage (uneven split)")
+    add_pipeline_arguments(p, "each stage builds and writes its layers of the child")
     p.set_defaults(func=_realize)

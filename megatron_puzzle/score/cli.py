@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..cli import add_pipeline_arguments
 from ..model.metrics import ALL_METRICS, METRICS
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--variants", type=_names, default=None, metavar="A,B,...",
                    help="score only these variant names (a reduced set, e.g. for --coupled)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
-    p.add_argument("--pp", "--pipeline-parallel", dest="pipeline_parallel", type=int, default=1,
-                   help="pipeline-parallel size: the parent split over this many stages "
-                        "(launch TP x PP x DP processes)")
-    p.add_argument("--pp-first-stage-layers", type=int, default=None,
-                   help="layers on the first pipeline stage (uneven split)")
-    p.add_argument("--pp-last-stage-layers", type=int, default=None,
-                   help="layers on the last pipeline stage (uneven split)")
+    add_pipeline_arguments(p, "the parent split over this many stages")
     p.add_argument("--max-entries", type=int, default=64,
                    help="entries (built layers) kept in memory at once (one parent pass per batch per group)")
     p.add_argument("--force", action="store_true", help="score again even what is cached")
