@@ -331,8 +331,8 @@ def _parent_layers(parent_model, tokens: torch.Tensor, end: int, report: BLDRepo
 
 
 def _autocast(parent_model):
-    """Autocast to the parent's dtype when it is not fp32 (bf16 on GPU): the parent's bf16 matrices,
-    its fp32 local-spec norms and the entries' fp32 weights then meet in one compute dtype."""
+    """Autocast to the parent's dtype when it is not fp32 (bf16 on GPU): the parent's bf16 weights and
+    the entries' fp32 master weights then meet in one compute dtype."""
     dtype = next(parent_model.parameters()).dtype  # the whole parent (any pipeline stage of it) is in one dtype
     if dtype == torch.float32:
         return contextlib.nullcontext()
