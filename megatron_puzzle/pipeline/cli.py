@@ -13,7 +13,7 @@ def _run(args: argparse.Namespace) -> int:
     from .run import run_pipeline, summary
 
     try:
-        profile = _profile(args)
+        profile = chosen_profile(args)
         cfg = run_config.load(args.config, profile=profile)
     except run_config.ConfigError as e:
         raise UserError(str(e)) from None
@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace) -> str:
+def chosen_profile(args: argparse.Namespace) -> str:
     if args.quick and args.profile not in (None, "quick"):
         raise UserError(f"--quick and --profile {args.profile} ask for two profiles; give one")
     return "quick" if args.quick else (args.profile or "default")

@@ -14,7 +14,9 @@ def _plan(args: argparse.Namespace) -> int:
     from ..plan.plan import STAGES, PlanError, markdown, plan_config, verdict
 
     try:
-        cfg = run_config.load(args.config, quick=args.quick)
+        from .cli import chosen_profile
+
+        cfg = run_config.load(args.config, profile=chosen_profile(args))
         result = plan_config(cfg, tuple(args.stages or STAGES))
     except (run_config.ConfigError, PlanError) as e:
         raise UserError(str(e)) from None
@@ -39,7 +41,8 @@ def register(subparsers) -> None:
                     "state, activations) and whether it fits the device. Exit status 1 when a stage does not fit.")
     p.add_argument("--config", required=True, help="run config (YAML), as for `megatron-puzzle run`")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--quick", action="store_true", help="plan the quick profile under the config")
+    p.add_argument("--profile", choices=list(run_config.PROFILES), help="plan this profile under the config")
+    p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=None,
                    help=f"stages to plan (default: all of {', '.join(STAGES)})")
     p.set_defaults(func=_plan)
