@@ -51,9 +51,10 @@ DEFAULTS: dict[str, Any] = {
     "measure": {"source": None, "warmup": 2, "repeats": 5},  # source: measured | analytic | a costs.json path
     "search": {
         "objective": "kl_div",
-        # 2x decode tokens/s is the goal; 5% more is asked because the measured child lands a few % under the
-        # predicted one. Relative (x) to the parent, or absolute (memory<=1GiB, throughput>=500tok/s, ...)
-        "constraints": ["decode_throughput>=2.05x"],
+        # 2x decode tokens/s is the goal; 8% more is asked because on this CPU the measured child lands about 2%
+        # under the predicted one and the low end of its interval ~1% under that, so one realization meets the
+        # 2.0x target (a miss costs a second one). Relative (x) to the parent, or absolute (memory<=1GiB, ...)
+        "constraints": ["decode_throughput>=2.08x"],
         "num_solutions": 1,
         "min_diff": 0,
         "pareto": "decode_throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
