@@ -29,6 +29,7 @@ def test_config_defaults_and_errors(tmp_path):
     assert run_config.resolve({}, profile="quick") == quick
     long = run_config.resolve({"gkd": {"lr": 1e-3}}, profile="long")  # the user's values still win
     assert long["gkd"]["lr"] == 1e-3 and long["gkd"]["steps"] == run_config.LONG["gkd"]["steps"]
+    assert long["report"]["baselines"] == ["depth"] and long["report"]["eval_tokens"] == 4096
     with pytest.raises(run_config.ConfigError, match="unknown profile 'fast'; the profiles are default, quick, long"):
         run_config.resolve({}, profile="fast")
     with pytest.raises(run_config.ConfigError, match="unknown config section"):
