@@ -21,7 +21,6 @@ def tiny_parent(num_layers: int = 4, tie: bool = False, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-
 def built_tiny_parent(layers: int, **shape):
     """A tiny parent of `layers` layers built in Megatron-Core with seeded random weights: (model in eval
     mode, its canonical tensors)."""
@@ -34,6 +33,7 @@ def built_tiny_parent(layers: int, **shape):
     model = build_model(cfg)
     load_canonical(model, tensors)
     return model.eval(), tensors
+
 
 def every_variant_child(tie: bool = False) -> ModelConfig:
     """A child holding every variant kind: full, fewer KV heads (also fewer than TP=2),
