@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:  # Megatron's indexed datasets log every index they open
         logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    from .utils.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # CPU runs: reuse freed memory instead of page-faulting it in every step
     from .utils.preempt import Preempted
 
     try:
