@@ -32,7 +32,8 @@ def test_realize_resolves_tighter_until_the_measured_low_end_meets_the_target(tm
     # the runtime is 20% slower than the costs predict, for every child: measured = 0.8 x predicted, +-1%
     measured = []
 
-    def fake(child, parent, scenario, config=None):
+    def fake(child, parent, scenario, config=None, target=None):
+        assert target == 1.5  # the realize check's rounds run until the interval is decided against it
         pred = aim.predicted_speedup(json.loads((run / "search" / "solutions.json").read_text()))
         measured.append(0.8 * pred)
         m = {"throughput": 1.0, "decode_throughput": 1.0, "speedup": 1.0, "decode_speedup": 0.8 * pred,

@@ -190,6 +190,57 @@ def test_measure_speed_interleaves_rounds_and_times_the_real_greedy_loop():
         SpeedConfig(min_rounds=1)
 
 
+class _Varying(_Costed):
+    """A _Costed whose per-call cost changes with every generation (1 prefill + 5 decode steps), cycling `costs`."""
+
+    def __init__(self, inner, name, costs, clock, calls):
+        super().__init__(inner, name, costs[0], clock, calls)
+        self.costs, self.n = costs, 0
+
+    def forward(self, **kw):
+        self.cost = self.costs[(self.n // 6) % len(self.costs)]
+        self.n += 1
+        return super().forward(**kw)
+
+
+def test_measure_speed_with_a_target_runs_until_the_interval_is_decided():
+    from megatron_puzzle.cost.scenario import Scenario
+    from megatron_puzzle.report.speed import SpeedConfig, measure_speed, ratio_interval
+    from megatron_puzzle.report.throughput import runtime_model
+
+    cfg = tiny_parent(num_layers=2)
+    s = Scenario("t", 2, 8, 5, "float32", "float32", "cpu")
+    conf = SpeedConfig(warmup=1, min_rounds=3, max_rounds=12, halfwidth=0.9, threads=1)
+
+    def inner():
+        m = runtime_model(cfg)
+        m.puzzle_config = cfg
+        return m
+
+    def run(target, child_costs):
+        clock, calls = [0.0], []
+        models = {"parent": _Costed(inner(), "parent", 3.0, clock, calls),
+                  "child": _Varying(inner(), "child", child_costs, clock, calls)}
+        return measure_speed(models, s, conf, clock=lambda: clock[0], target=target)
+
+    # exact ratio 3.0: decided after min_rounds whether the target is below, at or above it
+    for target in (2.0, 3.0, 3.5):
+        assert run(target, [1.0]).rounds == 3
+    # a child at 3x +-20% round to round (warm-up first): without a target the loose +-90% stop ends it at
+    # min_rounds; against a target of 2.5 it runs until the interval's low end clears 2.5 (7 rounds), which the
+    # intervals of the same rounds computed here independently confirm
+    noisy = [1.0, 1.0, 1.25, 0.8, 1.2, 0.85, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    loose = run(None, noisy)
+    assert loose.rounds == 3
+    decided = run(2.5, noisy)
+    n = decided.rounds
+    assert 3 < n < 12
+    ref, child = decided.decode_s["parent"], decided.decode_s["child"]
+    assert ratio_interval(ref, child)[1] >= 2.5 > ratio_interval(ref[:n - 1], child[:n - 1])[1]
+    # a target no interval of these rounds can decide: all 12 rounds
+    assert run(3.0, [1.0, 1.1, 0.9]).rounds == 12
+
+
 def test_repetition_counts_repeated_3grams():
     from megatron_puzzle.report.generations import repeated_ngrams, repetition
 

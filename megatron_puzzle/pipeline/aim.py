@@ -61,7 +61,8 @@ def realize_on_target(run: Path, cfg: dict) -> dict:
     report: dict = {}
     for i in range(tries):
         report = realize(run, r["solution"], eval_tokens=sc["tokens"], seq_len=sc["seq_len"],
-                         batch_size=sc["batch_size"], force=True, speed=speed, tensor_parallel=cfg["tensor_parallel"],
+                         batch_size=sc["batch_size"], force=True, speed=speed, target=target,
+                         tensor_parallel=cfg["tensor_parallel"],
                          pipeline_parallel=cfg.get("pipeline_parallel", 1),
                          pp_first_stage_layers=r.get("pp_first_stage_layers"),
                          pp_last_stage_layers=r.get("pp_last_stage_layers"))

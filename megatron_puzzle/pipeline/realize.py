@@ -70,7 +70,7 @@ def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
             seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
             tensor_parallel: int = 1, pipeline_parallel: int = 1, pp_first_stage_layers: int | None = None,
-            pp_last_stage_layers: int | None = None, speed=None) -> dict:
+            pp_last_stage_layers: int | None = None, speed=None, target: float | None = None) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured).
 
     At `tensor_parallel` > 1 (under torchrun) each rank reads the library one layer at a time,
@@ -80,7 +80,8 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     distributed checkpoint together, which loads at any layout. The held-out evaluation then
     runs the child and the parent through the stages (metrics on the last, shared with all).
     The child's speed is measured on rank 0 alone (other ranks timing at once would slow it) and
-    shared, so every rank returns the same report."""
+    shared, so every rank returns the same report. Given a `target` decode speedup, its rounds run
+    until the child's interval lies wholly above or below it (or `speed.max_rounds`)."""
     from ..convert.megatron_io import TOKENIZER_DIR
     from ..convert.megatron_layout import load_layers
     from ..library import Library
@@ -121,7 +122,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
             from ..report.speed import SpeedConfig, child_vs_parent
 
             speed = speed or SpeedConfig(warmup=warmup, min_rounds=max(2, repeats), max_rounds=max(2, repeats))
-            measured = (child_vs_parent(child, checkpoint.load_config(run / "parent"), scenario, speed)
+            measured = (child_vs_parent(child, checkpoint.load_config(run / "parent"), scenario, speed, target)
                         if is_rank0() else None)
             report.update(broadcast_from_rank0(measured) or {})
     if evaluate:

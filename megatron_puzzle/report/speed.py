@@ -12,7 +12,9 @@ three are the same quantity, measured the same way:
 - torch's intra-op threads are pinned for the whole measurement;
 - a model's speed relative to another is the geometric mean of their per-round ratios,
   with a Student-t confidence interval on the log ratios; rounds are added (up to
-  `max_rounds`) until every interval is narrow enough.
+  `max_rounds`) until every interval is narrow enough, or, given a `target` speedup
+  (realize's check), until every interval lies wholly above or below it: a child whose
+  estimate straddles the target gets more rounds, which cost far less than re-solving.
 """
 
 from __future__ import annotations
@@ -128,8 +130,12 @@ def _runtime(spec, scenario: Scenario, device):
 @torch.inference_mode()
 def measure_speed(models: Mapping[str, ModelConfig | tuple | torch.nn.Module], scenario: Scenario,
                   config: SpeedConfig | None = None, *, reference: str = "parent",
-                  clock: Callable[[], float] = time.perf_counter, progress: bool = False) -> Speed:
+                  clock: Callable[[], float] = time.perf_counter, progress: bool = False,
+                  target: float | None = None) -> Speed:
     """Time every model's greedy generation at `scenario`, rounds interleaved; see the module doc.
+
+    Without `target`, rounds stop once every interval is within `halfwidth`; with it, once every
+    interval is wholly at or above `target` or wholly below it (decided either way).
 
     `models` maps a name to a ModelConfig (random weights: they do not change the time), a
     (config, canonical tensors) pair, or a ready `runtime_model` with `.puzzle_config`.
@@ -174,15 +180,19 @@ def measure_speed(models: Mapping[str, ModelConfig | tuple | torch.nn.Module], s
             if progress:
                 log.info("speed round %d: %s", r + 1, ", ".join(f"{n} {m:.3f}x [{lo:.3f}, {hi:.3f}]"
                                                               for n, (m, lo, hi) in widths.items()))
-            if all(math.sqrt(hi / lo) - 1 <= cfg.halfwidth for _, lo, hi in widths.values()):
+            if target is not None:
+                if all(lo >= target or hi < target for _, lo, hi in widths.values()):
+                    break
+            elif all(math.sqrt(hi / lo) - 1 <= cfg.halfwidth for _, lo, hi in widths.values()):
                 break
     return speed
 
 
 def child_vs_parent(child: ModelConfig, parent: ModelConfig, scenario: Scenario,
-                    config: SpeedConfig | None = None) -> dict:
-    """The realize stage's measurement: `measured` (child), `measured_parent` and `speed` (rounds, interval)."""
-    speed = measure_speed({"parent": parent, "child": child}, scenario, config, progress=True)
+                    config: SpeedConfig | None = None, target: float | None = None) -> dict:
+    """The realize stage's measurement: `measured` (child), `measured_parent` and `speed` (rounds, interval);
+    with `target`, rounds run until the child's interval is decided against it."""
+    speed = measure_speed({"parent": parent, "child": child}, scenario, config, progress=True, target=target)
     out = {}
     for name in ("child", "parent"):
         s = speed.summary(name)
