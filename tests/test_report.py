@@ -181,9 +181,14 @@ def test_measure_speed_interleaves_rounds_and_times_the_real_greedy_loop():
     assert speed.ratio("other", "child") == pytest.approx((0.5, 0.5, 0.5))
     summary = speed.summary("child")
     assert summary["decode_tokens_per_s"] == pytest.approx(2 * 5 / 5.0) and summary["decode_speedup_low"] == pytest.approx(3.0)
-    # warm-up, then rounds in alternating order: parent first, the others, then reversed
-    timed = [c for i, c in enumerate(calls[18:]) if i % 6 == 0]
-    assert timed == ["parent", "child", "other", "other", "child", "parent", "parent", "child", "other"]
+    # warm-up: each model's whole generation (1 prefill + 5 steps); then every round: the prefills in the
+    # round's order (parent first, reversed every other round), and the decode steps interleaved one by one,
+    # the order reversed every other step
+    assert calls[:18] == ["parent"] * 6 + ["child"] * 6 + ["other"] * 6
+    fwd, back = ["parent", "child", "other"], ["other", "child", "parent"]
+    assert calls[18:36] == fwd + fwd + back + fwd + back + fwd
+    assert calls[36:54] == back + back + fwd + back + fwd + back
+    assert len(calls) == 18 + 3 * 18
     with pytest.raises(ValueError, match="reference model"):
         measure_speed({"child": models["child"]}, s)
     with pytest.raises(ValueError, match="min_rounds"):

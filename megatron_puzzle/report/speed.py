@@ -7,8 +7,12 @@ three are the same quantity, measured the same way:
 - every round runs each model's whole greedy generation at the scenario's shapes: the
   prefill of `batch x prefill_len` prompt tokens (timed apart), then `decode_len` greedy
   steps with the KV cache (decode tokens/s = batch x decode_len / their time);
-- rounds interleave the models (reference first, the order reversed every other round),
-  so a burst of background load hits a model and its reference alike;
+- the models are interleaved step by step: every model's prefill, then decode step 1 of
+  every model, step 2 of every model, ... (the order reversed every other step and every
+  other round, the reference first). A CPU's speed moves between levels 10-20% apart from
+  one minute to the next; a round of whole generations one after the other (the parent's
+  takes ~14 s at cpu-b8) put the models of a round at different levels and left the
+  interval +-5-10% wide after 12 rounds, while steps of ~0.1 s interleaved see the same;
 - torch's intra-op threads are pinned for the whole measurement;
 - a model's speed relative to another is the geometric mean of their per-round ratios,
   with a Student-t confidence interval on the log ratios; rounds are added (up to
@@ -141,7 +145,7 @@ def measure_speed(models: Mapping[str, ModelConfig | tuple | torch.nn.Module], s
     (config, canonical tensors) pair, or a ready `runtime_model` with `.puzzle_config`.
     """
     from ..cost.measure import _sync, check_local_device, cpu_threads
-    from .throughput import generation_jobs
+    from .throughput import generation_steps
 
     cfg = config or SpeedConfig()
     if reference not in models:
@@ -151,29 +155,35 @@ def measure_speed(models: Mapping[str, ModelConfig | tuple | torch.nn.Module], s
     jobs = {}
     for n in names:
         model, mcfg = _runtime(models[n], scenario, device)
-        jobs[n] = generation_jobs(model, mcfg, scenario, device)
+        jobs[n] = generation_steps(model, mcfg, scenario, device)
     threads = (cfg.threads or torch.get_num_threads()) if device.type == "cpu" else 0
     speed = Speed(scenario.to_dict(), reference, cfg.level, threads,
                   {n: [] for n in names}, {n: [] for n in names})
     with cpu_threads(threads or None):
         for n in names:
             for _ in range(cfg.warmup):
-                prefill, decode = jobs[n]
-                decode(prefill())
+                prefill, step = jobs[n]
+                state = prefill()
+                for _ in range(scenario.decode_len):
+                    state = step(state)
         for r in range(cfg.max_rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                prefill, decode = jobs[n]
+            order = names if r % 2 == 0 else names[::-1]
+            states, decode_s = {}, dict.fromkeys(names, 0.0)
+            for n in order:
                 _sync(device)
                 t0 = clock()
-                state = prefill()
+                states[n] = jobs[n][0]()
                 _sync(device)
-                t1 = clock()
-                decode(state)
-                _sync(device)
-                t2 = clock()
-                speed.prefill_s[n].append(t1 - t0)
-                speed.decode_s[n].append(t2 - t1)
-                del state
+                speed.prefill_s[n].append(clock() - t0)
+            for i in range(scenario.decode_len):
+                for n in (order if i % 2 == 0 else order[::-1]):
+                    t0 = clock()
+                    states[n] = jobs[n][1](states[n])
+                    _sync(device)
+                    decode_s[n] += clock() - t0
+            for n in names:
+                speed.decode_s[n].append(decode_s[n])
+            del states
             if r + 1 < cfg.min_rounds:
                 continue
             widths = {n: speed.ratio(n) for n in names[1:]}

@@ -98,9 +98,9 @@ def prefill_job(model, cfg: ModelConfig, s: Scenario, device) -> Job:
     return Job(run=lambda ids: model(input_ids=ids, cache=_cache(), use_cache=True, logits_to_keep=1), setup=setup)
 
 
-def generation_jobs(model, cfg: ModelConfig, s: Scenario, device) -> tuple[Callable, Callable]:
-    """(prefill, decode): the scenario's prompt through the model, then decode_len greedy steps on its cache
-    (the report's one speed times both; the baselines' matching times the decode loop alone)."""
+def generation_steps(model, cfg: ModelConfig, s: Scenario, device) -> tuple[Callable, Callable]:
+    """(prefill, step): the scenario's prompt through the model (-> state: its cache and next tokens), and
+    one greedy decode step on that state (-> the next state); a generation is a prefill and decode_len steps."""
 
     def prefill():
         ids = torch.randint(0, cfg.vocab_size, (s.batch_size, s.prefill_len), device=device)
@@ -108,12 +108,23 @@ def generation_jobs(model, cfg: ModelConfig, s: Scenario, device) -> tuple[Calla
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def decode(state):
+    def step(state):
         cache, nxt = state
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return prefill, step
+
+
+def generation_jobs(model, cfg: ModelConfig, s: Scenario, device) -> tuple[Callable, Callable]:
+    """(prefill, decode): the scenario's prompt through the model, then decode_len greedy steps on its cache
+    (the baselines' matching times the decode loop alone)."""
+    prefill, step = generation_steps(model, cfg, s, device)
+
+    def decode(state):
         for _ in range(s.decode_len):
-            out = model(input_ids=nxt, cache=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        return nxt
+            state = step(state)
+        return state[1]
 
     return prefill, decode
 
