@@ -12,7 +12,7 @@ three are the same quantity, measured the same way:
   other round, the reference first). A CPU's speed moves between levels 10-20% apart from
   one minute to the next; a round of whole generations one after the other (the parent's
   takes ~14 s at cpu-b8) put the models of a round at different levels and left the
-  interval +-5-10% wide after 12 rounds, while steps of ~0.1 s interleaved see the same;
+  interval +-4-10% wide after 8-12 rounds, while steps of ~0.1 s interleaved see the same;
 - torch's intra-op threads are pinned for the whole measurement;
 - a model's speed relative to another is the geometric mean of their per-round ratios,
   with a Student-t confidence interval on the log ratios; rounds are added (up to
@@ -136,7 +136,7 @@ def measure_speed(models: Mapping[str, ModelConfig | tuple | torch.nn.Module], s
                   config: SpeedConfig | None = None, *, reference: str = "parent",
                   clock: Callable[[], float] = time.perf_counter, progress: bool = False,
                   target: float | None = None) -> Speed:
-    """Time every model's greedy generation at `scenario`, rounds interleaved; see the module doc.
+    """Time every model's greedy generation at `scenario`, decode steps interleaved; see the module doc.
 
     Without `target`, rounds stop once every interval is within `halfwidth`; with it, once every
     interval is wholly at or above `target` or wholly below it (decided either way).
