@@ -202,6 +202,37 @@ def test_optimal_against_brute_force(kind, coupled, mode):
         assert sol.totals["decode_throughput"] == pytest.approx(t["decode_throughput"])
 
 
+@pytest.mark.parametrize("coupled,mode", [(False, "decoupled"), (False, "pairs"), (True, "pairs")])
+def test_attention_layers_floor_against_brute_force(coupled, mode):
+    """`attention_layers>=K` (absolute, and relative to the parent's layers) against brute force with
+    the count taken from the names: every attention variant but attn_no_op keeps a layer's attention."""
+    layers = 4
+    scores, costs, attn, ffn = make_instance(31, layers, n_attn=5, n_ffn=2, coupled=coupled)
+    assert "attn_no_op" in attn and "attn_linear" in attn
+    archs = all_archs(attn, ffn, layers)
+    tps = [raw_totals(scores, costs, a)["decode_throughput"] for a in archs]
+    fast = midpoint(tps, 0.6)  # a speed bound that wants some attention dropped
+    problem = problem_from_dicts(scores, costs, mode=mode)
+    unconstrained = solve(problem, [f"decode_throughput>={fast!r}"], "kl_div")[0]
+    kept = lambda arch: sum(a != "attn_no_op" for a, _ in arch)
+    seen = set()
+    for k, text in [(1, "attention_layers>=1"), (2, "attention_layers>=0.5x"), (3, "attention_layers>=3"),
+                    (4, "attention_layers>=1.0x")]:
+        ok = [a for a in archs if kept(a) >= k]
+        ref, _ = brute_best(scores, costs, ok, [("decode_throughput", fast, None)])
+        if ref is None:
+            with pytest.raises(InfeasibleError):
+                solve(problem, [f"decode_throughput>={fast!r}", text], "kl_div")
+            continue
+        sol = solve(problem, [f"decode_throughput>={fast!r}", text], "kl_div")[0]
+        assert sol.objective == pytest.approx(ref, rel=1e-9, abs=1e-12)
+        assert kept(arch_of(sol)) >= k
+        assert sol.totals["attention_layers"] == kept(arch_of(sol))
+        seen.add(kept(arch_of(sol)))
+    assert unconstrained.totals["attention_layers"] == kept(arch_of(unconstrained)) < 4  # the bound bites
+    assert len(seen) >= 2
+
+
 @pytest.mark.parametrize("mode", ["decoupled", "pairs"])
 def test_maximised_metric_and_range(mode):
     scores, costs, attn, ffn = make_instance(7, 4, 3, 2)

@@ -13,7 +13,8 @@ Every layer holds one or two *groups*; exactly one option of each group is chose
 Numbers live in ``values[key]``, one float per option (NaN where unknown), keyed by
 cost name (``params``, ``weight_bytes``, ``kv_cache_bytes``, ``prefill_time_s``,
 ``decode_time_s``), ``metrics.<name>`` for scores and ``stats.<name>`` for
-library stats. ``constants[key]`` holds the non-block part of a total.
+library stats, and ``attention_layers`` (1 where an option keeps a layer's attention).
+``constants[key]`` holds the non-block part of a total.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COST_KEYS = ("params", "weight_bytes", "kv_cache_bytes", "prefill_time_s", "decode_time_s")
+# A count, not a cost: how many layers of an architecture keep an attention subblock (constraints
+# such as ``attention_layers>=0.3x`` bound it).
+ATTENTION_LAYERS = "attention_layers"
 # Joules of one request of the scenario (prefill + decode_len steps), and per generated token.
 ENERGY_QUANTITIES = ("energy", "energy_per_token")
 MODES = ("auto", "decoupled", "pairs")
@@ -257,6 +261,10 @@ class _Builder:
     def build(self, constants, scenario, source) -> Problem:
         keys = sorted({k for r in self.rows for k in r})
         values = {k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64) for k in keys}
+        if self.mode in ("decoupled", "pairs"):
+            # layers that keep an attention subblock: summed 1-block scores judge one attention removal in a
+            # parent that keeps all the others, and miss what removing most of them together costs
+            values[ATTENTION_LAYERS] = np.array([float(attention_kept(n)) for n in self.names])
         parent = None if any(p is None for p in self.parent) else np.asarray(self.parent, dtype=np.int64)
         return Problem(
             mode=self.mode, num_layers=self.num_layers, names=self.names,
@@ -265,6 +273,12 @@ class _Builder:
             group_layer=np.asarray(self.group_layer), group_kind=self.group_kind,
             values=values, constants=dict(constants), parent=parent, scenario=dict(scenario), source=source,
         )
+
+
+def attention_kept(name: str) -> bool:
+    """Whether an option (``attn_kv1``, ``attn_linear+ffn_768``, ``ffn_768``) keeps a layer's attention."""
+    attn = name.split("+")[0]
+    return attn.startswith("attn_") and attn != "attn_no_op"
 
 
 def _numbers(d: Any, where: str) -> dict[str, float]:
