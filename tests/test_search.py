@@ -233,6 +233,48 @@ def test_attention_layers_floor_against_brute_force(coupled, mode):
     assert len(seen) >= 2
 
 
+def test_attention_candidates_are_the_best_under_each_floor(tmp_path):
+    """search_run_dir's attention-floor candidates: each is the brute-force best under the constraints plus its
+    floor, new (not the plain solution nor an earlier floor's), and tagged with its floor in solutions.json."""
+    from megatron_puzzle.arch import ModelConfig
+    from megatron_puzzle.search.run import search_run_dir
+
+    layers = 4
+    scores, costs, attn, ffn = make_instance(31, layers, n_attn=5, n_ffn=2)
+    for layer, (s, c) in enumerate(zip(scores["layers"], costs["layers"])):  # dropping attention: free, mild
+        c["attn_no_op"] = {k: 0 for k in c["attn_no_op"]}
+        s["attn_no_op"] = {"kl_div": 0.05 * (layer + 1), "lm_loss": 2.0, "top1_agreement": 0.9}
+    run = tmp_path / "run"
+    for d in ("score", "measure", "parent"):
+        (run / d).mkdir(parents=True)
+    (run / "score" / "scores.json").write_text(json.dumps(scores))
+    (run / "measure" / "costs.json").write_text(json.dumps(costs))
+    ModelConfig(vocab_size=100, hidden_size=48, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
+                intermediate_size=64).save(run / "parent" / "model_config.json")
+    archs = all_archs(attn, ffn, layers)
+    fast = midpoint([raw_totals(scores, costs, a)["decode_throughput"] for a in archs], 0.8)
+    floors = [0.25, 0.5, 0.5, 0.75, 1.0]
+    out = search_run_dir(run, [f"decode_throughput>={fast!r}"], plots=False, attention_floors=floors)
+    kept = lambda arch: sum(a != "attn_no_op" for a, _ in arch)
+    sols = out["solutions"]
+    assert sols[0].get("attention_floor") is None and sols[0]["totals"]["attention_layers"] <= 1
+    variants = [tuple(tuple(v) for v in s["variants"]) for s in sols]
+    assert len(set(variants)) == len(variants)  # no candidate repeats an earlier one
+    expected = []  # what each floor adds, by brute force
+    for f in floors:
+        ok = [a for a in archs if kept(a) >= f * layers]
+        ref, arch = brute_best(scores, costs, ok, [("decode_throughput", fast, None)])
+        if ref is not None and arch not in [variants[0]] + [e[1] for e in expected]:
+            expected.append((f, arch, ref))
+    assert [s["attention_floor"] for s in sols[1:]] == [f for f, _, _ in expected]
+    for s, (f, arch, ref) in zip(sols[1:], expected):
+        assert s["objective"] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+        assert s["totals"]["attention_layers"] == kept(tuple(tuple(v) for v in s["variants"])) >= f * layers
+    assert len(expected) >= 2  # the floors change the answer on this instance
+    with pytest.raises(SearchError, match="attention floors are shares"):
+        search_run_dir(run, [f"decode_throughput>={fast!r}"], plots=False, attention_floors=[2])
+
+
 @pytest.mark.parametrize("mode", ["decoupled", "pairs"])
 def test_maximised_metric_and_range(mode):
     scores, costs, attn, ffn = make_instance(7, 4, 3, 2)

@@ -8,6 +8,10 @@ calibrates the next ask: the search's relative decode-throughput bound becomes t
 solution's predicted speedup x target / measured low end (x 1.01), and the new solution is
 realized and measured again, up to `realize.max_tries` times. Every try is logged and kept
 in RUN/child/aim.json.
+
+With `realize.solution: best`, each try first assembles every candidate of RUN/search (the
+search's solutions and its attention-floor candidates) and realizes the one with the lowest
+measured held-out KL; the candidates' measurements are kept in aim.json too.
 """
 
 from __future__ import annotations
@@ -44,6 +48,27 @@ def tightened(constraints: list[str], ask: float) -> list[str]:
     return keep + [f"{QUANTITY}>={math.ceil(ask * 1000) / 1000:.3f}x"]
 
 
+def choose_solution(run: Path, cfg: dict) -> tuple[int, list[dict] | None]:
+    """The solution to realize: `realize.solution`, or with `best` the one whose assembled child has the
+    lowest measured held-out KL (with its candidates' measurements; None when there was no choice)."""
+    r, sc = cfg["realize"], cfg["score"]
+    if r.get("solution", 0) != "best":
+        return int(r.get("solution", 0)), None
+    n = len(read_json(run / "search" / "solutions.json").get("solutions", []))
+    if n < 2:
+        return 0, None
+    from .realize import measure_candidates
+
+    table = measure_candidates(run, eval_tokens=sc["tokens"], seq_len=sc["seq_len"], batch_size=sc["batch_size"],
+                               tensor_parallel=cfg["tensor_parallel"],
+                               pipeline_parallel=cfg.get("pipeline_parallel", 1),
+                               pp_first_stage_layers=r.get("pp_first_stage_layers"),
+                               pp_last_stage_layers=r.get("pp_last_stage_layers"))
+    best = min(table, key=lambda c: c["kl_div"])["solution"]
+    log.info("realize: %d candidates; solution %d has the lowest measured KL", n, best)
+    return best, table
+
+
 def realize_on_target(run: Path, cfg: dict) -> dict:
     """The realize stage with its aim loop; returns the last realize report (RUN/child/realize.json)."""
     from ..report.speed import SpeedConfig
@@ -60,15 +85,17 @@ def realize_on_target(run: Path, cfg: dict) -> dict:
     history: list[dict] = []
     report: dict = {}
     for i in range(tries):
-        report = realize(run, r["solution"], eval_tokens=sc["tokens"], seq_len=sc["seq_len"],
+        solution, candidates = choose_solution(run, cfg)
+        report = realize(run, solution, eval_tokens=sc["tokens"], seq_len=sc["seq_len"],
                          batch_size=sc["batch_size"], force=True, speed=speed, target=target,
                          tensor_parallel=cfg["tensor_parallel"],
                          pipeline_parallel=cfg.get("pipeline_parallel", 1),
                          pp_first_stage_layers=r.get("pp_first_stage_layers"),
                          pp_last_stage_layers=r.get("pp_last_stage_layers"))
         m = report.get("measured") or {}
-        pred = predicted_speedup(read_json(run / "search" / "solutions.json"), r["solution"])
-        history.append({"constraints": constraints, "predicted_decode_speedup": pred,
+        pred = predicted_speedup(read_json(run / "search" / "solutions.json"), solution)
+        history.append({"constraints": constraints, "solution": solution, "candidates": candidates,
+                        "predicted_decode_speedup": pred,
                         **{k: m.get(k) for k in ("decode_speedup", "decode_speedup_low", "decode_speedup_high")},
                         "kl_div": (report.get("measured_quality") or {}).get("kl_div")})
         low = m.get("decode_speedup_low")
@@ -87,7 +114,8 @@ def realize_on_target(run: Path, cfg: dict) -> dict:
         if is_rank0():  # the search writes RUN/search: one writer; every rank got the same report, so all loop alike
             try:
                 search_run_dir(run, constraints, s["objective"], num_solutions=s["num_solutions"],
-                               min_diff=s["min_diff"], pareto=s.get("pareto"), seed=cfg["seed"])
+                               min_diff=s["min_diff"], pareto=s.get("pareto"), seed=cfg["seed"],
+                               attention_floors=list(s.get("attention_floors") or []))
             except SearchError as e:
                 failed = str(e)
         failed = broadcast_from_rank0(failed)

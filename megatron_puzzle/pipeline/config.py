@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
         "num_solutions": 1,
         "min_diff": 0,
         "pareto": "decode_throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
+        # e.g. [0.25, 0.35, 0.45]: one more candidate per floor on kept attention layers, for `realize.solution:
+        # best` to choose by measured KL (opt-in until three default runs measure it; docs/report.md)
+        "attention_floors": [],
     },
     # target: the decode speedup the low end of the child's measured interval must reach, else the search
     # is re-solved tighter (pipeline/aim.py), at most max_tries realizations; speed: report/speed.py, its
@@ -186,6 +189,14 @@ def resolve(user: dict | None = None, *, quick: bool = False, profile: str | Non
         raise ConfigError(f"section realize: {e}") from None
     if r.get("target") is not None and not (isinstance(r["target"], (int, float)) and r["target"] > 0):
         raise ConfigError(f"realize.target must be a positive decode speedup (e.g. 2.0) or null, got {r['target']!r}")
+    sol = r.get("solution", 0)
+    if sol != "best" and (isinstance(sol, bool) or not isinstance(sol, int) or sol < 0):
+        raise ConfigError(f"realize.solution must be a solution index (0, 1, ...) or best, got {sol!r}")
+    floors = cfg["search"].get("attention_floors") or []
+    if not isinstance(floors, list) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in floors):
+        raise ConfigError(f"search.attention_floors must be a list of shares of the parent's layers in (0, 1] "
+                          f"(e.g. [0.25, 0.35]), got {floors!r}")
     if not isinstance(r.get("max_tries", 1), int) or r.get("max_tries", 1) < 1:
         raise ConfigError(f"realize.max_tries must be a positive integer, got {r.get('max_tries')!r}")
     for key in ("pp_first_stage_layers", "pp_last_stage_layers"):  # uneven pipeline split of the child

@@ -140,6 +140,53 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     return report
 
 
+def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: int = 128, batch_size: int = 4,
+                       tensor_parallel: int = 1, pipeline_parallel: int = 1, pp_first_stage_layers: int | None = None,
+                       pp_last_stage_layers: int | None = None) -> list[dict[str, Any]]:
+    """Held-out KL to the parent (and the other metrics) of every solution in RUN/search/solutions.json,
+    each assembled from the library in memory (nothing saved), on every rank alike.
+
+    The search's objective sums 1-block scores; the assembled child's KL is what those sums
+    estimate, so where several candidates meet the same constraints this one decides
+    (`realize.solution: best`)."""
+    from ..convert.megatron_layout import load_layers
+    from ..library import Library
+    from ..model import checkpoint
+    from ..model.gpt import RuntimeOptions, build_model, check_layout, launch_world
+    from ..model.parallel import init_distributed
+    from ..score.evaluate import evaluate_model, parent_references
+    from ..score.stage import heldout_batches
+
+    run = Path(run_dir)
+    sols = read_json(run / "search" / "solutions.json").get("solutions", [])
+    lib = Library(run / "library")
+    init_distributed(tensor_parallel, pipeline_parallel=pipeline_parallel)
+    opts = RuntimeOptions(first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers)
+    parent = checkpoint.load(run / "parent", opts)
+    batches = heldout_batches(run / "data", eval_tokens, seq_len, batch_size)
+    # whole models reuse the parent's forwards over the candidates; pipeline stages run it alongside
+    refs = parent_references(parent, batches) if pipeline_parallel == 1 else None
+    out = []
+    for i in range(len(sols)):
+        child, sol = child_config(run, i)
+        check_layout(child, tp=tensor_parallel, pp=pipeline_parallel, world=launch_world(),
+                     first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers, what="child")
+        lib.check_child(child)
+        model = build_model(child, opts)
+        load_layers(model, lib.non_block, lambda layer: lib.child_layer(child, layer))
+        with torch.no_grad():
+            q = evaluate_model(model, parent, batches, refs)
+        del model
+        totals = sol.get("totals") or {}
+        out.append({"solution": i, "attention_floor": sol.get("attention_floor"),
+                    "attention_layers": totals.get("attention_layers"), "predicted_objective": sol.get("objective"),
+                    "predicted_decode_throughput": totals.get("decode_throughput"), **q})
+        log.info("candidate %d (attention floor %s, %s attention layers): summed 1-block KL %.4f, measured KL %.4f",
+                 i, sol.get("attention_floor"), totals.get("attention_layers"), sol.get("objective") or float("nan"),
+                 q["kl_div"])
+    return out
+
+
 def _log_report(r: dict) -> None:
     p, m = r.get("predicted", {}), r.get("measured", {})
     if m:

@@ -124,7 +124,7 @@ def stage_search(run: Path, cfg: dict) -> None:
     s = cfg["search"]
     run_search(run, SearchConfig(constraints=list(s["constraints"]), objective=s["objective"],
                                  num_solutions=s["num_solutions"], min_diff=s["min_diff"], pareto=s.get("pareto"),
-                                 seed=cfg["seed"]))
+                                 seed=cfg["seed"], attention_floors=list(s.get("attention_floors") or [])))
 
 
 def stage_realize(run: Path, cfg: dict) -> None:

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-diff", type=int, default=0, metavar="D",
                    help="each solution differs from every earlier one in at least D layers")
     p.add_argument("--pareto", metavar="Q:START:STOP:N", help="sweep targets, e.g. throughput:1.2x:3x:8")
+    p.add_argument("--attention-floor", action="append", type=float, default=[], metavar="F",
+                   help="add the best candidate keeping attention in at least F x the parent's layers, e.g. 0.35 "
+                        "(repeatable; realize's `solution: best` picks among candidates by measured KL)")
     p.add_argument("--scores", help="scores.json (default RUN/score/scores.json)")
     p.add_argument("--costs", action="append", metavar="FILE",
                    help="costs.json (default RUN/measure/costs.json); repeat for several batch sizes")
@@ -94,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         num_solutions=args.num_solutions, min_diff=args.min_diff, pareto=args.pareto, scores_path=args.scores,
         costs_paths=args.costs, space=args.space, mode=args.mode, parent=args.parent, solver=args.solver,
         hidden_size=args.hidden_size, num_attention_heads=args.num_heads, plots=not args.no_plots,
-        seed=args.seed,
+        seed=args.seed, attention_floors=list(args.attention_floor),
     ))
     for k, s in enumerate(res["solutions"]):
         t = s["totals"]
@@ -109,6 +112,9 @@ def _run(args: argparse.Namespace) -> int:
             parts.append(f"memory={fmt('memory', t['memory_bytes'])}")
         if "params" in t:
             parts.append(f"params={fmt('params', t['params'])}")
+        if s.get("attention_floor") is not None:
+            parts.append(f"attention_layers={t.get('attention_layers', float('nan')):.0f} "
+                         f"(floor {s['attention_floor']:g}x)")
         log.info("solution %d (%s): %s", k, s["solver"], ", ".join(parts))
     log.info("wrote %s/search/solutions.json", args.run_dir)
     return 0

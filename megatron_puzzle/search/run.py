@@ -18,7 +18,7 @@ from ..utils.io import atomic_dir, atomic_write_json
 from .constraints import RATE_QUANTITIES, as_constraints
 from .mip import InfeasibleError, Solution, make_solution, parse_objective, solve
 from .plots import plot_architecture, plot_pareto
-from .problem import Problem, SearchError, load_library_stats, load_problem, load_space
+from .problem import ATTENTION_LAYERS, Problem, SearchError, load_library_stats, load_problem, load_space
 from .sweeps import batch_sweep, infeasible_sweep_message, pareto_sweep, write_pareto_csv
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class SearchConfig:
     num_attention_heads: int | None = None
     plots: bool = True
     seed: int = 0
+    # one more candidate per floor on kept attention layers (0.35 = attention_layers>=0.35x), for realize's
+    # `solution: best` to choose among by measured held-out KL (attention_candidates)
+    attention_floors: list[float] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SearchConfig":
@@ -89,8 +92,12 @@ def search_run_dir(
     num_attention_heads: int | None = None,
     plots: bool = True,
     seed: int = 0,
+    attention_floors: Sequence[float] = (),
 ) -> dict:
-    """Run the search stage; returns the solutions.json content it wrote."""
+    """Run the search stage; returns the solutions.json content it wrote.
+
+    With `attention_floors`, the solutions are followed by one candidate per floor
+    (`attention_candidates`), each tagged with its `attention_floor`."""
     run = Path(run_dir)
     scores_path = Path(scores_path) if scores_path else run / "score" / "scores.json"
     costs_paths = [Path(p) for p in costs_paths] if costs_paths else [run / "measure" / "costs.json"]
@@ -123,6 +130,7 @@ def search_run_dir(
         solutions = solve(problem, cons, objective, sense=sense, num_solutions=num_solutions, min_diff=min_diff,
                           solver=solver)
     obj = parse_objective(problem, objective, sense)
+    floors = attention_candidates(problem, cons, obj, attention_floors, solutions, solver=solver, reference=reference)
     out["objective"] = _bare(obj.key)
     out["sense"] = obj.sense
     out["mode"] = problem.mode
@@ -132,6 +140,9 @@ def search_run_dir(
         out["parent"] = {"variants": parent_sol.variants, "objective": parent_sol.objective,
                          "totals": _bare_keys(parent_sol.totals)}
     out["solutions"] = [s.to_json(hidden, heads) for s in solutions]
+    for floor, s in floors:
+        out["solutions"].append(dict(s.to_json(hidden, heads), attention_floor=floor))
+    solutions = solutions + [s for _, s in floors]
     for s in out["solutions"]:
         s["totals"] = _bare_keys(s["totals"])
 
@@ -149,6 +160,41 @@ def search_run_dir(
             for k, s in enumerate(solutions):
                 plot_architecture(s, tmp / f"architecture_{k}.png")
         atomic_write_json(tmp / "solutions.json", out)
+    return out
+
+
+def attention_candidates(problem: Problem, cons, obj, floors: Sequence[float], found: Sequence[Solution], *,
+                         solver: str = "auto", reference: dict | None = None) -> list[tuple[float, Solution]]:
+    """The best architecture under `cons` plus `attention_layers>=F x` for each floor F (a share of the
+    parent's layers): one candidate per floor that is new (not among `found` or an earlier floor's),
+    in the floors' order; a floor no architecture meets is skipped with a log line.
+
+    Summed 1-block scores rank architectures that drop most attention subblocks too well (each removal
+    was scored beside all the others kept); these candidates let the assembled children's measured
+    KL decide instead (realize's `solution: best`)."""
+    if not floors:
+        return []
+    if ATTENTION_LAYERS not in problem.values:
+        raise SearchError(f"attention floors need attention and FFN variants per layer; this problem's mode "
+                          f"is {problem.mode!r}")
+    seen = {tuple(map(tuple, s.variants)) for s in found}
+    out = []
+    for f in floors:
+        if not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise SearchError(f"attention floors are shares of the parent's layers in (0, 1], got {f!r}")
+        text = f"{ATTENTION_LAYERS}>={f:g}x"
+        try:
+            sol = solve(problem, [*cons, text], obj, solver=solver, reference=reference)[0]
+        except InfeasibleError as e:
+            log.info("no candidate with %s: %s", text, e)
+            continue
+        key = tuple(map(tuple, sol.variants))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((float(f), sol))
+        log.info("candidate with %s: %d attention layers, %s %.4g", text, int(sol.totals[ATTENTION_LAYERS]),
+                 _bare(obj.key), sol.objective)
     return out
 
 
