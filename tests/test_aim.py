@@ -68,10 +68,11 @@ def test_best_solution_is_the_candidate_with_the_lowest_measured_kl(tmp_path, mc
                               "score": {"tokens": 128, "seq_len": 32, "batch_size": 4},
                               "search": {"constraints": ["decode_throughput>=1.3x"], "pareto": None,
                                          "attention_floors": [0.5, 0.75, 1.0]}})
-    s = cfg["search"]
-    search_run_dir(run, s["constraints"], s["objective"], plots=False, attention_floors=s["attention_floors"])
+    from megatron_puzzle.pipeline.stages import stage_search
+
+    stage_search(run, cfg)  # the run config's floors reach the search
     sols = json.loads((run / "search" / "solutions.json").read_text())["solutions"]
-    assert len(sols) >= 2
+    assert len(sols) >= 2 and all(s.get("attention_floor") in (0.5, 0.75, 1.0) for s in sols[1:])
 
     def fake(child, parent, scenario, config=None, target=None):
         m = {"throughput": 1.0, "decode_throughput": 1.0, "speedup": 1.0, "decode_speedup": 1.4,
