@@ -192,11 +192,12 @@ def resolve(user: dict | None = None, *, quick: bool = False, profile: str | Non
     sol = r.get("solution", 0)
     if sol != "best" and (isinstance(sol, bool) or not isinstance(sol, int) or sol < 0):
         raise ConfigError(f"realize.solution must be a solution index (0, 1, ...) or best, got {sol!r}")
-    floors = cfg["search"].get("attention_floors") or []
-    if not isinstance(floors, list) or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in floors):
-        raise ConfigError(f"search.attention_floors must be a list of shares of the parent's layers in (0, 1] "
-                          f"(e.g. [0.25, 0.35]), got {floors!r}")
+    from ..search.run import check_attention_floors
+
+    try:
+        check_attention_floors(cfg["search"].get("attention_floors") or [])
+    except ValueError as e:
+        raise ConfigError(f"search.attention_floors: {e}") from None
     if not isinstance(r.get("max_tries", 1), int) or r.get("max_tries", 1) < 1:
         raise ConfigError(f"realize.max_tries must be a positive integer, got {r.get('max_tries')!r}")
     for key in ("pp_first_stage_layers", "pp_last_stage_layers"):  # uneven pipeline split of the child

@@ -83,10 +83,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     shared, so every rank returns the same report. Given a `target` decode speedup, its rounds run
     until the child's interval lies wholly above or below it (or `speed.max_rounds`)."""
     from ..convert.megatron_io import TOKENIZER_DIR
-    from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
-    from ..model.gpt import RuntimeOptions, build_model, check_layout, launch_world
+    from ..model.gpt import RuntimeOptions
     from ..model.parallel import barrier, broadcast_from_rank0, init_distributed, is_rank0
 
     run = Path(run_dir)
@@ -95,16 +94,12 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         log.info("%s already realized; keeping it", out)
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
-    # sizes the child cannot be split by: one line on every rank, before any process group waits
-    check_layout(child, tp=tensor_parallel, pp=pipeline_parallel, world=launch_world(),
-                 first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers, what="child")
-    log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
     lib = Library(run / "library")
-    lib.check_child(child)
+    _check_child(child, lib, tensor_parallel, pipeline_parallel, pp_first_stage_layers, pp_last_stage_layers)
+    log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
     init_distributed(tensor_parallel, pipeline_parallel=pipeline_parallel)
     opts = RuntimeOptions(first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers)
-    model = build_model(child, opts)  # this rank's stage
-    load_layers(model, lib.non_block, lambda i: lib.child_layer(child, i))  # its layers, one read at a time
+    model = assembled_child(lib, child, opts)
     checkpoint.save(model, out, extra={"stage": "realize", "solution": solution, "variants": sol.get("variants")})
     tok = run / "parent" / TOKENIZER_DIR
     if is_rank0() and tok.is_dir() and not (out / TOKENIZER_DIR).exists():  # one copy, not one per rank
@@ -140,6 +135,27 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     return report
 
 
+def _check_child(child: ModelConfig, lib, tp: int, pp: int, first: int | None, last: int | None) -> None:
+    """Sizes the child cannot be split by, and library entries it lacks: one line on every rank, before any
+    process group waits."""
+    from ..model.gpt import check_layout, launch_world
+
+    check_layout(child, tp=tp, pp=pp, world=launch_world(), first_stage_layers=first, last_stage_layers=last,
+                 what="child")
+    lib.check_child(child)
+
+
+def assembled_child(lib, child: ModelConfig, opts):
+    """This rank's stage of `child`, its weights the library entries of its variants (and the parent's
+    non-block weights), read one layer at a time."""
+    from ..convert.megatron_layout import load_layers
+    from ..model.gpt import build_model
+
+    model = build_model(child, opts)
+    load_layers(model, lib.non_block, lambda i: lib.child_layer(child, i))
+    return model
+
+
 def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: int = 128, batch_size: int = 4,
                        tensor_parallel: int = 1, pipeline_parallel: int = 1, pp_first_stage_layers: int | None = None,
                        pp_last_stage_layers: int | None = None) -> list[dict[str, Any]]:
@@ -149,10 +165,9 @@ def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: 
     The search's objective sums 1-block scores; the assembled child's KL is what those sums
     estimate, so where several candidates meet the same constraints this one decides
     (`realize.solution: best`)."""
-    from ..convert.megatron_layout import load_layers
     from ..library import Library
     from ..model import checkpoint
-    from ..model.gpt import RuntimeOptions, build_model, check_layout, launch_world
+    from ..model.gpt import RuntimeOptions
     from ..model.parallel import init_distributed
     from ..score.evaluate import evaluate_model, parent_references
     from ..score.stage import heldout_batches
@@ -169,11 +184,8 @@ def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: 
     out = []
     for i in range(len(sols)):
         child, sol = child_config(run, i)
-        check_layout(child, tp=tensor_parallel, pp=pipeline_parallel, world=launch_world(),
-                     first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers, what="child")
-        lib.check_child(child)
-        model = build_model(child, opts)
-        load_layers(model, lib.non_block, lambda layer: lib.child_layer(child, layer))
+        _check_child(child, lib, tensor_parallel, pipeline_parallel, pp_first_stage_layers, pp_last_stage_layers)
+        model = assembled_child(lib, child, opts)
         with torch.no_grad():
             q = evaluate_model(model, parent, batches, refs)
         del model

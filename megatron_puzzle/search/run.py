@@ -163,6 +163,16 @@ def search_run_dir(
     return out
 
 
+def check_attention_floors(floors) -> None:
+    """Attention floors are a list of shares of the parent's layers in (0, 1]; SearchError names a bad one."""
+    if not isinstance(floors, (list, tuple)):
+        raise SearchError(f"attention floors are a list of shares of the parent's layers, got {floors!r}")
+    for f in floors:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise SearchError(f"attention floors are shares of the parent's layers in (0, 1] (e.g. 0.35), "
+                              f"got {f!r}")
+
+
 def attention_candidates(problem: Problem, cons, obj, floors: Sequence[float], found: Sequence[Solution], *,
                          solver: str = "auto", reference: dict | None = None) -> list[tuple[float, Solution]]:
     """The best architecture under `cons` plus `attention_layers>=F x` for each floor F (a share of the
@@ -172,6 +182,7 @@ def attention_candidates(problem: Problem, cons, obj, floors: Sequence[float], f
     Summed 1-block scores rank architectures that drop most attention subblocks too well (each removal
     was scored beside all the others kept); these candidates let the assembled children's measured
     KL decide instead (realize's `solution: best`)."""
+    check_attention_floors(floors)
     if not floors:
         return []
     if ATTENTION_LAYERS not in problem.values:
@@ -180,8 +191,6 @@ def attention_candidates(problem: Problem, cons, obj, floors: Sequence[float], f
     seen = {tuple(map(tuple, s.variants)) for s in found}
     out = []
     for f in floors:
-        if not (isinstance(f, (int, float)) and 0 < f <= 1):
-            raise SearchError(f"attention floors are shares of the parent's layers in (0, 1], got {f!r}")
         text = f"{ATTENTION_LAYERS}>={f:g}x"
         try:
             sol = solve(problem, [*cons, text], obj, solver=solver, reference=reference)[0]
