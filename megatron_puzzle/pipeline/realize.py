@@ -83,7 +83,6 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     shared, so every rank returns the same report. Given a `target` decode speedup, its rounds run
     until the child's interval lies wholly above or below it (or `speed.max_rounds`)."""
     from ..convert.megatron_io import TOKENIZER_DIR
-    from ..library import Library
     from ..model import checkpoint
     from ..model.gpt import RuntimeOptions
     from ..model.parallel import barrier, broadcast_from_rank0, init_distributed, is_rank0
@@ -94,8 +93,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
         log.info("%s already realized; keeping it", out)
         return read_json(out / "realize.json")
     child, sol = child_config(run, solution)
-    lib = Library(run / "library")
-    _check_child(child, lib, tensor_parallel, pipeline_parallel, pp_first_stage_layers, pp_last_stage_layers)
+    lib = _checked_library(run, child, tensor_parallel, pipeline_parallel, pp_first_stage_layers, pp_last_stage_layers)
     log.info("realizing solution %d:\n%s", solution, describe(child.blocks))
     init_distributed(tensor_parallel, pipeline_parallel=pipeline_parallel)
     opts = RuntimeOptions(first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers)
@@ -135,14 +133,17 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     return report
 
 
-def _check_child(child: ModelConfig, lib, tp: int, pp: int, first: int | None, last: int | None) -> None:
-    """Sizes the child cannot be split by, and library entries it lacks: one line on every rank, before any
-    process group waits."""
+def _checked_library(run: Path, child: ModelConfig, tp: int, pp: int, first: int | None, last: int | None):
+    """RUN's library, once the sizes the child cannot be split by and the library entries it lacks are ruled
+    out: one line on every rank, before any process group waits (the layout first, before the library is read)."""
+    from ..library import Library
     from ..model.gpt import check_layout, launch_world
 
     check_layout(child, tp=tp, pp=pp, world=launch_world(), first_stage_layers=first, last_stage_layers=last,
                  what="child")
+    lib = Library(run / "library")
     lib.check_child(child)
+    return lib
 
 
 def assembled_child(lib, child: ModelConfig, opts):
@@ -165,7 +166,6 @@ def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: 
     The search's objective sums 1-block scores; the assembled child's KL is what those sums
     estimate, so where several candidates meet the same constraints this one decides
     (`realize.solution: best`)."""
-    from ..library import Library
     from ..model import checkpoint
     from ..model.gpt import RuntimeOptions
     from ..model.parallel import init_distributed
@@ -174,7 +174,6 @@ def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: 
 
     run = Path(run_dir)
     sols = read_json(run / "search" / "solutions.json").get("solutions", [])
-    lib = Library(run / "library")
     init_distributed(tensor_parallel, pipeline_parallel=pipeline_parallel)
     opts = RuntimeOptions(first_stage_layers=pp_first_stage_layers, last_stage_layers=pp_last_stage_layers)
     parent = checkpoint.load(run / "parent", opts)
@@ -184,7 +183,8 @@ def measure_candidates(run_dir: str | Path, *, eval_tokens: int = 512, seq_len: 
     out = []
     for i in range(len(sols)):
         child, sol = child_config(run, i)
-        _check_child(child, lib, tensor_parallel, pipeline_parallel, pp_first_stage_layers, pp_last_stage_layers)
+        lib = _checked_library(run, child, tensor_parallel, pipeline_parallel, pp_first_stage_layers,
+                               pp_last_stage_layers)
         model = assembled_child(lib, child, opts)
         with torch.no_grad():
             q = evaluate_model(model, parent, batches, refs)
