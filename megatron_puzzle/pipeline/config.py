@@ -58,14 +58,15 @@ DEFAULTS: dict[str, Any] = {
         "num_solutions": 1,
         "min_diff": 0,
         "pareto": "decode_throughput:1.2x:3.0x:6",  # quantity:from:to:points for the Pareto plot; null to skip
-        # e.g. [0.25, 0.35, 0.45]: one more candidate per floor on kept attention layers, for `realize.solution:
-        # best` to choose by measured KL (opt-in until three default runs measure it; docs/report.md)
-        "attention_floors": [],
+        # one more candidate per floor on kept attention layers (share of the parent's), for `realize.solution:
+        # best` to choose by measured KL: the MIP alone keeps attention in 5-6 of 30 layers, whose removals it
+        # scored one at a time, and after GKD that child fell behind depth pruning (docs/report.md)
+        "attention_floors": [0.25, 0.35, 0.45],
     },
     # target: the decode speedup the low end of the child's measured interval must reach, else the search
     # is re-solved tighter (pipeline/aim.py), at most max_tries realizations; speed: report/speed.py, its
     # rounds run until the interval is wholly above or below the target (a round ~22 s, a re-solve ~3 min)
-    "realize": {"solution": 0, "target": 2.0, "max_tries": 3,
+    "realize": {"solution": "best", "target": 2.0, "max_tries": 3,
                 "speed": {"warmup": 1, "min_rounds": 4, "max_rounds": 12, "halfwidth": 0.03}},
     # chosen by measurement (docs/report.md, "Quality within the budget"): bf16 where the CPU has bf16 units
     # (1.6x the fp32 tokens/s, same quality), lr 1e-3 (+6 points of accuracy over 2e-4 at 30 steps), the LM
