@@ -80,7 +80,14 @@ def test_best_solution_is_the_candidate_with_the_lowest_measured_kl(tmp_path, mc
         return {"measured": m, "measured_parent": {"throughput": 1.0}, "speed": {"rounds": 2}}
 
     monkeypatch.setattr(speed, "child_vs_parent", fake)
+    from megatron_puzzle.score import evaluate
+
+    evaluated = []
+    real_evaluate = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     report = aim.realize_on_target(run, cfg)
+    assert len(evaluated) == len(sols)  # realize keeps its candidate's measurement instead of evaluating again
+    monkeypatch.setattr(evaluate, "evaluate_model", real_evaluate)
     (tried,) = json.loads((run / "child" / "aim.json").read_text())["tries"]
     table = tried["candidates"]
     assert [c["solution"] for c in table] == list(range(len(sols)))
@@ -90,6 +97,7 @@ def test_best_solution_is_the_candidate_with_the_lowest_measured_kl(tmp_path, mc
     best = min(range(len(sols)), key=alone.__getitem__)
     assert best != 0  # on this tiny run a floor beats the plain MIP pick, so the choice is exercised
     assert tried["solution"] == best and report["solution"] == best
+    assert report["measured_quality"]["kl_div"] == pytest.approx(alone[best], rel=1e-5)
     assert report["variants"] == sols[best]["variants"]
     assert len({round(k, 6) for k in alone}) == len(alone)  # distinct candidates, distinct KLs: a real choice
 

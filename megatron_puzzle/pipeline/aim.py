@@ -69,6 +69,15 @@ def choose_solution(run: Path, cfg: dict) -> tuple[int, list[dict] | None]:
     return best, table
 
 
+def candidate_quality(candidates: list[dict] | None, solution: int) -> dict | None:
+    """The held-out metrics `measure_candidates` took of `solution` (None without a candidate table); realize
+    evaluates with the same tokens, so it keeps these instead of evaluating again."""
+    from ..model.metrics import ALL_METRICS
+
+    row = next((c for c in candidates or [] if c["solution"] == solution), None)
+    return None if row is None else {k: row[k] for k in (*ALL_METRICS, "tokens")}
+
+
 def realize_on_target(run: Path, cfg: dict) -> dict:
     """The realize stage with its aim loop; returns the last realize report (RUN/child/realize.json)."""
     from ..report.speed import SpeedConfig
@@ -87,6 +96,7 @@ def realize_on_target(run: Path, cfg: dict) -> dict:
     for i in range(tries):
         solution, candidates = choose_solution(run, cfg)
         report = realize(run, solution, eval_tokens=sc["tokens"], seq_len=sc["seq_len"],
+                         quality=candidate_quality(candidates, solution),
                          batch_size=sc["batch_size"], force=True, speed=speed, target=target,
                          tensor_parallel=cfg["tensor_parallel"],
                          pipeline_parallel=cfg.get("pipeline_parallel", 1),

@@ -70,7 +70,8 @@ def run_realize(run_dir: str | Path, cfg: RealizeConfig) -> dict:
 def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, eval_tokens: int = 4096,
             seq_len: int = 128, batch_size: int = 8, warmup: int = 2, repeats: int = 5, force: bool = False,
             tensor_parallel: int = 1, pipeline_parallel: int = 1, pp_first_stage_layers: int | None = None,
-            pp_last_stage_layers: int | None = None, speed=None, target: float | None = None) -> dict:
+            pp_last_stage_layers: int | None = None, speed=None, target: float | None = None,
+            quality: dict | None = None) -> dict:
     """Write RUN/child from a solution; returns the realize report (predicted vs measured).
 
     At `tensor_parallel` > 1 (under torchrun) each rank reads the library one layer at a time,
@@ -81,7 +82,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
     runs the child and the parent through the stages (metrics on the last, shared with all).
     The child's speed is measured on rank 0 alone (other ranks timing at once would slow it) and
     shared, so every rank returns the same report. Given a `target` decode speedup, its rounds run
-    until the child's interval lies wholly above or below it (or `speed.max_rounds`)."""
+    until the child's interval lies wholly above or below it (or `speed.max_rounds`). `quality`: the held-out
+    metrics `measure_candidates` already took of this solution on the same tokens, kept instead of loading the
+    parent again to evaluate the same model (one parent load less per try on a large parent)."""
     from ..convert.megatron_io import TOKENIZER_DIR
     from ..model import checkpoint
     from ..model.gpt import RuntimeOptions
@@ -118,7 +121,9 @@ def realize(run_dir: str | Path, solution: int = 0, *, evaluate: bool = True, ev
             measured = (child_vs_parent(child, checkpoint.load_config(run / "parent"), scenario, speed, target)
                         if is_rank0() else None)
             report.update(broadcast_from_rank0(measured) or {})
-    if evaluate:
+    if evaluate and quality is not None:
+        report["measured_quality"] = dict(quality)
+    elif evaluate:
         from ..score.evaluate import evaluate_model
         from ..score.stage import heldout_batches
 
