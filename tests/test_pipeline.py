@@ -30,8 +30,9 @@ def test_config_defaults_and_errors(tmp_path):
     long = run_config.resolve({"gkd": {"lr": 1e-3}}, profile="long")  # the user's values still win
     assert long["gkd"]["lr"] == 1e-3 and long["gkd"]["steps"] == run_config.LONG["gkd"]["steps"]
     assert long["report"]["baselines"] == ["depth"] and long["report"]["eval_tokens"] == 4096
-    # the long profile's figures are of the MIP's pick alone; the default run chooses among floor candidates
-    assert (long["search"]["attention_floors"], long["realize"]["solution"]) == ([], 0)
+    # both profiles choose among the attention-floor candidates by measured KL
+    for cfg in (long, run_config.resolve(None)):
+        assert (cfg["search"]["attention_floors"], cfg["realize"]["solution"]) == ([0.25, 0.35, 0.45], "best")
     default = run_config.resolve({})
     assert default["search"]["attention_floors"] and default["realize"]["solution"] == "best"
     with pytest.raises(run_config.ConfigError, match="unknown profile 'fast'; the profiles are default, quick, long"):

@@ -107,14 +107,11 @@ QUICK: dict[str, Any] = {
 
 # The default run with the GKD budget that reaches the accuracy goal: on the default run's 2x child,
 # 300 steps (154k tokens) kept 96.3% of the parent's next-token accuracy, 100 steps 81.3% (docs/report.md).
-# Every baseline gets the child's GKD budget, and at 300 steps one costs ~17 minutes on 2 cores, so the
+# Every baseline gets the child's GKD budget, and at 300 steps one costs ~12 minutes on 2 cores, so the
 # long profile keeps the one that came closest to the child in the default runs (depth) and drops
-# width (it cannot reach the child's speed) and random (far behind).
-# Its figures (README) were measured with the MIP's pick alone, so it keeps that: attention floors are
-# measured for the default's 60 GKD steps only.
+# width (it cannot reach the child's speed) and random (far behind). It keeps the default's attention
+# floors: with them the 300-step child beat matched depth pruning, without them it lost (docs/report.md).
 LONG: dict[str, Any] = {
-    "search": {"attention_floors": []},
-    "realize": {"solution": 0},
     "gkd": {"steps": 300},
     "report": {"baselines": ["depth"]},
 }
