@@ -1,0 +1,344 @@
+"""Training text against generations: GKD of one realized child on the run's text, or on a mix
+with text sampled from the parent, each judged on held-out text and on greedy generations.
+
+    python benchmarks/training_text.py --run-dir RUN --out OUT --steps 60 --parent-share 0 0.5 \
+        [--also "child, 300 steps=RUN/gkd/final"] [--png docs/training_text.png]
+    python benchmarks/training_text.py --plot OUT/training_text.json --png docs/training_text.png
+
+RUN is a run directory holding parent/, data/ and child/ (e.g. `megatron-puzzle run --until
+realize`). The script
+1. samples `--sample-tokens` tokens of text from the parent (each row from EOS, temperature
+   `--temperature`, nucleus `--top-p`; rows of `--sample-len` tokens), and as many again with
+   another seed as held-out parent text (OUT/samples.npz; kept when present);
+2. for each `--parent-share` S uptrains a fresh copy of RUN/child with the run's GKD settings and
+   `--steps` steps, on a train split where a share S of the tokens is the parent's text and the
+   rest the run's own training text, interleaved in blocks (OUT/share<S>/, its data/ a copy of
+   RUN/data with that train split);
+3. judges the parent, RUN/child before GKD, every uptrained child and every `--also` checkpoint
+   alike: KL, LM loss, next-token accuracy on the run's held-out text (the report's 4096 tokens)
+   and on the held-out parent text; the share of repeated 3-grams in greedy continuations of
+   `--gen-tokens` tokens from general prompts (GENERAL_PROMPTS) and from the starts of held-out
+   documents (in-domain prompts).
+
+OUT/training_text.json holds every figure and every continuation; finished items are skipped, so
+a killed run resumes. The table is printed, and `--png` draws the figures side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("training_text")
+
+# Plain completions of everyday text: what a user of a general model types. The report's own three
+# prompts come first.
+GENERAL_PROMPTS = (
+    "The capital of France is", "In the beginning God created", "A good way to learn a new language is",
+    "The best thing about summer is", "Water boils at", "My favourite book is", "The history of the Roman Empire",
+    "To make a cup of tea, you", "Scientists have discovered that", "The most important thing in life is",
+    "Once upon a time, there was a", "Computers are useful because", "The largest animal on Earth is",
+    "When I was a child, I", "The main causes of climate change are", "A healthy breakfast includes",
+)
+BLOCK = 4096  # tokens per interleaved block of the mixed train split
+PROMPT_TOKENS = 12  # tokens of a held-out document that make an in-domain prompt
+
+
+def sample_parent(parent, tokens: int, length: int, batch: int, temperature: float, top_p: float, seed: int,
+                  start: int, dtype=None) -> np.ndarray:
+    """[rows, length + 1] token ids sampled from the parent (run in `dtype`, default bf16), each row
+    from the token `start`."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from megatron_puzzle.report.make import canonical_of
+    from megatron_puzzle.report.throughput import runtime_model
+
+    model = runtime_model(*canonical_of(parent), dtype=dtype or torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    rows, total, t0 = [], -(-tokens // length), time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, total, batch):
+            n = min(batch, total - first)
+            ids = torch.full((n, 1), start, dtype=torch.long)
+            cache, out = DynamicCache(), [ids]
+            for _ in range(length):
+                logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                probs, order = torch.softmax(logits / temperature, -1).sort(-1, descending=True)
+                probs = probs * (probs.cumsum(-1) - probs < top_p)  # the nucleus: the smallest set reaching top_p
+                ids = order.gather(-1, torch.multinomial(probs, 1, generator=gen))
+                out.append(ids)
+            rows.append(torch.cat(out, 1).numpy())
+            done = first + n
+            log.info("sampled %d/%d rows from the parent (%.0f tokens/s)", done, total,
+                     done * length / (time.perf_counter() - t0))
+    return np.concatenate(rows).astype(np.int64)
+
+
+def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, block: int = BLOCK) -> int:
+    """dest/: RUN/data with its train split replaced by `share` parent text and the rest the run's
+    own train text (from its start), interleaved in `block`-token blocks, written as a Megatron
+    indexed dataset (dest/train_mixed); returns the train split's tokens."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_puzzle.data.shards import load_split, read_meta
+    from megatron_puzzle.utils.io import DONE_MARKER, atomic_write_json
+
+    if (dest / DONE_MARKER).exists():
+        return int(read_meta(dest)["splits"]["train"]["tokens"])
+    meta = read_meta(run / "data")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run / "data", tmp)
+    own = np.asarray(load_split(run / "data", "train"))
+    theirs = parent_rows.reshape(-1)
+    if share >= 1:
+        own = own[:0]
+    elif share > 0:
+        own = own[: min(len(own), int(len(theirs) * (1 - share) / share))]
+    else:
+        theirs = theirs[:0]
+    blocks = [own[i:i + block] for i in range(0, len(own), block)]
+    others = [theirs[i:i + block] for i in range(0, len(theirs), block)]
+    import torch
+
+    prefix = str(tmp / "train_mixed")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(int(meta["vocab_size"])))
+    for i in range(max(len(blocks), len(others))):
+        for part in ([blocks[i]] if i < len(blocks) else []) + ([others[i]] if i < len(others) else []):
+            builder.add_document(torch.from_numpy(part.astype(np.int64)), [len(part)])
+    builder.finalize(prefix + ".idx")
+    meta["splits"]["train"].update(file="train_mixed", tokens=int(len(own) + len(theirs)))
+    meta["splits"]["train"]["parent_share"] = share
+    atomic_write_json(tmp / "meta.json", meta)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return meta["splits"]["train"]["tokens"]
+
+
+def in_domain_prompts(run: Path, n: int, bos: int | None) -> list[list[int]]:
+    """The first PROMPT_TOKENS tokens of n held-out documents, spread over the split."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_puzzle.data.shards import read_meta
+
+    ds = IndexedDataset(str(run / "data" / read_meta(run / "data")["splits"]["heldout"]["file"]))
+    bounds = ds.document_indices
+    docs = len(bounds) - 1
+    picks = sorted({int(d * docs / n) for d in range(n)})
+    head = [] if bos is None else [bos]
+    return [head + [int(t) for t in ds[int(bounds[d])][:PROMPT_TOKENS]] for d in picks]
+
+
+def judge(path, parent, tokenizer, heldout, parent_text, general, in_domain, gen_tokens: int) -> dict:
+    """Held-out metrics on both texts and repeated 3-grams of greedy continuations, for one checkpoint."""
+    import torch
+
+    from megatron_puzzle.model import checkpoint
+    from megatron_puzzle.report.generations import decode, greedy, repeated_ngrams
+    from megatron_puzzle.report.make import canonical_of
+    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.score.evaluate import evaluate_model
+
+    model = parent if path is None else checkpoint.load(path)
+    model.eval()
+    out: dict = {}
+    with torch.no_grad():
+        for name, batches in (("heldout", heldout), ("parent_text", parent_text)):
+            m = evaluate_model(model, parent, batches)
+            out[name] = {k: float(m[k]) for k in ("kl_div", "lm_loss", "accuracy", "top1_agreement")}
+    runtime = runtime_model(*canonical_of(model))
+    eos = model.puzzle_config.eos_token_id
+    for name, prompts in (("general", general), ("in_domain", in_domain)):
+        reps = total = 0
+        shown = []
+        for ids in prompts:
+            cont = greedy(runtime, ids, gen_tokens, eos)
+            r, t = repeated_ngrams(cont)
+            reps, total = reps + r, total + t
+            shown.append([decode(tokenizer, ids), decode(tokenizer, cont)])
+        out[f"repeated_3grams_{name}"] = reps / total if total else float("nan")
+        out[f"generations_{name}"] = shown
+    return out
+
+
+def run(args) -> dict:
+    import torch
+    import yaml
+
+    from megatron_puzzle.convert.megatron_io import load_checkpoint_tokenizer
+    from megatron_puzzle.distill.gkd import FINAL_DIR, STAGE_DIR, GKDConfig, run_gkd
+    from megatron_puzzle.model import checkpoint
+    from megatron_puzzle.model.parallel import init_distributed
+    from megatron_puzzle.score.stage import heldout_batches
+    from megatron_puzzle.utils.io import atomic_write_json
+
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    for name in ("parent", "data", "child"):
+        if not (run_dir / name).is_dir():
+            raise SystemExit(f"{run_dir}/{name} is missing; run `megatron-puzzle run --run-dir {run_dir} --until realize`")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "training_text.json"
+    data = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    init_distributed(1)
+    parent = checkpoint.load(run_dir / "parent")
+    parent.eval()
+    tokenizer = load_checkpoint_tokenizer(run_dir / "parent")
+    # EOS: what the run's shards put between documents, so a sample starts as a new document does
+    start = int(tokenizer.eos_token_id) if args.start is None else args.start
+
+    samples = out / "samples.npz"
+    if not samples.exists():
+        t0 = time.perf_counter()
+        train = sample_parent(parent, args.sample_tokens, args.sample_len, args.sample_batch, args.temperature,
+                              args.top_p, seed=0, start=start)
+        seconds = time.perf_counter() - t0
+        held = sample_parent(parent, args.heldout_sample_tokens, args.sample_len, args.sample_batch,
+                             args.temperature, args.top_p, seed=1, start=start)
+        tmp = out / "samples.tmp.npz"
+        np.savez(tmp, train=train, heldout=held)
+        tmp.rename(samples)
+        data["sampling"] = {"train_tokens": int(train.size), "heldout_tokens": int(held.size), "seconds": seconds,
+                            "temperature": args.temperature, "top_p": args.top_p, "start_token": start,
+                            "row_tokens": args.sample_len}
+        atomic_write_json(path, data)
+    rows = np.load(samples)
+    heldout = heldout_batches(run_dir / "data", args.eval_tokens, args.eval_seq_len, args.eval_batch_size)
+    held_rows = torch.from_numpy(rows["heldout"])
+    parent_text = [held_rows[i:i + args.eval_batch_size] for i in range(0, len(held_rows), args.eval_batch_size)]
+    general = [[tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None)
+               + tokenizer(p, add_special_tokens=False)["input_ids"] for p in GENERAL_PROMPTS]
+    in_domain = in_domain_prompts(run_dir, args.in_domain_prompts, tokenizer.bos_token_id)
+
+    def judged(label, ckpt, **extra):
+        if label in data["models"]:
+            return
+        log.info("judging %s", label)
+        data["models"][label] = {**extra, **judge(ckpt, parent, tokenizer, heldout, parent_text, general,
+                                                  in_domain, args.gen_tokens)}
+        atomic_write_json(path, data)
+
+    judged("parent", None)
+    judged("before GKD", run_dir / "child", steps=0)
+    gkd_cfg = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("gkd", {}) \
+        if (run_dir / "config.yaml").exists() else {}
+    for share in args.parent_share:
+        label = f"{args.steps} steps, {share:.0%} parent text"
+        if label in data["models"]:
+            continue
+        work = out / f"share{share:g}"
+        work.mkdir(parents=True, exist_ok=True)
+        for name in ("parent", "child"):
+            if not (work / name).exists():
+                (work / name).symlink_to((run_dir / name).resolve(), target_is_directory=True)
+        train_tokens = mixed_data(run_dir, work / "data", rows["train"], share)
+        gcfg = GKDConfig.from_dict({**gkd_cfg, "steps": args.steps, "eval_tokens": 0, "save_interval": 0,
+                                    "progress": not args.no_progress})
+        t0 = time.perf_counter()
+        run_gkd(work, gcfg)
+        judged(label, work / STAGE_DIR / FINAL_DIR, steps=args.steps, parent_share=share,
+               train_tokens=train_tokens, gkd_wall_s=time.perf_counter() - t0)
+    for item in args.also or []:
+        label, _, ckpt = item.rpartition("=")
+        judged(label or ckpt, Path(ckpt))
+    return data
+
+
+def table(data: dict) -> str:
+    parent = data["models"]["parent"]
+    lines = [("| model | held-out acc kept | held-out KL | parent-text acc kept | parent-text KL "
+              "| repeated 3-grams, general prompts | repeated 3-grams, in-domain prompts |"),
+             "|---|---|---|---|---|---|---|"]
+    for label, m in data["models"].items():
+        h, p = m["heldout"], m["parent_text"]
+        lines.append(f"| {label} | {h['accuracy'] / parent['heldout']['accuracy']:.1%} | {h['kl_div']:.3f} "
+                     f"| {p['accuracy'] / parent['parent_text']['accuracy']:.1%} | {p['kl_div']:.3f} "
+                     f"| {m['repeated_3grams_general']:.0%} | {m['repeated_3grams_in_domain']:.0%} |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(data["models"])
+    parent = data["models"]["parent"]
+    panels = (("held-out accuracy kept (%)", lambda m: 100 * m["heldout"]["accuracy"] / parent["heldout"]["accuracy"]),
+              ("parent-text KL", lambda m: m["parent_text"]["kl_div"]),
+              ("repeated 3-grams (%)", None))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    y = np.arange(len(labels))
+    for ax, (title, fn) in zip(axes, panels):
+        if fn is None:
+            ax.barh(y - 0.2, [100 * data["models"][k]["repeated_3grams_general"] for k in labels], 0.4,
+                    label="general prompts")
+            ax.barh(y + 0.2, [100 * data["models"][k]["repeated_3grams_in_domain"] for k in labels], 0.4,
+                    label="in-domain prompts")
+            ax.legend(fontsize=7)
+        else:
+            ax.barh(y, [fn(data["models"][k]) for k in labels])
+        ax.set_yticks(y, labels if ax is axes[0] else [""] * len(labels), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("training text against held-out quality and greedy repetition", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", help="run directory with parent/, data/, child/")
+    p.add_argument("--out", help="output directory (training_text.json, samples, one dir per share)")
+    p.add_argument("--steps", type=int, default=60, help="GKD steps of every uptrained child")
+    p.add_argument("--parent-share", type=float, nargs="+", default=[0.0, 0.5],
+                   help="shares of parent text in the train split, one uptrained child each")
+    p.add_argument("--also", nargs="*", help="more checkpoints to judge, as PATH or LABEL=PATH (e.g. RUN/gkd/final)")
+    p.add_argument("--sample-tokens", type=int, default=16384, help="parent text to train on")
+    p.add_argument("--heldout-sample-tokens", type=int, default=4096, help="parent text to judge on")
+    p.add_argument("--sample-len", type=int, default=128, help="tokens per sampled row")
+    p.add_argument("--sample-batch", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--start", type=int, help="token each sample starts from (default: EOS)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
+    p.add_argument("--in-domain-prompts", type=int, default=16)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-seq-len", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--png", help="draw the figures here")
+    p.add_argument("--plot", help="print and draw this training_text.json instead of running")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if args.plot:
+        data = json.loads(Path(args.plot).read_text())
+    else:
+        if not args.run_dir or not args.out:
+            p.error("--run-dir and --out are needed (or --plot FILE)")
+        for s in args.parent_share:
+            if not 0 <= s <= 1:
+                p.error(f"--parent-share takes shares in [0, 1], got {s}")
+        data = run(args)
+    print(table(data))
+    if args.png:
+        plot(data, Path(args.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""benchmarks/training_text.py: the mixed train split holds what it says, and nucleus sampling narrows
+to the greedy continuation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from _models import REPO, tiny_parent
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("training_text", REPO / "benchmarks" / "training_text.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _data_dir(run, vocab=256):
+    from megatron_puzzle.utils.io import atomic_write_json
+
+    data = run / "data"
+    data.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 5000), ("calib", 300), ("heldout", 700)):
+        np.save(data / f"{split}.npy", g.integers(0, vocab // 2, n, dtype=np.uint32))
+        splits[split] = {"file": f"{split}.npy", "tokens": n}
+    atomic_write_json(data / "meta.json", {"seed": 0, "vocab_size": vocab, "splits": splits})
+    (data / "done").write_text("ok\n")
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])
+def test_mixed_train_split(tmp_path, share):
+    from megatron_puzzle.data.shards import load_split
+
+    mod = _module()
+    _data_dir(tmp_path)
+    own = np.asarray(load_split(tmp_path / "data", "train")).astype(np.int64)
+    rows = 128 + np.arange(10 * 30).reshape(10, 30) % 128  # "parent text": ids >= 128, unlike the run's
+    n = mod.mixed_data(tmp_path, tmp_path / "mix", rows, share, block=64)
+    train = np.asarray(load_split(tmp_path / "mix", "train")).astype(np.int64)
+    assert len(train) == n
+    theirs = train[train >= 128]
+    expected_theirs = 0 if share == 0 else rows.size
+    assert len(theirs) == expected_theirs
+    np.testing.assert_array_equal(theirs, rows.reshape(-1)[:expected_theirs])  # in order, every token once
+    ours = train[train < 128]
+    if share == 0:
+        np.testing.assert_array_equal(ours, own)
+    else:
+        assert abs(len(theirs) / len(train) - share) < 1e-9 and np.array_equal(ours, own[: len(ours)])
+    if 0 < share < 1:  # interleaved: both sources in the first two blocks
+        assert train[:64].max() < 128 and train[64:128].min() >= 128
+    # the other splits are the run's own
+    for split in ("calib", "heldout"):
+        np.testing.assert_array_equal(load_split(tmp_path / "mix", split), load_split(tmp_path / "data", split))
+    assert mod.mixed_data(tmp_path, tmp_path / "mix", rows[:1], share, block=64) == n  # finished: kept
+
+
+def test_sampling_narrows_to_greedy_and_is_seeded(mcore):
+    from megatron_puzzle.arch.shapes import random_canonical
+    from megatron_puzzle.convert.megatron_layout import load_canonical
+    from megatron_puzzle.model.gpt import build_model
+    from megatron_puzzle.report.generations import greedy
+    from megatron_puzzle.report.make import canonical_of
+    from megatron_puzzle.report.throughput import runtime_model
+
+    mod = _module()
+    cfg = tiny_parent(num_layers=2)
+    parent = build_model(cfg)
+    load_canonical(parent, random_canonical(cfg, seed=0, std=0.3))
+    parent.eval()
+    # top_p so small that the nucleus is the single likeliest token: sampling is greedy decoding
+    rows = mod.sample_parent(parent, tokens=24, length=12, batch=2, temperature=1.0, top_p=1e-6, seed=0, start=3,
+                             dtype=torch.float32)
+    assert rows.shape == (2, 13) and (rows[:, 0] == 3).all()
+    ref = greedy(runtime_model(*canonical_of(parent)), [3], 12)  # the report's greedy decoder
+    np.testing.assert_array_equal(rows[0, 1:], ref)
+    np.testing.assert_array_equal(rows[1], rows[0])
+    a = mod.sample_parent(parent, tokens=48, length=12, batch=4, temperature=1.0, top_p=0.95, seed=5, start=3)
+    b = mod.sample_parent(parent, tokens=48, length=12, batch=4, temperature=1.0, top_p=0.95, seed=5, start=3)
+    c = mod.sample_parent(parent, tokens=48, length=12, batch=4, temperature=1.0, top_p=0.95, seed=6, start=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and len({tuple(r) for r in a}) > 1
+    assert torch.from_numpy(a).max() < cfg.vocab_size
