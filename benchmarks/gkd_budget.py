@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_eval_options, setup_logging  # a sibling of this script
+
 log = logging.getLogger("gkd_budget")
 
 
@@ -175,16 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-dtype", choices=["auto", "fastest", "float32", "bfloat16"], help="the frozen parent's dtype")
     p.add_argument("--loss", help="loss weights, e.g. cosine=1,kl=1,lm=0.5 (unnamed terms keep the run's)")
     p.add_argument("--label-prefix", default="", help="prefix of the points' labels (e.g. lr5e-4_)")
-    p.add_argument("--eval-tokens", type=int, default=4096)
-    p.add_argument("--eval-seq-len", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-progress", action="store_true")
+    add_eval_options(p)
     p.add_argument("--plot", help="draw this gkd_budget.json instead of running")
     p.add_argument("--png", default="docs/gkd_budget.png")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.png))
         return 0

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_eval_options, setup_logging  # a sibling of this script
+
 log = logging.getLogger("training_text")
 
 # Plain completions of everyday text: what a user of a general model types. The report's own three
@@ -315,16 +318,11 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, help="token each sample starts from (default: EOS)")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--in-domain-prompts", type=int, default=16)
-    p.add_argument("--eval-tokens", type=int, default=4096)
-    p.add_argument("--eval-seq-len", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-progress", action="store_true")
+    add_eval_options(p)
     p.add_argument("--png", help="draw the figures here")
     p.add_argument("--plot", help="print and draw this training_text.json instead of running")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     if args.plot:
         data = json.loads(Path(args.plot).read_text())
     else:
