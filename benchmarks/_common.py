@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -18,3 +19,12 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+
+
+def run_gkd_settings(run: Path) -> dict:
+    """The run's own `gkd` section (RUN/config.yaml, written resolved by `megatron-puzzle run`), so a
+    benchmark trains with the settings the run used; {} when the run has no config.yaml."""
+    import yaml
+
+    path = Path(run) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get("gkd", {}) if path.exists() else {}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_eval_options, setup_logging  # a sibling of this script
+from _common import add_eval_options, run_gkd_settings, setup_logging  # a sibling of this script
 
 log = logging.getLogger("gkd_budget")
 
@@ -65,7 +65,6 @@ def _loss_weights(text: str) -> dict:
 
 def sweep(args) -> dict:
     import torch
-    import yaml
 
     from megatron_puzzle.distill.gkd import FINAL_DIR, STAGE_DIR, GKDConfig, run_gkd
     from megatron_puzzle.model import checkpoint
@@ -97,8 +96,7 @@ def sweep(args) -> dict:
         data["points"].append({"label": "before", "steps": 0, "tokens": 0, "wall_s": 0.0,
                                **_evaluate(run / "child", parent, batches)})
         _save(path, data)
-    run_gkd_cfg = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("gkd", {}) \
-        if (run / "config.yaml").exists() else {}
+    run_gkd_cfg = run_gkd_settings(run)
     overrides = {k: v for k, v in (("lr", args.lr), ("min_lr", args.min_lr), ("batch_size", args.batch_size),
                                    ("seq_len", args.seq_len), ("dtype", args.dtype),
                                    ("teacher_dtype", args.teacher_dtype), ("warmup", args.warmup)) if v is not None}

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_eval_options, setup_logging  # a sibling of this script
+from _common import add_eval_options, run_gkd_settings, setup_logging  # a sibling of this script
 
 log = logging.getLogger("training_text")
 
@@ -86,8 +86,8 @@ def sample_parent(parent, tokens: int, length: int, batch: int, temperature: flo
 
 
 def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, block: int = BLOCK) -> int:
-    """dest/: RUN/data with its train split replaced by `share` parent text and the rest the run's
-    own train text (from its start), interleaved in `block`-token blocks, written as a Megatron
+    """dest/: RUN/data with its train split replaced by `share` parent text (from the first row) and
+    the rest the run's own train text (from its start), as much as the share allows, interleaved in `block`-token blocks, written as a Megatron
     indexed dataset (dest/train_mixed); returns the train split's tokens."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -105,7 +105,11 @@ def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, blo
     if share >= 1:
         own = own[:0]
     elif share > 0:
-        own = own[: min(len(own), int(len(theirs) * (1 - share) / share))]
+        need = int(len(theirs) * (1 - share) / share)
+        if need > len(own):  # too little of the run's text for all the samples: use fewer, so the share holds
+            theirs = theirs[: round(len(own) * share / (1 - share))]
+        else:
+            own = own[:need]
     else:
         theirs = theirs[:0]
     blocks = [own[i:i + block] for i in range(0, len(own), block)]
@@ -174,7 +178,6 @@ def judge(path, parent, tokenizer, heldout, parent_text, general, in_domain, gen
 
 def run(args) -> dict:
     import torch
-    import yaml
 
     from megatron_puzzle.convert.megatron_io import load_checkpoint_tokenizer
     from megatron_puzzle.distill.gkd import FINAL_DIR, STAGE_DIR, GKDConfig, run_gkd
@@ -232,8 +235,7 @@ def run(args) -> dict:
 
     judged("parent", None)
     judged("before GKD", run_dir / "child", steps=0)
-    gkd_cfg = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("gkd", {}) \
-        if (run_dir / "config.yaml").exists() else {}
+    gkd_cfg = run_gkd_settings(run_dir)
     for share in args.parent_share:
         label = f"{args.steps} steps, {share:.0%} parent text"
         if label in data["models"]:

@@ -33,26 +33,28 @@ def _data_dir(run, vocab=256):
     (data / "done").write_text("ok\n")
 
 
-@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])
-def test_mixed_train_split(tmp_path, share):
+@pytest.mark.parametrize("share, row_len", [(0.0, 30), (0.25, 30), (0.5, 30), (1.0, 30), (0.25, 300)])
+def test_mixed_train_split(tmp_path, share, row_len):
+    """row_len 300: 3000 samples at share 0.25 would need 9000 of the run's 5000 tokens, so fewer samples go in."""
     from megatron_puzzle.data.shards import load_split
 
     mod = _module()
     _data_dir(tmp_path)
     own = np.asarray(load_split(tmp_path / "data", "train")).astype(np.int64)
-    rows = 128 + np.arange(10 * 30).reshape(10, 30) % 128  # "parent text": ids >= 128, unlike the run's
+    rows = 128 + np.arange(10 * row_len).reshape(10, row_len) % 128  # "parent text": ids >= 128, unlike the run's
     n = mod.mixed_data(tmp_path, tmp_path / "mix", rows, share, block=64)
     train = np.asarray(load_split(tmp_path / "mix", "train")).astype(np.int64)
     assert len(train) == n
     theirs = train[train >= 128]
-    expected_theirs = 0 if share == 0 else rows.size
+    expected_theirs = {0.0: 0, 1.0: rows.size}.get(share) if share in (0, 1) else \
+        min(rows.size, round(own.size * share / (1 - share)))
     assert len(theirs) == expected_theirs
     np.testing.assert_array_equal(theirs, rows.reshape(-1)[:expected_theirs])  # in order, every token once
     ours = train[train < 128]
     if share == 0:
         np.testing.assert_array_equal(ours, own)
     else:
-        assert abs(len(theirs) / len(train) - share) < 1e-9 and np.array_equal(ours, own[: len(ours)])
+        assert abs(len(theirs) - share * len(train)) <= 1 and np.array_equal(ours, own[: len(ours)])
     if 0 < share < 1:  # interleaved: both sources in the first two blocks
         assert train[:64].max() < 128 and train[64:128].min() >= 128
     # the other splits are the run's own
