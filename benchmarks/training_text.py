@@ -1,24 +1,30 @@
 """Training text against generations: GKD of one realized child on the run's text, or on a mix
-with text sampled from the parent, each judged on held-out text and on greedy generations.
+with sampled text, each judged on held-out text and on greedy generations.
 
     python benchmarks/training_text.py --run-dir RUN --out OUT --steps 60 --parent-share 0 0.5 \
         [--also "child, 300 steps=RUN/gkd/final"] [--png docs/training_text.png]
+    python benchmarks/training_text.py --run-dir RUN --out OUT2 --sampler init --init CKPT --temperature 0 \
+        --steps 100 --parent-share 0 0.5
     python benchmarks/training_text.py --plot OUT/training_text.json --png docs/training_text.png
 
 RUN is a run directory holding parent/, data/ and child/ (e.g. `megatron-puzzle run --until
 realize`). The script
-1. samples `--sample-tokens` tokens of text from the parent (each row from EOS, temperature
-   `--temperature`, nucleus `--top-p`; rows of `--sample-len` tokens), and as many again with
-   another seed as held-out parent text (OUT/samples.npz; kept when present);
-2. for each `--parent-share` S uptrains a fresh copy of RUN/child with the run's GKD settings and
-   `--steps` steps, on a train split where a share S of the tokens is the parent's text and the
-   rest the run's own training text, interleaved in blocks (OUT/share<S>/, its data/ a copy of
-   RUN/data with that train split);
-3. judges the parent, RUN/child before GKD, every uptrained child and every `--also` checkpoint
-   alike: KL, LM loss, next-token accuracy on the run's held-out text (the report's 4096 tokens)
-   and on the held-out parent text; the share of repeated 3-grams in greedy continuations of
-   `--gen-tokens` tokens from general prompts (GENERAL_PROMPTS) and from the starts of held-out
-   documents (in-domain prompts).
+1. samples `--sample-tokens` tokens of train text (OUT/samples.npz; kept when present) in rows of
+   `--sample-len` tokens: from the parent (`--sampler parent`, each row from EOS), or from the start
+   checkpoint `--init` continuing `--prefix-tokens` tokens of the run's train text (`--sampler init`:
+   the contexts the child writes itself, loops included); temperature `--temperature` (0: greedy)
+   and nucleus `--top-p`. It also samples `--heldout-sample-tokens` of parent text, another seed, to
+   judge on;
+2. for each share S (`--parent-share`) uptrains a fresh copy of the start checkpoint (RUN/child
+   unless `--init`) with the run's GKD settings and `--steps` steps, on a train split where a share
+   S of the tokens is the sampled text and the rest the run's own training text, interleaved in
+   blocks (OUT/share<S>/, its data/ a copy of RUN/data with that train split); the loss is always
+   against the parent;
+3. judges the parent, RUN/child before GKD, the start checkpoint, every uptrained child and every
+   `--also` checkpoint alike: KL, LM loss, next-token accuracy on the run's held-out text (the
+   report's 4096 tokens) and on the held-out parent text; the share of repeated 3-grams in greedy
+   continuations of `--gen-tokens` tokens from general prompts (GENERAL_PROMPTS) and from the
+   starts of held-out documents (in-domain prompts).
 
 OUT/training_text.json holds every figure and every continuation; finished items are skipped, so
 a killed run resumes. The table is printed, and `--png` draws the figures side by side.
@@ -54,35 +60,53 @@ BLOCK = 4096  # tokens per interleaved block of the mixed train split
 PROMPT_TOKENS = 12  # tokens of a held-out document that make an in-domain prompt
 
 
-def sample_parent(parent, tokens: int, length: int, batch: int, temperature: float, top_p: float, seed: int,
-                  start: int, dtype=None) -> np.ndarray:
-    """[rows, length + 1] token ids sampled from the parent (run in `dtype`, default bf16), each row
-    from the token `start`."""
+def sample_rows(model, prefixes: np.ndarray, new_tokens: int, batch: int, temperature: float, top_p: float,
+                seed: int, dtype=None, who: str = "the parent") -> np.ndarray:
+    """[rows, prefix + new_tokens] token ids: each prefix row continued by `model` (run in `dtype`,
+    default bf16) with temperature and nucleus sampling, or greedily at temperature 0."""
     import torch
     from transformers.cache_utils import DynamicCache
 
     from megatron_puzzle.report.make import canonical_of
     from megatron_puzzle.report.throughput import runtime_model
 
-    model = runtime_model(*canonical_of(parent), dtype=dtype or torch.bfloat16)
+    runtime = runtime_model(*canonical_of(model), dtype=dtype or torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
-    rows, total, t0 = [], -(-tokens // length), time.perf_counter()
+    rows, total, t0 = [], len(prefixes), time.perf_counter()
     with torch.no_grad():
         for first in range(0, total, batch):
-            n = min(batch, total - first)
-            ids = torch.full((n, 1), start, dtype=torch.long)
+            ids = torch.from_numpy(np.asarray(prefixes[first:first + batch], dtype=np.int64))
             cache, out = DynamicCache(), [ids]
-            for _ in range(length):
-                logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-                probs, order = torch.softmax(logits / temperature, -1).sort(-1, descending=True)
-                probs = probs * (probs.cumsum(-1) - probs < top_p)  # the nucleus: the smallest set reaching top_p
-                ids = order.gather(-1, torch.multinomial(probs, 1, generator=gen))
+            for _ in range(new_tokens):
+                logits = runtime(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                if temperature == 0:
+                    ids = logits.argmax(-1, keepdim=True)
+                else:
+                    probs, order = torch.softmax(logits / temperature, -1).sort(-1, descending=True)
+                    probs = probs * (probs.cumsum(-1) - probs < top_p)  # the nucleus: the smallest set reaching top_p
+                    ids = order.gather(-1, torch.multinomial(probs, 1, generator=gen))
                 out.append(ids)
             rows.append(torch.cat(out, 1).numpy())
-            done = first + n
-            log.info("sampled %d/%d rows from the parent (%.0f tokens/s)", done, total,
-                     done * length / (time.perf_counter() - t0))
+            done = first + len(rows[-1])
+            log.info("sampled %d/%d rows from %s (%.0f tokens/s)", done, total, who,
+                     done * new_tokens / (time.perf_counter() - t0))
     return np.concatenate(rows).astype(np.int64)
+
+
+def sample_parent(parent, tokens: int, length: int, batch: int, temperature: float, top_p: float, seed: int,
+                  start: int, dtype=None) -> np.ndarray:
+    """[rows, length + 1] token ids sampled from the parent, each row from the token `start`."""
+    prefixes = np.full((-(-tokens // length), 1), start, dtype=np.int64)
+    return sample_rows(parent, prefixes, length, batch, temperature, top_p, seed, dtype)
+
+
+def train_prefixes(run: Path, rows: int, length: int, seed: int) -> np.ndarray:
+    """[rows, length]: windows of the run's train text at random places (seeded), as prompts to continue."""
+    from megatron_puzzle.data.shards import load_split
+
+    own = np.asarray(load_split(run / "data", "train"))
+    starts = np.random.default_rng(seed).choice(len(own) - length, size=rows, replace=False)
+    return np.stack([own[s:s + length] for s in np.sort(starts)]).astype(np.int64)
 
 
 def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, block: int = BLOCK) -> int:
@@ -203,19 +227,27 @@ def run(args) -> dict:
     start = int(tokenizer.eos_token_id) if args.start is None else args.start
 
     samples = out / "samples.npz"
+    init = Path(args.init) if args.init else run_dir / "child"
     if not samples.exists():
         t0 = time.perf_counter()
-        train = sample_parent(parent, args.sample_tokens, args.sample_len, args.sample_batch, args.temperature,
-                              args.top_p, seed=0, start=start)
+        if args.sampler == "parent":
+            train = sample_parent(parent, args.sample_tokens, args.sample_len, args.sample_batch, args.temperature,
+                                  args.top_p, seed=0, start=start)
+        else:  # the start checkpoint continues stretches of the run's own text: contexts it writes itself
+            new_tokens = args.sample_len - args.prefix_tokens
+            prefixes = train_prefixes(run_dir, -(-args.sample_tokens // args.sample_len), args.prefix_tokens, seed=0)
+            train = sample_rows(checkpoint.load(init), prefixes, new_tokens, args.sample_batch, args.temperature,
+                                args.top_p, seed=0, who=str(init))
         seconds = time.perf_counter() - t0
         held = sample_parent(parent, args.heldout_sample_tokens, args.sample_len, args.sample_batch,
-                             args.temperature, args.top_p, seed=1, start=start)
+                             args.temperature if args.sampler == "parent" else 1.0, args.top_p, seed=1, start=start)
         tmp = out / "samples.tmp.npz"
         np.savez(tmp, train=train, heldout=held)
         tmp.rename(samples)
-        data["sampling"] = {"train_tokens": int(train.size), "heldout_tokens": int(held.size), "seconds": seconds,
-                            "temperature": args.temperature, "top_p": args.top_p, "start_token": start,
-                            "row_tokens": args.sample_len}
+        data["sampling"] = {"sampler": args.sampler, "train_tokens": int(train.size), "heldout_tokens": int(held.size),
+                            "seconds": seconds, "temperature": args.temperature, "top_p": args.top_p,
+                            "start_token": start, "row_tokens": args.sample_len,
+                            "prefix_tokens": args.prefix_tokens if args.sampler == "init" else 0}
         atomic_write_json(path, data)
     rows = np.load(samples)
     heldout = heldout_batches(run_dir / "data", args.eval_tokens, args.eval_seq_len, args.eval_batch_size)
@@ -235,22 +267,25 @@ def run(args) -> dict:
 
     judged("parent", None)
     judged("before GKD", run_dir / "child", steps=0)
+    if args.init:
+        judged(args.init_label, init)
     gkd_cfg = run_gkd_settings(run_dir)
+    text = "parent text" if args.sampler == "parent" else "own samples"
     for share in args.parent_share:
-        label = f"{args.steps} steps, {share:.0%} parent text"
+        label = f"{args.steps} steps, {share:.0%} {text}" + (f", from {args.init_label}" if args.init else "")
         if label in data["models"]:
             continue
         work = out / f"share{share:g}"
         work.mkdir(parents=True, exist_ok=True)
-        for name in ("parent", "child"):
+        for name, src in (("parent", run_dir / "parent"), ("child", init)):
             if not (work / name).exists():
-                (work / name).symlink_to((run_dir / name).resolve(), target_is_directory=True)
+                (work / name).symlink_to(src.resolve(), target_is_directory=True)
         train_tokens = mixed_data(run_dir, work / "data", rows["train"], share)
         gcfg = GKDConfig.from_dict({**gkd_cfg, "steps": args.steps, "eval_tokens": 0, "save_interval": 0,
                                     "progress": not args.no_progress})
         t0 = time.perf_counter()
         run_gkd(work, gcfg)
-        judged(label, work / STAGE_DIR / FINAL_DIR, steps=args.steps, parent_share=share,
+        judged(label, work / STAGE_DIR / FINAL_DIR, steps=args.steps, sampled_share=share, sampler=args.sampler,
                train_tokens=train_tokens, gkd_wall_s=time.perf_counter() - t0)
     for item in args.also or []:
         label, _, ckpt = item.rpartition("=")
@@ -309,13 +344,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output directory (training_text.json, samples, one dir per share)")
     p.add_argument("--steps", type=int, default=60, help="GKD steps of every uptrained child")
     p.add_argument("--parent-share", type=float, nargs="+", default=[0.0, 0.5],
-                   help="shares of parent text in the train split, one uptrained child each")
+                   help="shares of sampled text in the train split, one uptrained child each")
+    p.add_argument("--sampler", choices=("parent", "init"), default="parent",
+                   help="who writes the sampled train text: the parent (each row from --start), or the --init "
+                        "checkpoint continuing --prefix-tokens tokens of the run's train text")
+    p.add_argument("--init", help="checkpoint every uptrained child starts from (default RUN/child)")
+    p.add_argument("--init-label", default="start", help="the --init checkpoint's name in the table")
+    p.add_argument("--prefix-tokens", type=int, default=32, help="--sampler init: prompt tokens per row")
     p.add_argument("--also", nargs="*", help="more checkpoints to judge, as PATH or LABEL=PATH (e.g. RUN/gkd/final)")
     p.add_argument("--sample-tokens", type=int, default=16384, help="parent text to train on")
     p.add_argument("--heldout-sample-tokens", type=int, default=4096, help="parent text to judge on")
     p.add_argument("--sample-len", type=int, default=128, help="tokens per sampled row")
     p.add_argument("--sample-batch", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--start", type=int, help="token each sample starts from (default: EOS)")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
@@ -333,6 +374,8 @@ def main(argv=None) -> int:
         for s in args.parent_share:
             if not 0 <= s <= 1:
                 p.error(f"--parent-share takes shares in [0, 1], got {s}")
+        if args.sampler == "init" and not 0 < args.prefix_tokens < args.sample_len:
+            p.error(f"--prefix-tokens must be in (0, --sample-len={args.sample_len}), got {args.prefix_tokens}")
         data = run(args)
     print(table(data))
     if args.png:

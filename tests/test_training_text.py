@@ -89,3 +89,24 @@ def test_sampling_narrows_to_greedy_and_is_seeded(mcore):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and len({tuple(r) for r in a}) > 1
     assert torch.from_numpy(a).max() < cfg.vocab_size
+    # temperature 0 is greedy decoding, from any prefix
+    prefixes = np.array([[3, 7, 1], [5, 2, 9]])
+    rows = mod.sample_rows(parent, prefixes, 10, batch=2, temperature=0, top_p=0.95, seed=0, dtype=torch.float32)
+    assert rows.shape == (2, 13)
+    np.testing.assert_array_equal(rows[:, :3], prefixes)
+    for row, prefix in zip(rows, prefixes):
+        np.testing.assert_array_equal(row[3:], greedy(runtime_model(*canonical_of(parent)), list(prefix), 10))
+
+
+def test_train_prefixes_are_seeded_windows_of_the_train_text(tmp_path):
+    from megatron_puzzle.data.shards import load_split
+
+    mod = _module()
+    _data_dir(tmp_path)
+    own = np.asarray(load_split(tmp_path / "data", "train")).astype(np.int64)
+    a = mod.train_prefixes(tmp_path, rows=20, length=8, seed=0)
+    assert a.shape == (20, 8)
+    starts = [next(s for s in range(len(own) - 8) if np.array_equal(own[s:s + 8], row)) for row in a]
+    assert starts == sorted(starts) and len(set(starts)) == 20  # distinct places, in the text's order
+    np.testing.assert_array_equal(a, mod.train_prefixes(tmp_path, rows=20, length=8, seed=0))
+    assert not np.array_equal(a, mod.train_prefixes(tmp_path, rows=20, length=8, seed=1))
