@@ -28,3 +28,11 @@ def run_gkd_settings(run: Path) -> dict:
 
     path = Path(run) / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}).get("gkd", {}) if path.exists() else {}
+
+
+def loss_weights(text: str) -> dict:
+    """'cosine=1,kl=1,lm=0.5' -> {'cosine': 1.0, 'kl': 1.0, 'lm': 0.5}"""
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--loss wants term=weight pairs like cosine=1,kl=1,lm=0.5, got {text!r}") from None

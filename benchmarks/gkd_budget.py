@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_eval_options, run_gkd_settings, setup_logging  # a sibling of this script
+from _common import add_eval_options, loss_weights, run_gkd_settings, setup_logging  # a sibling of this script
 
 log = logging.getLogger("gkd_budget")
 
@@ -53,14 +53,6 @@ def _save(path: Path, data: dict) -> None:
     from megatron_puzzle.utils.io import atomic_write_json
 
     atomic_write_json(path, data)
-
-
-def _loss_weights(text: str) -> dict:
-    """'cosine=1,kl=1,lm=0.5' -> {'cosine': 1.0, 'kl': 1.0, 'lm': 0.5}"""
-    try:
-        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise SystemExit(f"--loss wants term=weight pairs like cosine=1,kl=1,lm=0.5, got {text!r}") from None
 
 
 def sweep(args) -> dict:
@@ -101,7 +93,7 @@ def sweep(args) -> dict:
                                    ("seq_len", args.seq_len), ("dtype", args.dtype),
                                    ("teacher_dtype", args.teacher_dtype), ("warmup", args.warmup)) if v is not None}
     if args.loss:
-        overrides["loss"] = {**(run_gkd_cfg.get("loss") or {}), **_loss_weights(args.loss)}
+        overrides["loss"] = {**(run_gkd_cfg.get("loss") or {}), **loss_weights(args.loss)}
     for steps in args.steps:
         gcfg = GKDConfig.from_dict({**run_gkd_cfg, **overrides, "steps": steps, "eval_tokens": 0, "save_interval": 0,
                                     "progress": not args.no_progress})

@@ -18,8 +18,9 @@ realize`). The script
 2. for each share S (`--parent-share`) uptrains a fresh copy of the start checkpoint (RUN/child
    unless `--init`) with the run's GKD settings and `--steps` steps, on a train split where a share
    S of the tokens is the sampled text and the rest the run's own training text, interleaved in
-   blocks (OUT/share<S>/, its data/ a copy of RUN/data with that train split); the loss is always
-   against the parent;
+   blocks (OUT/share<S>/, its data/ a copy of RUN/data with that train split). The KL and cosine
+   terms are against the parent; the LM term (`--loss lm=0` drops it) learns the train text itself,
+   sampled rows included;
 3. judges the parent, RUN/child before GKD, the start checkpoint, every uptrained child and every
    `--also` checkpoint alike: KL, LM loss, next-token accuracy on the run's held-out text (the
    report's 4096 tokens) and on the held-out parent text; the share of repeated 3-grams in greedy
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_eval_options, run_gkd_settings, setup_logging  # a sibling of this script
+from _common import add_eval_options, loss_weights, run_gkd_settings, setup_logging  # a sibling of this script
 
 log = logging.getLogger("training_text")
 
@@ -270,12 +271,15 @@ def run(args) -> dict:
     if args.init:
         judged(args.init_label, init)
     gkd_cfg = run_gkd_settings(run_dir)
+    if args.loss:
+        gkd_cfg["loss"] = {**(gkd_cfg.get("loss") or {}), **loss_weights(args.loss)}
     text = "parent text" if args.sampler == "parent" else "own samples"
     for share in args.parent_share:
-        label = f"{args.steps} steps, {share:.0%} {text}" + (f", from {args.init_label}" if args.init else "")
+        label = f"{args.steps} steps, {share:.0%} {text}" + (f", from {args.init_label}" if args.init else "") \
+            + (f", loss {args.loss}" if args.loss else "")
         if label in data["models"]:
             continue
-        work = out / f"share{share:g}"
+        work = out / (f"share{share:g}" + (f"_{args.loss.replace(',', '_').replace('=', '')}" if args.loss else ""))
         work.mkdir(parents=True, exist_ok=True)
         for name, src in (("parent", run_dir / "parent"), ("child", init)):
             if not (work / name).exists():
@@ -348,6 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", choices=("parent", "init"), default="parent",
                    help="who writes the sampled train text: the parent (each row from --start), or the --init "
                         "checkpoint continuing --prefix-tokens tokens of the run's train text")
+    p.add_argument("--loss", help="loss weights of every uptrained child, e.g. lm=0 (unnamed terms keep the run's)")
     p.add_argument("--init", help="checkpoint every uptrained child starts from (default RUN/child)")
     p.add_argument("--init-label", default="start", help="the --init checkpoint's name in the table")
     p.add_argument("--prefix-tokens", type=int, default=32, help="--sampler init: prompt tokens per row")
