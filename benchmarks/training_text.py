@@ -38,6 +38,7 @@ import json
 import logging
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -155,6 +156,45 @@ def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, blo
     return meta["splits"]["train"]["tokens"]
 
 
+def repeating_positions(row, prefix: int, n: int = 3) -> np.ndarray:
+    """Bool per position of `row`: True where the n-gram ending there occurred earlier in the row
+    (prefix included), for positions from `prefix` on (the sampled part); False elsewhere."""
+    seen, out = set(), np.zeros(len(row), dtype=bool)
+    for t in range(n - 1, len(row)):
+        gram = tuple(int(x) for x in row[t - n + 1:t + 1])
+        out[t] = t >= prefix and gram in seen
+        seen.add(gram)
+    return out
+
+
+def loop_agreement(model, rows: np.ndarray, prefix: int, batch: int = 8) -> dict:
+    """How `model` judges sampled rows, apart at the positions that repeat a 3-gram (a loop going
+    on) and the others: the share where its argmax is the sampled token, and its mean probability
+    of that token."""
+    import torch
+
+    from megatron_puzzle.report.make import canonical_of
+    from megatron_puzzle.report.throughput import runtime_model
+
+    runtime = runtime_model(*canonical_of(model))
+    hits = {True: [], False: []}
+    with torch.no_grad():
+        for first in range(0, len(rows), batch):
+            x = torch.from_numpy(np.asarray(rows[first:first + batch], dtype=np.int64))
+            probs = runtime(input_ids=x[:, :-1]).logits.float().softmax(-1)
+            for b, row in enumerate(x.numpy()):
+                rep = repeating_positions(row, prefix)
+                for t in range(max(prefix, 1), len(row)):
+                    p = probs[b, t - 1]
+                    hits[bool(rep[t])].append((int(p.argmax()) == int(row[t]), float(p[row[t]])))
+    out = {}
+    for key, name in ((True, "repeating"), (False, "new")):
+        h = np.array(hits[key], dtype=float).reshape(-1, 2)
+        out[name] = {"positions": len(h), "argmax_is_sample": float(h[:, 0].mean()) if len(h) else float("nan"),
+                     "mean_prob": float(h[:, 1].mean()) if len(h) else float("nan")}
+    return out
+
+
 def in_domain_prompts(run: Path, n: int, bos: int | None) -> list[list[int]]:
     """The first PROMPT_TOKENS tokens of n held-out documents, spread over the split."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -266,6 +306,12 @@ def run(args) -> dict:
                                                   in_domain, args.gen_tokens)}
         atomic_write_json(path, data)
 
+    if args.sampler == "init" and "loop_agreement" not in data["sampling"]:
+        # does the parent break the start checkpoint's loops? its verdict on the sampled rows
+        data["sampling"]["loop_agreement"] = {
+            name: loop_agreement(model, rows["train"], args.prefix_tokens)
+            for name, model in (("parent", parent), (args.init_label, checkpoint.load(init)))}
+        atomic_write_json(path, data)
     judged("parent", None)
     judged("before GKD", run_dir / "child", steps=0)
     if args.init:
@@ -321,7 +367,7 @@ def plot(data: dict, png: Path) -> None:
     panels = (("held-out accuracy kept (%)", lambda m: 100 * m["heldout"]["accuracy"] / parent["heldout"]["accuracy"]),
               ("parent-text KL", lambda m: m["parent_text"]["kl_div"]),
               ("repeated 3-grams (%)", None))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 1.5 + 0.45 * len(labels)))
     y = np.arange(len(labels))
     for ax, (title, fn) in zip(axes, panels):
         if fn is None:
@@ -332,7 +378,7 @@ def plot(data: dict, png: Path) -> None:
             ax.legend(fontsize=7)
         else:
             ax.barh(y, [fn(data["models"][k]) for k in labels])
-        ax.set_yticks(y, labels if ax is axes[0] else [""] * len(labels), fontsize=7)
+        ax.set_yticks(y, [textwrap.fill(k, 34) for k in labels] if ax is axes[0] else [""] * len(labels), fontsize=7)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -383,6 +429,10 @@ def main(argv=None) -> int:
             p.error(f"--prefix-tokens must be in (0, --sample-len={args.sample_len}), got {args.prefix_tokens}")
         data = run(args)
     print(table(data))
+    for name, a in data.get("sampling", {}).get("loop_agreement", {}).items():
+        print(f"{name} on the sampled rows: argmax is the sampled token at {a['repeating']['argmax_is_sample']:.1%} "
+              f"of {a['repeating']['positions']} positions repeating a 3-gram (mean p {a['repeating']['mean_prob']:.3f}), "
+              f"at {a['new']['argmax_is_sample']:.1%} of {a['new']['positions']} others (mean p {a['new']['mean_prob']:.3f})")
     if args.png:
         plot(data, Path(args.png))
     return 0

@@ -110,3 +110,12 @@ def test_train_prefixes_are_seeded_windows_of_the_train_text(tmp_path):
     assert starts == sorted(starts) and len(set(starts)) == 20  # distinct places, in the text's order
     np.testing.assert_array_equal(a, mod.train_prefixes(tmp_path, rows=20, length=8, seed=0))
     assert not np.array_equal(a, mod.train_prefixes(tmp_path, rows=20, length=8, seed=1))
+
+
+def test_repeating_positions():
+    mod = _module()
+    row = np.array([5, 1, 2, 3, 1, 2, 3, 1, 9, 1, 2])
+    # (1,2,3) and (2,3,1) recur at positions 6 and 7; (3,1,9), (1,9,1), (9,1,2) are new
+    expected = [False] * 6 + [True, True, False, False, False]
+    assert mod.repeating_positions(row, prefix=0).tolist() == expected
+    assert mod.repeating_positions(row, prefix=7).tolist() == [False] * 7 + expected[7:]  # the prefix never counts
