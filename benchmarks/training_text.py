@@ -159,11 +159,12 @@ def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, blo
 def repeating_positions(row, prefix: int, n: int = 3) -> np.ndarray:
     """Bool per position of `row`: True where the n-gram ending there occurred earlier in the row
     (prefix included), for positions from `prefix` on (the sampled part); False elsewhere."""
-    seen, out = set(), np.zeros(len(row), dtype=bool)
-    for t in range(n - 1, len(row)):
-        gram = tuple(int(x) for x in row[t - n + 1:t + 1])
-        out[t] = t >= prefix and gram in seen
-        seen.add(gram)
+    import torch
+
+    from megatron_puzzle.model.losses import repeat_mask
+
+    out = repeat_mask(torch.as_tensor(np.asarray(row, dtype=np.int64))[None], n)[0].numpy()
+    out[:prefix] = False
     return out
 
 
@@ -243,6 +244,7 @@ def judge(path, parent, tokenizer, heldout, parent_text, general, in_domain, gen
 
 def run(args) -> dict:
     import torch
+    import yaml
 
     from megatron_puzzle.convert.megatron_io import load_checkpoint_tokenizer
     from megatron_puzzle.distill.gkd import FINAL_DIR, STAGE_DIR, GKDConfig, run_gkd
@@ -319,13 +321,17 @@ def run(args) -> dict:
     gkd_cfg = run_gkd_settings(run_dir)
     if args.loss:
         gkd_cfg["loss"] = {**(gkd_cfg.get("loss") or {}), **loss_weights(args.loss)}
+    for item in args.gkd_set or []:
+        key, _, value = item.partition("=")
+        gkd_cfg[key] = yaml.safe_load(value)
     text = "parent text" if args.sampler == "parent" else "own samples"
     for share in args.parent_share:
         label = f"{args.steps} steps, {share:.0%} {text}" + (f", from {args.init_label}" if args.init else "") \
-            + (f", loss {args.loss}" if args.loss else "")
+            + (f", loss {args.loss}" if args.loss else "") + "".join(f", {x}" for x in args.gkd_set or [])
         if label in data["models"]:
             continue
-        work = out / (f"share{share:g}" + (f"_{args.loss.replace(',', '_').replace('=', '')}" if args.loss else ""))
+        suffix = "".join(f"_{x}" for x in [args.loss] + (args.gkd_set or []) if x)
+        work = out / (f"share{share:g}" + suffix.replace(",", "_").replace("=", ""))
         work.mkdir(parents=True, exist_ok=True)
         for name, src in (("parent", run_dir / "parent"), ("child", init)):
             if not (work / name).exists():
@@ -399,6 +405,8 @@ def main(argv=None) -> int:
                    help="who writes the sampled train text: the parent (each row from --start), or the --init "
                         "checkpoint continuing --prefix-tokens tokens of the run's train text")
     p.add_argument("--loss", help="loss weights of every uptrained child, e.g. lm=0 (unnamed terms keep the run's)")
+    p.add_argument("--gkd-set", nargs="*", help="more GKD settings of every uptrained child, KEY=VALUE (e.g. "
+                                                "skip_repeats=true)")
     p.add_argument("--init", help="checkpoint every uptrained child starts from (default RUN/child)")
     p.add_argument("--init-label", default="start", help="the --init checkpoint's name in the table")
     p.add_argument("--prefix-tokens", type=int, default=32, help="--sampler init: prompt tokens per row")

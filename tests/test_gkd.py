@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -539,6 +540,49 @@ def test_lm_only_gkd_still_evaluates_against_the_parent(base_run, tmp_path):
     assert len(rows) == 2 and "kl" not in rows[0] and "cosine" not in rows[0]
     assert abs(rows[0]["loss"] - rows[0]["lm"]) < 1e-12
     assert result["after"]["kl_div"] > 0 and result["after"]["parent_lm_loss"] == result["before"]["parent_lm_loss"]
+
+
+def test_repeat_mask_and_the_masked_terms_match_float64(mcore):
+    """skip_repeats: the positions that continue a 3-gram seen earlier leave the KL and LM means."""
+    rows = torch.tensor([[5, 1, 2, 3, 1, 2, 3, 1, 9, 1, 2], [4, 4, 4, 4, 4, 7, 7, 7, 4, 4, 4]])
+    # (1,2,3) and (2,3,1) recur at positions 6 and 7; (4,4,4) recurs at 3 and 4, (4,4,4) again at 10
+    assert losses.repeat_mask(rows)[0].nonzero().flatten().tolist() == [6, 7]
+    assert losses.repeat_mask(rows)[1].nonzero().flatten().tolist() == [3, 4, 10]
+    t, s, _ = fixed_logits(shape=(2, 11, VOCAB))
+    keep = ~losses.repeat_mask(rows)
+    v, g = _grad(lambda x: losses.vocab_parallel_kl(t, x, mask=keep), s)
+    rv, rg = _grad(lambda x: ref_kl(t[keep], x[keep]), s.double())  # the kept positions alone, float64
+    assert abs(v.item() - rv.item()) < 1e-5 and (g.double() - rg).abs().max() < 1e-6
+    assert g[~keep].abs().max() == 0  # no gradient from a repeating position
+    v, g = _grad(lambda x: losses.vocab_parallel_cross_entropy(x, rows, mask=keep), s)
+    rv, rg = _grad(lambda x: ref_ce(x[keep], rows[keep]), s.double())
+    assert abs(v.item() - rv.item()) < 1e-5 and (g.double() - rg).abs().max() < 1e-6
+
+
+def test_skip_repeats_reaches_the_loss(base_run, tmp_path):
+    """One GKD step with and without skip_repeats: the same where the batch repeats no 3-gram,
+    different where it does (data made of a repeated phrase)."""
+    from megatron_puzzle.data import TokenBatches
+    from megatron_puzzle.data.shards import load_split
+
+    def first_step(run, skip):
+        shutil.rmtree(run / "gkd", ignore_errors=True)
+        run_gkd(run, GKDConfig(steps=1, save_interval=0, skip_repeats=skip, loss={"lm": 1.0}, **{**TINY, "eval_tokens": 0}))
+        return _log(run)[0]
+
+    def first_targets(run):
+        return TokenBatches(run / "data", 32, 4, shuffle=True, targets=True, split="train").batch(0)[:, 1:]
+
+    plain = _copy_run(base_run, tmp_path / "plain")
+    assert not losses.repeat_mask(first_targets(plain)).any()  # random tokens: no 3-gram twice in a window
+    a, b = first_step(plain, False), first_step(plain, True)
+    assert a["kl"] == b["kl"] and a["lm"] == b["lm"]
+    looped = _copy_run(base_run, tmp_path / "looped")
+    tokens = np.asarray(load_split(looped / "data", "train"))
+    np.save(looped / "data" / "train.npy", np.resize(tokens[:7], len(tokens)))  # a 7-token phrase, over and over
+    assert losses.repeat_mask(first_targets(looped)).float().mean() > 0.5
+    a, b = first_step(looped, False), first_step(looped, True)
+    assert a["kl"] != b["kl"] and a["lm"] != b["lm"]
 
 
 def test_a_stop_request_saves_at_the_step_and_the_rerun_continues_the_curve(base_run, tmp_path):

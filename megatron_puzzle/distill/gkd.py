@@ -98,6 +98,9 @@ class GKDConfig:
     clip: float = 1.0  # global gradient-norm limit; 0 disables
     loss: dict = field(default_factory=lambda: {"cosine": 1.0, "kl": 1.0, "lm": 0.0})
     temperature: float = 1.0
+    # KL and LM terms skip positions whose target completes a 3-gram seen earlier in the sequence:
+    # there the parent itself continues the loop (docs/report.md, "the child's own text")
+    skip_repeats: bool = False
     save_interval: int = 50  # steps between checkpoints; 0: only the final model
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     eval_tokens: int = 16384  # held-out tokens for the before/after evaluation; 0 skips it
@@ -426,8 +429,9 @@ def _loss(stage: GKDStage, cfg: "GKDConfig", evaluate: bool, targets, t_logits, 
         return s_logits.new_zeros(()), {}
     weights = cfg.weights
     zero = s_logits.new_zeros((), dtype=torch.float32)
-    kl = losses.vocab_parallel_kl(t_logits.float(), s_logits, cfg.temperature) if weights.kl else zero
-    lm = losses.vocab_parallel_cross_entropy(s_logits, targets) if weights.lm else zero
+    mask = ~losses.repeat_mask(targets) if cfg.skip_repeats else None
+    kl = losses.vocab_parallel_kl(t_logits.float(), s_logits, cfg.temperature, mask) if weights.kl else zero
+    lm = losses.vocab_parallel_cross_entropy(s_logits, targets, mask) if weights.lm else zero
     cos = zero if cos is None else cos
     loss = weights.cosine * cos + weights.kl * kl + weights.lm * lm
     stage.records.append(torch.stack([cos.detach(), kl.detach(), lm.detach()]))

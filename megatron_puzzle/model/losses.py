@@ -166,6 +166,19 @@ def cosine_term(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
     return total
 
 
+def repeat_mask(tokens: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """[batch, seq] bool: True where the n-gram of a row ending at that position already occurred
+    earlier in the row (a loop going on); False for the first n - 1 positions."""
+    out = torch.zeros(tokens.shape, dtype=torch.bool)
+    for b, row in enumerate(tokens.tolist()):
+        seen = set()
+        for t in range(n - 1, len(row)):
+            gram = tuple(row[t - n + 1:t + 1])
+            out[b, t] = gram in seen
+            seen.add(gram)
+    return out.to(tokens.device)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x.mean()
