@@ -159,11 +159,9 @@ def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, blo
 def repeating_positions(row, prefix: int, n: int = 3) -> np.ndarray:
     """Bool per position of `row`: True where the n-gram ending there occurred earlier in the row
     (prefix included), for positions from `prefix` on (the sampled part); False elsewhere."""
-    import torch
+    from megatron_puzzle.model.losses import repeating
 
-    from megatron_puzzle.model.losses import repeat_mask
-
-    out = repeat_mask(torch.as_tensor(np.asarray(row, dtype=np.int64))[None], n)[0].numpy()
+    out = np.array(repeating([int(x) for x in row], n), dtype=bool)
     out[:prefix] = False
     return out
 

@@ -166,17 +166,21 @@ def cosine_term(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
     return total
 
 
+def repeating(seq, n: int = 3) -> list[bool]:
+    """Per position of `seq` (any hashable items): whether the n-gram ending there already occurred
+    earlier in `seq` (a loop going on); False for the first n - 1 positions."""
+    seen, flags = set(), [False] * min(n - 1, len(seq))
+    for t in range(n - 1, len(seq)):
+        gram = tuple(seq[t - n + 1:t + 1])
+        flags.append(gram in seen)
+        seen.add(gram)
+    return flags
+
+
 def repeat_mask(tokens: torch.Tensor, n: int = 3) -> torch.Tensor:
-    """[batch, seq] bool: True where the n-gram of a row ending at that position already occurred
-    earlier in the row (a loop going on); False for the first n - 1 positions."""
-    out = torch.zeros(tokens.shape, dtype=torch.bool)
-    for b, row in enumerate(tokens.tolist()):
-        seen = set()
-        for t in range(n - 1, len(row)):
-            gram = tuple(row[t - n + 1:t + 1])
-            out[b, t] = gram in seen
-            seen.add(gram)
-    return out.to(tokens.device)
+    """[batch, seq] bool: `repeating` of each row (one copy to the host, then plain Python)."""
+    rows = [repeating(row, n) for row in tokens.tolist()]
+    return torch.tensor(rows, dtype=torch.bool, device=tokens.device).reshape(tokens.shape)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

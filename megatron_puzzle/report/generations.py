@@ -52,12 +52,9 @@ def greedy(model, prompt_ids: Sequence[int], new_tokens: int, eos: int | Sequenc
 
 def repeated_ngrams(ids: Sequence[int], n: int = 3) -> tuple[int, int]:
     """(repeated, total): how many of the n-grams of `ids` occurred earlier in `ids`, of how many."""
-    seen, repeated = set(), 0
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    for g in grams:
-        repeated += g in seen
-        seen.add(g)
-    return repeated, len(grams)
+    from ..model.losses import repeating
+
+    return sum(repeating(list(ids), n)), max(0, len(ids) - n + 1)
 
 
 def repetition(continuations: Sequence[Sequence[int]], n: int = 3) -> float:
