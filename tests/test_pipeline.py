@@ -29,6 +29,7 @@ def test_config_defaults_and_errors(tmp_path):
     assert run_config.resolve({}, profile="quick") == quick
     long = run_config.resolve({"gkd": {"lr": 1e-3}}, profile="long")  # the user's values still win
     assert long["gkd"]["lr"] == 1e-3 and long["gkd"]["steps"] == run_config.LONG["gkd"]["steps"]
+    assert long["gkd"]["skip_repeats"] and not run_config.resolve()["gkd"].get("skip_repeats", False)
     assert long["report"]["baselines"] == ["depth"] and long["report"]["eval_tokens"] == 4096
     # both profiles choose among the attention-floor candidates by measured KL
     for cfg in (long, run_config.resolve(None)):

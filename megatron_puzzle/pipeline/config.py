@@ -111,8 +111,11 @@ QUICK: dict[str, Any] = {
 # long profile keeps the one that came closest to the child in the default runs (depth) and drops
 # width (it cannot reach the child's speed) and random (far behind). It keeps the default's attention
 # floors: with them the 300-step child beat matched depth pruning, without them it lost (docs/report.md).
+# skip_repeats: the children loop in greedy text far more than the parent, and the KL/LM terms at
+# positions that complete an earlier 3-gram teach the loop (the parent continues it there too);
+# masking them cut repetition at equal accuracy (docs/report.md).
 LONG: dict[str, Any] = {
-    "gkd": {"steps": 300},
+    "gkd": {"steps": 300, "skip_repeats": True},
     "report": {"baselines": ["depth"]},
 }
 
