@@ -548,6 +548,11 @@ def test_repeat_mask_and_the_masked_terms_match_float64(mcore):
     # (1,2,3) and (2,3,1) recur at positions 6 and 7; (4,4,4) recurs at 3 and 4, (4,4,4) again at 10
     assert losses.repeat_mask(rows)[0].nonzero().flatten().tolist() == [6, 7]
     assert losses.repeat_mask(rows)[1].nonzero().flatten().tolist() == [3, 4, 10]
+    # the sort-based tensor version against the plain per-row scan, on rows full of repeats
+    gen = torch.Generator().manual_seed(0)
+    for shape, vocab, n in (((3, 64), 3, 3), ((2, 40), 2, 4), ((4, 2), 5, 3), ((1, 30), 50, 2)):
+        rand = torch.randint(0, vocab, shape, generator=gen)
+        assert losses.repeat_mask(rand, n).tolist() == [losses.repeating(r, n) for r in rand.tolist()]
     t, s, _ = fixed_logits(shape=(2, 11, VOCAB))
     keep = ~losses.repeat_mask(rows)
     v, g = _grad(lambda x: losses.vocab_parallel_kl(t, x, mask=keep), s)

@@ -178,9 +178,21 @@ def repeating(seq, n: int = 3) -> list[bool]:
 
 
 def repeat_mask(tokens: torch.Tensor, n: int = 3) -> torch.Tensor:
-    """[batch, seq] bool: `repeating` of each row (one copy to the host, then plain Python)."""
-    rows = [repeating(row, n) for row in tokens.tolist()]
-    return torch.tensor(rows, dtype=torch.bool, device=tokens.device).reshape(tokens.shape)
+    """[batch, seq] bool: `repeating` of each row, computed where `tokens` lies with no copy to the host
+    (GKD calls it every micro-batch). A stable sort of the n-grams by each of their tokens, last one first
+    (a radix sort), lines equal n-grams up in order of position; all but the first of each run repeat."""
+    b, s = tokens.shape
+    out = torch.zeros((b, s), dtype=torch.bool, device=tokens.device)
+    if s < n:
+        return out
+    grams = tokens.unfold(1, n, 1)  # [b, s - n + 1, n]: the n-gram ending at position n - 1 + j
+    order = torch.arange(s - n + 1, device=tokens.device).expand(b, -1)
+    for k in reversed(range(n)):
+        order = order.gather(1, torch.sort(grams[..., k].gather(1, order), dim=1, stable=True).indices)
+    lined = grams.gather(1, order.unsqueeze(-1).expand(-1, -1, n))
+    again = torch.cat([out[:, :1], (lined[:, 1:] == lined[:, :-1]).all(-1)], dim=1)
+    out[:, n - 1:] = torch.zeros_like(again).scatter(1, order, again)
+    return out
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
