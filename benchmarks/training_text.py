@@ -5,6 +5,8 @@ with sampled text, each judged on held-out text and on greedy generations.
         [--also "child, 300 steps=RUN/gkd/final"] [--png docs/training_text.png]
     python benchmarks/training_text.py --run-dir RUN --out OUT2 --sampler init --init CKPT --temperature 0 \
         --steps 100 --parent-share 0 0.5
+    python benchmarks/training_text.py --run-dir RUN --out OUT3 --parent-share --sample-tokens 128 \
+        --also "run 1=RUN1/gkd/final" "run 2=RUN2/gkd/final"    # judge finished children only
     python benchmarks/training_text.py --plot OUT/training_text.json --png docs/training_text.png
 
 RUN is a run directory holding parent/, data/ and child/ (e.g. `megatron-puzzle run --until
@@ -397,8 +399,9 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", help="run directory with parent/, data/, child/")
     p.add_argument("--out", help="output directory (training_text.json, samples, one dir per share)")
     p.add_argument("--steps", type=int, default=60, help="GKD steps of every uptrained child")
-    p.add_argument("--parent-share", type=float, nargs="+", default=[0.0, 0.5],
-                   help="shares of sampled text in the train split, one uptrained child each")
+    p.add_argument("--parent-share", type=float, nargs="*", default=[0.0, 0.5],
+                   help="shares of sampled text in the train split, one uptrained child each (none: judge the "
+                        "--also checkpoints only)")
     p.add_argument("--sampler", choices=("parent", "init"), default="parent",
                    help="who writes the sampled train text: the parent (each row from --start), or the --init "
                         "checkpoint continuing --prefix-tokens tokens of the run's train text")
