@@ -106,14 +106,16 @@ QUICK: dict[str, Any] = {
 }
 
 # The default run with the GKD budget that reaches the accuracy goal: on the default run's 2x child,
-# 300 steps (154k tokens) kept 96.3% of the parent's next-token accuracy, 100 steps 81.3% (docs/report.md).
+# 300 steps (154k tokens) kept 96.3% of the parent's next-token accuracy, 100 steps 81.3%; three fresh
+# long runs kept 96.9-98.7% at 2.08-2.16x (docs/report.md).
 # Every baseline gets the child's GKD budget, and at 300 steps one costs ~12 minutes on 2 cores, so the
 # long profile keeps the one that came closest to the child in the default runs (depth) and drops
 # width (it cannot reach the child's speed) and random (far behind). It keeps the default's attention
-# floors: with them the 300-step child beat matched depth pruning, without them it lost (docs/report.md).
+# floors: with them the 300-step child is level with matched depth pruning (more accurate in 5 runs of 6), without
+# them it lost (docs/report.md).
 # skip_repeats: the children loop in greedy text far more than the parent, and the KL/LM terms at
 # positions that complete an earlier 3-gram teach the loop (the parent continues it there too);
-# masking them cut repetition at equal accuracy (docs/report.md).
+# masking them cut repetition by 2-9 points at equal accuracy and KL, three comparisons (docs/report.md).
 LONG: dict[str, Any] = {
     "gkd": {"steps": 300, "skip_repeats": True},
     "report": {"baselines": ["depth"]},
