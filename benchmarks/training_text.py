@@ -158,13 +158,17 @@ def mixed_data(run: Path, dest: Path, parent_rows: np.ndarray, share: float, blo
     return meta["splits"]["train"]["tokens"]
 
 
-def repeating_positions(row, prefix: int, n: int = 3) -> np.ndarray:
-    """Bool per position of `row`: True where the n-gram ending there occurred earlier in the row
-    (prefix included), for positions from `prefix` on (the sampled part); False elsewhere."""
-    from megatron_puzzle.model.losses import repeating
+def repeating_positions(rows, prefix: int, n: int = 3) -> np.ndarray:
+    """Bool per position of each row of `rows` ([rows, length], or one row): True where the n-gram ending
+    there occurred earlier in the row (prefix included), for positions from `prefix` on (the sampled
+    part); False elsewhere."""
+    import torch
 
-    out = np.array(repeating([int(x) for x in row], n), dtype=bool)
-    out[:prefix] = False
+    from megatron_puzzle.model.losses import repeat_mask
+
+    x = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    out = repeat_mask(x.reshape(-1, x.shape[-1]), n).numpy().reshape(x.shape)
+    out[..., :prefix] = False
     return out
 
 
@@ -178,21 +182,25 @@ def loop_agreement(model, rows: np.ndarray, prefix: int, batch: int = 8) -> dict
     from megatron_puzzle.report.throughput import runtime_model
 
     runtime = runtime_model(*canonical_of(model))
-    hits = {True: [], False: []}
+    sums = {key: np.zeros(3) for key in (True, False)}  # positions, argmax hits, probability
     with torch.no_grad():
         for first in range(0, len(rows), batch):
             x = torch.from_numpy(np.asarray(rows[first:first + batch], dtype=np.int64))
-            probs = runtime(input_ids=x[:, :-1]).logits.float().softmax(-1)
-            for b, row in enumerate(x.numpy()):
-                rep = repeating_positions(row, prefix)
-                for t in range(max(prefix, 1), len(row)):
-                    p = probs[b, t - 1]
-                    hits[bool(rep[t])].append((int(p.argmax()) == int(row[t]), float(p[row[t]])))
+            probs = runtime(input_ids=x[:, :-1]).logits.float().softmax(-1)  # position t - 1 predicts token t
+            target = x[:, 1:]
+            prob = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1).numpy()
+            hit = (probs.argmax(-1) == target).numpy()
+            rep = repeating_positions(x.numpy(), prefix)[:, 1:]
+            judged = np.zeros_like(rep)
+            judged[:, max(prefix, 1) - 1:] = True
+            for key in (True, False):
+                m = judged & (rep == key)
+                sums[key] += (m.sum(), hit[m].sum(), prob[m].sum())
     out = {}
     for key, name in ((True, "repeating"), (False, "new")):
-        h = np.array(hits[key], dtype=float).reshape(-1, 2)
-        out[name] = {"positions": len(h), "argmax_is_sample": float(h[:, 0].mean()) if len(h) else float("nan"),
-                     "mean_prob": float(h[:, 1].mean()) if len(h) else float("nan")}
+        n, hits, prob = sums[key]
+        out[name] = {"positions": int(n), "argmax_is_sample": hits / n if n else float("nan"),
+                     "mean_prob": prob / n if n else float("nan")}
     return out
 
 

@@ -217,7 +217,7 @@ def _copy_run(base, dest):
 
 def _log(run):
     with open(run / "gkd" / "log.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]  # "": not on that step
 
 
 def test_resume_continues_the_same_curve_and_gkd_lowers_kl(base_run, tmp_path):
@@ -259,7 +259,9 @@ def test_resume_continues_the_same_curve_and_gkd_lowers_kl(base_run, tmp_path):
 
 
 def test_tp2_matches_tp1_and_vocab_parallel_losses(base_run, tmp_path):
-    cfg = GKDConfig(steps=3, save_interval=0, **{**TINY, "loss": {"cosine": 1.0, "kl": 1.0, "lm": 0.5}})
+    # step 2 is an on-policy step: the child's continuations (logits gathered over TP) and their terms
+    cfg = GKDConfig(steps=3, save_interval=0, unlikelihood=1.0, on_policy_every=2, on_policy_prefix=8,
+                    **{**TINY, "loss": {"cosine": 1.0, "kl": 1.0, "lm": 0.5}})
     tp1 = _copy_run(base_run, tmp_path / "tp1")
     run_gkd(tp1, cfg)
     tp2 = _copy_run(base_run, tmp_path / "tp2")
@@ -292,8 +294,9 @@ def test_tp2_matches_tp1_and_vocab_parallel_losses(base_run, tmp_path):
     # the first steps' losses of a TP 2 run equal TP 1's
     a, b = _log(tp1), _log(tp2)
     assert len(a) == len(b) == 3
+    assert [sorted(r) for r in a] == [sorted(r) for r in b] and "own_repeats" in a[1] and "lm" not in a[1]
     for ra, rb in zip(a, b):
-        for key in ("loss", "cosine", "kl", "lm", "grad_norm"):
+        for key in set(ra) - {"step", "tokens", "lr", "tokens_per_s"}:
             assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
 
 
@@ -349,7 +352,9 @@ def _final_weights(run):
 def _same_curve(ref, rows, name, tol=1e-5, keys=("loss", "cosine", "kl", "grad_norm")):
     assert [r["step"] for r in rows] == [r["step"] for r in ref], name
     for ra, rb in zip(ref, rows):
-        for key in keys:
+        assert ra.keys() == rb.keys(), (name, ra["step"])
+        # the on-policy steps' terms too, where the step has them
+        for key in [*keys, *({"lm", "unlikelihood", "own_repeats"} & ra.keys())]:
             assert abs(ra[key] - rb[key]) <= tol, (name, ra["step"], key, ra[key], rb[key])
 
 
@@ -415,8 +420,10 @@ def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts
 def test_tp2_pp2_on_four_processes_and_resume_at_another_tp_and_pp(base_run, tmp_path):
     """TP 2 x PP 2 (4 processes) follows one process; a run stopped at TP 1 x PP 1 resumes at TP 2 x PP 2
     from its distributed checkpoint (model and optimizer state) and continues the same curve."""
-    cfg = GKDConfig(steps=3, save_interval=2, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2,
-                                                  "shard_optimizer": False, "loss": {"lm": 0.5}})
+    # steps 2 and 4 are on-policy: the stages generate in turn (KV cache per stage), before and after the resume
+    cfg = GKDConfig(steps=4, save_interval=2, unlikelihood=1.0, on_policy_every=2, on_policy_prefix=8,
+                    **{**TINY, "eval_tokens": 128, "micro_batch_size": 2, "shard_optimizer": False,
+                       "loss": {"lm": 0.5}})
     one = _copy_run(base_run, tmp_path / "one")
 
     def stop(step, record):
@@ -433,7 +440,8 @@ def test_tp2_pp2_on_four_processes_and_resume_at_another_tp_and_pp(base_run, tmp
     torchrun(WORKER, 4, "--tp", "2", "--pp", "2", "--run-dir", str(fresh), "--config", json.dumps(layout),
              "--out", str(tmp_path / "w.json"), "--also", json.dumps([{"run_dir": str(moved), "config": layout}]))
     ref = _log(one)
-    keys = ("loss", "cosine", "kl", "lm", "grad_norm")
+    keys = ("loss", "cosine", "kl", "grad_norm")
+    assert [("own_repeats" in r, "lm" in r) for r in ref] == [(False, True), (True, False)] * 2
     _same_curve(ref, _log(fresh), "tp2 x pp2", keys=keys)
     _same_curve(ref, _log(moved), "resumed at tp2 x pp2", keys=keys)
     ref_w = _final_weights(one)
@@ -620,3 +628,69 @@ def test_a_stop_request_saves_at_the_step_and_the_rerun_continues_the_curve(base
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra["step"], ra["loss"], rb["loss"])
+
+
+def ref_unlikelihood(s, targets, mask, over):
+    q = F.softmax(s.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (-torch.log1p(-q) * mask).sum() / over.sum()
+
+
+def test_unlikelihood_term_matches_float64(mcore):
+    """-log(1 - q(target)) summed over the masked positions, over the count of the `over` positions."""
+    t, s, targets = fixed_logits(shape=(2, 9, VOCAB))
+    s[0, 3] = s[0, 3] + 30.0 * F.one_hot(targets[0, 3], VOCAB)  # q(target) ~ 1: clamped, finite
+    gen = torch.Generator().manual_seed(3)
+    over = torch.rand(2, 9, generator=gen) < 0.8
+    mask = over & (torch.rand(2, 9, generator=gen) < 0.5)
+    mask[0, 3] = over[0, 3] = False
+    v, g = _grad(lambda x: losses.vocab_parallel_unlikelihood(x, targets, mask, over), s)
+    rv, rg = _grad(lambda x: ref_unlikelihood(x, targets, mask, over), s.double())
+    assert mask.sum() >= 3 and abs(v.item() - rv.item()) < 1e-5 and (g.double() - rg).abs().max() < 1e-6
+    assert g[~mask].abs().max() == 0
+    mask[0, 3] = True
+    assert torch.isfinite(losses.vocab_parallel_unlikelihood(s, targets, mask, over))
+
+
+def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_path):
+    """An on-policy step: the child continues each row's prefix greedily with Megatron-Core's KV cache
+    (the same tokens as a full forward per token); the step's KL (own tokens that repeat no 3-gram),
+    unlikelihood (own tokens that do) and loop share equal float64 sums on those rows."""
+    from megatron_puzzle.distill.gkd import build_engine, own_continuations, train_step
+    from megatron_puzzle.model import checkpoint, forward
+
+    cfg = GKDConfig(unlikelihood=0.5, on_policy_every=3, on_policy_prefix=6, **TINY)
+    assert [cfg.on_policy(s) for s in range(6)] == [False, False, True, False, False, True]
+    teacher = checkpoint.load(base_run / "parent", cfg.teacher_runtime())
+    teacher.requires_grad_(False)
+    teacher.eval()
+    student = checkpoint.load(base_run / "child", cfg.runtime())
+    student.train()
+    engine = build_engine(student, teacher, cfg)
+    batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(2))
+    rows = own_continuations(student, batch[:, :6], 33, cfg)
+    assert student.training and torch.equal(rows[:, :6], batch[:, :6])
+    with torch.no_grad():  # the reference: the whole row through the model for every new token
+        ref = batch[:, :6]
+        while ref.shape[1] < 33:
+            ref = torch.cat([ref, forward.logits(student, ref)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(rows, ref)
+        s_logits = forward.logits(student, rows[:, :-1]).double()
+        t_logits = forward.logits(teacher, rows[:, :-1]).double()
+    targets = rows[:, 1:]
+    own = torch.zeros_like(targets, dtype=torch.bool)
+    own[:, 5:] = True
+    loops = torch.tensor([losses.repeating(r) for r in targets.tolist()]) & own
+    assert 0 < loops.sum() < own.sum(), "the tiny child should loop in some of its tokens, not all"
+    kl = ref_kl(t_logits[own & ~loops], s_logits[own & ~loops])
+    ul = ref_unlikelihood(s_logits, targets, loops, own)
+    record = train_step(engine, batch, cfg, lr=1e-3, on_policy=True)
+    assert abs(record["own_repeats"] - (loops.sum() / own.sum()).item()) < 1e-6
+    assert abs(record["kl"] - kl.item()) < 1e-4 and abs(record["unlikelihood"] - ul.item()) < 1e-4
+    assert abs(record["loss"] - (record["cosine"] + record["kl"] + 0.5 * record["unlikelihood"])) < 1e-5
+    assert "lm" not in record and record["grad_norm"] > 0
+    plain = train_step(engine, batch, cfg, lr=1e-3)
+    assert "own_repeats" not in plain and "unlikelihood" not in plain
+    with pytest.raises(ValueError, match="sequence_parallel: false"):
+        GKDConfig(unlikelihood=1.0, on_policy_prefix=8, tp=2, sequence_parallel=True, **TINY)
+    with pytest.raises(ValueError, match="on_policy_prefix"):
+        GKDConfig(unlikelihood=1.0, on_policy_prefix=32, **TINY)

@@ -119,3 +119,12 @@ def test_repeating_positions():
     expected = [False] * 6 + [True, True, False, False, False]
     assert mod.repeating_positions(row, prefix=0).tolist() == expected
     assert mod.repeating_positions(row, prefix=7).tolist() == [False] * 7 + expected[7:]  # the prefix never counts
+
+
+def test_repeating_positions_of_many_rows_are_each_rows_own():
+    mod = _module()
+    rows = np.random.default_rng(0).integers(0, 3, size=(5, 40))
+    both = mod.repeating_positions(rows, prefix=4)
+    assert both.shape == rows.shape and both.any()
+    for row, flags in zip(rows, both):
+        assert flags.tolist() == mod.repeating_positions(row, prefix=4).tolist()

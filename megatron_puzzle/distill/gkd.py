@@ -101,6 +101,14 @@ class GKDConfig:
     # KL and LM terms skip positions whose target completes a 3-gram seen earlier in the sequence:
     # there the parent itself continues the loop (docs/report.md, "the child's own text")
     skip_repeats: bool = False
+    # on-policy steps against loops: every `on_policy_every`-th step the batch rows keep their first
+    # `on_policy_prefix` tokens and the child continues them greedily (Megatron-Core's static KV cache).
+    # On those rows the KL term applies where the child's text repeats no earlier 3-gram, and the
+    # unlikelihood term -log(1 - q(token)) (Welleck et al. 2019), weighted `unlikelihood`, where it
+    # does: the child learns from the parent on its own text and away from entering its loops. 0: off
+    unlikelihood: float = 0.0
+    on_policy_every: int = 2
+    on_policy_prefix: int = 32
     save_interval: int = 50  # steps between checkpoints; 0: only the final model
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     eval_tokens: int = 16384  # held-out tokens for the before/after evaluation; 0 skips it
@@ -151,10 +159,24 @@ class GKDConfig:
             raise ValueError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tp >= 2")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ValueError(f"fp8 must be hybrid or e4m3 (or unset), got {self.fp8!r}")
+        if self.unlikelihood < 0:
+            raise ValueError(f"gkd unlikelihood must be >= 0, got {self.unlikelihood}")
+        if self.on_policy_every < 1:
+            raise ValueError(f"gkd on_policy_every must be >= 1, got {self.on_policy_every}")
+        if self.unlikelihood and not 0 < self.on_policy_prefix < self.seq_len:
+            raise ValueError(f"gkd on_policy_prefix must be in [1, seq_len - 1] = [1, {self.seq_len - 1}], "
+                             f"got {self.on_policy_prefix}")
+        if self.unlikelihood and self.sequence_parallel:
+            raise ValueError("gkd unlikelihood generates one token at a time, which sequence parallelism cannot "
+                             "split: set sequence_parallel: false or unlikelihood: 0")
 
     @property
     def weights(self) -> losses.LossWeights:
         return losses.LossWeights(**self.loss)
+
+    def on_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) trains on the child's own continuations."""
+        return bool(self.unlikelihood) and step % self.on_policy_every == self.on_policy_every - 1
 
     def total_steps(self, dp: int) -> int:
         if self.tokens is None:
@@ -390,7 +412,7 @@ def build_engine(student, teacher, cfg: "GKDConfig") -> Engine:
     return Engine(model, optimizer, stage)
 
 
-def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, data_iterator, model):
+def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, on_policy: bool, data_iterator, model):
     """Megatron-Core's forward_step_func: one micro-batch through this stage of student and teacher."""
     from megatron.core import parallel_state
 
@@ -408,15 +430,20 @@ def _forward_step(cfg: "GKDConfig", num_microbatches: int, evaluate: bool, data_
         if t_out is None:
             t_out = torch.zeros_like(s_out)
         if cos is not None:
-            stage.records.append(torch.stack([cos.detach(), cos.new_zeros(()), cos.new_zeros(())]))
+            stage.records.append(torch.cat([cos.detach().reshape(1), cos.new_zeros(_TRAIN_RECORDS - 1)]))
             cos = weights.cosine * cos / num_microbatches  # the schedule scales the last stage's loss alike
         return _SendWithLoss.apply(s_out, t_out, cos, stage.config.pipeline_dtype), None
-    return s_out, functools.partial(_loss, stage, cfg, evaluate, targets, t_out, cos)
+    return s_out, functools.partial(_loss, stage, cfg, evaluate, on_policy, targets, t_out, cos)
 
 
-def _loss(stage: GKDStage, cfg: "GKDConfig", evaluate: bool, targets, t_logits, cos, s_logits):
+# per training micro-batch: cosine, KL, LM, unlikelihood, share of the child's own tokens that repeat
+_TRAIN_RECORDS = 5
+
+
+def _loss(stage: GKDStage, cfg: "GKDConfig", evaluate: bool, on_policy: bool, targets, t_logits, cos, s_logits):
     """The last stage's loss: KL and LM terms on vocab-parallel logits (never gathered), plus the
-    cosine term of this stage's layers; in evaluation, the held-out metric sums."""
+    cosine term of this stage's layers; on an on-policy step KL and unlikelihood on the child's own
+    tokens (`GKDConfig.unlikelihood`); in evaluation, the held-out metric sums."""
     if evaluate:
         from ..model.metrics import ALL_METRICS, MetricSums, Reference
 
@@ -429,16 +456,28 @@ def _loss(stage: GKDStage, cfg: "GKDConfig", evaluate: bool, targets, t_logits, 
         return s_logits.new_zeros(()), {}
     weights = cfg.weights
     zero = s_logits.new_zeros((), dtype=torch.float32)
+    cos = zero if cos is None else cos
+    if on_policy:  # the rows are the child's own continuations after `on_policy_prefix` tokens
+        own = torch.zeros_like(targets, dtype=torch.bool)
+        own[:, cfg.on_policy_prefix - 1:] = True  # targets the child wrote
+        loops = losses.repeat_mask(targets) & own
+        kl = losses.vocab_parallel_kl(t_logits.float(), s_logits, cfg.temperature, own & ~loops) \
+            if weights.kl else zero
+        ul = losses.vocab_parallel_unlikelihood(s_logits, targets, loops, own)
+        loss = weights.cosine * cos + weights.kl * kl + cfg.unlikelihood * ul
+        share = loops.sum().float() / own.sum().clamp_min(1).float()
+        stage.records.append(torch.stack([cos.detach(), kl.detach(), zero, ul.detach(), share]))
+        return loss, {}
     mask = ~losses.repeat_mask(targets) if cfg.skip_repeats else None
     kl = losses.vocab_parallel_kl(t_logits.float(), s_logits, cfg.temperature, mask) if weights.kl else zero
     lm = losses.vocab_parallel_cross_entropy(s_logits, targets, mask) if weights.lm else zero
-    cos = zero if cos is None else cos
     loss = weights.cosine * cos + weights.kl * kl + weights.lm * lm
-    stage.records.append(torch.stack([cos.detach(), kl.detach(), lm.detach()]))
+    stage.records.append(torch.stack([cos.detach(), kl.detach(), lm.detach(), zero, zero]))
     return loss, {}
 
 
-def _run_schedule(engine: Engine, batch: torch.Tensor, cfg: "GKDConfig", evaluate: bool) -> torch.Tensor:
+def _run_schedule(engine: Engine, batch: torch.Tensor, cfg: "GKDConfig", evaluate: bool,
+                  on_policy: bool = False) -> torch.Tensor:
     """One global step of this DP rank's batch through Megatron-Core's schedule (any PP, PP 1 too);
     returns this stage's per-micro-batch records summed over micro-batches."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -447,10 +486,10 @@ def _run_schedule(engine: Engine, batch: torch.Tensor, cfg: "GKDConfig", evaluat
     chunks = list(batch.split(micro, dim=0))
     engine.stage.records = []
     get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, cfg, len(chunks), evaluate),
+        forward_step_func=functools.partial(_forward_step, cfg, len(chunks), evaluate, on_policy),
         data_iterator=iter(chunks), model=[engine.model], num_microbatches=len(chunks),
         seq_length=2 * (batch.shape[1] - 1), micro_batch_size=chunks[0].shape[0], forward_only=evaluate)
-    width = 1 + 4 + 2 if evaluate else 3
+    width = 1 + 4 + 2 if evaluate else _TRAIN_RECORDS
     records = engine.stage.records
     total = torch.stack(records).double().sum(0) if records else torch.zeros(width, dtype=torch.float64)
     return total.to(_device())
@@ -492,10 +531,62 @@ def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dic
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
-def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | None = None) -> dict[str, float]:
+@torch.no_grad()
+def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConfig) -> torch.Tensor:
+    """Rows [batch, length]: `prefixes` [batch, prefix] continued greedily by the child, one token per
+    forward with Megatron-Core's static KV cache (each pipeline stage keeps its own layers' cache).
+    Under PP the stages run in turn, each handing its hidden states on; the last stage's logits are
+    gathered over tensor-parallel ranks and its pick goes to every stage, so all ranks of a pipeline
+    hold the same rows. On a GPU under the training autocast (never FP8: one token per row is below
+    its shape limits); on a CPU in fp32, since CPU autocast casts every weight again at every token
+    (1.6x slower per token there, docs/gkd.md)."""
+    from megatron.core import parallel_state
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    pp = dist.get_world_size(group) if dist.is_initialized() else 1
+    stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
+    ranks = dist.get_process_group_ranks(group) if pp > 1 else [0]
+    b, device = prefixes.shape[0], prefixes.device
+    context = StaticInferenceContext(b, length)
+    positions = torch.arange(length, device=device).expand(b, -1)
+    rows, new = prefixes, prefixes
+    was_training = student.training
+    student.eval()  # Megatron-Core's inference path runs only in eval mode
+    try:
+        with _autocast(cfg) if torch.cuda.is_available() else contextlib.nullcontext():
+            while rows.shape[1] < length:
+                start, n = context.sequence_len_offset, new.shape[1]
+                hidden = out = None
+                for k in range(pp):  # stage k runs while the others wait for its output
+                    if stage == k:
+                        student.set_input_tensor(hidden)
+                        out = student(input_ids=new, position_ids=positions[:, start:start + n], attention_mask=None,
+                                      inference_context=context, runtime_gather_output=True)
+                    if k < pp - 1:
+                        sent = out.float().contiguous() if stage == k else \
+                            torch.empty((n, b, student.config.hidden_size), dtype=torch.float32, device=device)
+                        dist.broadcast(sent, src=ranks[k], group=group)
+                        hidden = sent if stage == k + 1 else None
+                context.sequence_len_offset += n
+                new = out[:, -1].argmax(dim=-1, keepdim=True) if stage == pp - 1 else \
+                    torch.empty((b, 1), dtype=rows.dtype, device=device)
+                if pp > 1:
+                    dist.broadcast(new, src=ranks[-1], group=group)
+                rows = torch.cat([rows, new], dim=1)
+    finally:
+        student.set_input_tensor(None)
+        student.train(was_training)
+    return rows
+
+
+def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | None = None,
+               on_policy: bool = False) -> dict[str, float]:
     """One optimizer step on this rank's batch [batch, seq_len + 1]: Megatron-Core's schedule runs
     forward and backward of every micro-batch, `finalize_model_grads` reduces the gradients,
     its optimizer clips and steps. The LR is the one the scheduler set (or `lr` when given).
+    `on_policy`: the rows are first replaced by the child's own continuations of their first
+    `cfg.on_policy_prefix` tokens (`GKDConfig.unlikelihood`).
     Returns the loss terms averaged over data-parallel ranks."""
     from megatron.core import parallel_state
     from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
@@ -508,7 +599,10 @@ def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | 
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
     lr = get_canonical_lr_for_logging(engine.optimizer.param_groups)
-    terms = _run_schedule(engine, batch, cfg, evaluate=False)
+    if on_policy:
+        batch = own_continuations(engine.stage.student, batch[:, :cfg.on_policy_prefix].to(_device()),
+                                  batch.shape[1], cfg)
+    terms = _run_schedule(engine, batch, cfg, evaluate=False, on_policy=on_policy)
     micro = cfg.micro_batch_size or batch.shape[0]
     terms = terms / (-(-batch.shape[0] // micro))
     _reduce_over(terms, parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group())
@@ -517,9 +611,12 @@ def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | 
     if not ok:
         raise FloatingPointError("the optimizer skipped a step (inf/nan gradients)")
     w = cfg.weights
-    values = dict(zip(("cosine", "kl", "lm"), (float(v) for v in terms)))
-    out = {"loss": w.cosine * values["cosine"] + w.kl * values["kl"] + w.lm * values["lm"]}
-    out.update({k: v for k, v in values.items() if getattr(w, k)})
+    values = dict(zip(("cosine", "kl", "lm", "unlikelihood", "own_repeats"), (float(v) for v in terms)))
+    out = {"loss": w.cosine * values["cosine"] + w.kl * values["kl"] + w.lm * values["lm"]
+           + cfg.unlikelihood * values["unlikelihood"]}
+    out.update({k: values[k] for k in ("cosine", "kl", "lm") if getattr(w, k) and not (on_policy and k == "lm")})
+    if on_policy:  # own_repeats: share of the child's own tokens that repeat a 3-gram (its loops, as it trains)
+        out.update(unlikelihood=values["unlikelihood"], own_repeats=values["own_repeats"])
     out.update(lr=lr, grad_norm=float(grad_norm))
     return out
 
@@ -742,7 +839,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
                     _write_log_csv(out / "log.csv", state["history"])
                 raise preempt.Preempted(f"gkd stopped at step {step} on request; the same command resumes it")
             engine.scheduler.step(1)  # the LR of step s + 1: warm-up starts above 0
-            record = train_step(engine, next(batches), cfg)
+            record = train_step(engine, next(batches), cfg, on_policy=cfg.on_policy(step))
             dt = time.perf_counter() - t0
             state["step"] = step + 1
             state["tokens"] += tokens_per_step

@@ -127,6 +127,16 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return _masked_mean(per_token_cross_entropy(vocab_parallel_log_softmax(logits), targets), mask)
 
 
+def vocab_parallel_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                                over: torch.Tensor) -> torch.Tensor:
+    """Unlikelihood (Welleck et al. 2019): the sum of -log(1 - q(target)) over the positions in `mask`,
+    divided by the count of positions in `over` ([batch, seq] bools), so the term shrinks as the masked
+    positions (the child's repeats) become rarer. q(target) near 1 is clamped to 1 - 1e-6."""
+    q = torch.exp(-per_token_cross_entropy(vocab_parallel_log_softmax(logits), targets))
+    per_token = -torch.log1p(-q.clamp(max=1.0 - 1e-6))
+    return (per_token * mask.to(per_token.dtype)).sum() / over.to(per_token.dtype).sum().clamp_min(1.0)
+
+
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Global vocabulary id of the largest logit (ties: the lowest id)."""
     size, rank = _tp_size_rank()
