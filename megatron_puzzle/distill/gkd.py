@@ -531,30 +531,6 @@ def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dic
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
-def _param_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-@contextlib.contextmanager
-def _cpu_generation_weights(model, cfg: GKDConfig):
-    """On a CPU with bf16 compute: the model's fp32 parameters swapped for bf16 copies while it generates,
-    the fp32 tensors themselves (and every view the optimizer holds of them) put back afterwards. CPU
-    autocast would cast each weight again at every token (Megatron's linears multiply a transposed
-    view, which its cast cache does not keep): measured 1.6x slower than fp32 per token here."""
-    if cfg.compute_dtype() != torch.bfloat16:
-        yield
-        return
-    params = [p for p in model.parameters() if p.dtype == torch.float32]
-    kept = [p.data for p in params]
-    try:
-        for p in params:
-            p.data = p.data.to(torch.bfloat16)
-        yield
-    finally:
-        for p, data in zip(params, kept):
-            p.data = data
-
-
 @torch.no_grad()
 def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConfig) -> torch.Tensor:
     """Rows [batch, length]: `prefixes` [batch, prefix] continued greedily by the child, one token per
@@ -562,7 +538,8 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
     Under PP the stages run in turn, each handing its hidden states on; the last stage's logits are
     gathered over tensor-parallel ranks and its pick goes to every stage, so all ranks of a pipeline
     hold the same rows. On a GPU under the training autocast (never FP8: one token per row is below
-    its shape limits); on a CPU with bf16 compute, with the weights cast once (`_cpu_generation_weights`)."""
+    its shape limits); on a CPU in fp32, since CPU autocast casts every weight again at every token
+    (1.6x slower per token there, docs/gkd.md)."""
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -577,7 +554,7 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
     was_training = student.training
     student.eval()  # Megatron-Core's inference path runs only in eval mode
     try:
-        with _autocast(cfg) if torch.cuda.is_available() else _cpu_generation_weights(student, cfg):
+        with _autocast(cfg) if torch.cuda.is_available() else contextlib.nullcontext():
             while rows.shape[1] < length:
                 start, n = context.sequence_len_offset, new.shape[1]
                 hidden = out = None
@@ -590,7 +567,7 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
                         sent = out.float().contiguous() if stage == k else \
                             torch.empty((n, b, student.config.hidden_size), dtype=torch.float32, device=device)
                         dist.broadcast(sent, src=ranks[k], group=group)
-                        hidden = sent.to(_param_dtype(student)) if stage == k + 1 else None
+                        hidden = sent if stage == k + 1 else None
                 context.sequence_len_offset += n
                 new = out[:, -1].argmax(dim=-1, keepdim=True) if stage == pp - 1 else \
                     torch.empty((b, 1), dtype=rows.dtype, device=device)
