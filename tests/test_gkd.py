@@ -472,23 +472,30 @@ def test_bf16_teacher_is_held_in_bf16_and_close_to_fp32(base_run):
         GKDConfig(teacher_dtype="float16")
 
 
+def _engine(run, cfg):
+    """(engine, student, teacher) of RUN/child against RUN/parent, built as run_gkd builds them."""
+    from megatron_puzzle.distill.gkd import build_engine
+    from megatron_puzzle.model import checkpoint
+
+    teacher = checkpoint.load(run / "parent", cfg.teacher_runtime())
+    teacher.requires_grad_(False)
+    teacher.eval()
+    student = checkpoint.load(run / "child", cfg.runtime())
+    student.train()
+    return build_engine(student, teacher, cfg), student, teacher
+
+
 def test_recompute_inside_megatrons_block_gives_the_same_step(base_run):
     """Megatron-Core's full recompute (inside TransformerBlock) through the engine: the same loss,
     gradient norm (the cosine term's gradient included) and updated weights as without it, while
     each student layer really runs twice (forward, then again in the backward)."""
-    from megatron_puzzle.distill.gkd import build_engine, train_step
-    from megatron_puzzle.model import checkpoint
+    from megatron_puzzle.distill.gkd import train_step
 
     batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(5))
     result = {}
     for recompute in (False, True):
         cfg = GKDConfig(recompute=recompute, **TINY)
-        teacher = checkpoint.load(base_run / "parent", cfg.teacher_runtime())
-        teacher.requires_grad_(False)
-        teacher.eval()
-        student = checkpoint.load(base_run / "child", cfg.runtime())
-        student.train()
-        engine = build_engine(student, teacher, cfg)
+        engine, student, _ = _engine(base_run, cfg)
         calls = [0]
         hooks = [layer.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
                  for layer in student.decoder.layers]
@@ -655,17 +662,12 @@ def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_pat
     """An on-policy step: the child continues each row's prefix greedily with Megatron-Core's KV cache
     (the same tokens as a full forward per token); the step's KL (own tokens that repeat no 3-gram),
     unlikelihood (own tokens that do) and loop share equal float64 sums on those rows."""
-    from megatron_puzzle.distill.gkd import build_engine, own_continuations, train_step
-    from megatron_puzzle.model import checkpoint, forward
+    from megatron_puzzle.distill.gkd import own_continuations, train_step
+    from megatron_puzzle.model import forward
 
     cfg = GKDConfig(unlikelihood=0.5, on_policy_every=3, on_policy_prefix=6, **TINY)
     assert [cfg.on_policy(s) for s in range(6)] == [False, False, True, False, False, True]
-    teacher = checkpoint.load(base_run / "parent", cfg.teacher_runtime())
-    teacher.requires_grad_(False)
-    teacher.eval()
-    student = checkpoint.load(base_run / "child", cfg.runtime())
-    student.train()
-    engine = build_engine(student, teacher, cfg)
+    engine, student, teacher = _engine(base_run, cfg)
     batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(2))
     rows = own_continuations(student, batch[:, :6], 33, cfg)
     assert student.training and torch.equal(rows[:, :6], batch[:, :6])
