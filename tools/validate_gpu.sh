@@ -7,7 +7,8 @@
 # Checks (tests/gpu/test_gpu_paths.py; each adds its figures to the report):
 #   - Transformer Engine specs, bf16 and FP8, on a model holding every variant kind; checkpoints written
 #     by local specs load into TE specs and back
-#   - FP8 GKD steps lower the loss; recompute gives the plain gradients with less memory (bf16, FP8)
+#   - FP8 GKD steps lower the loss; on-policy steps (gkd.unlikelihood) generate and train under FP8;
+#     recompute gives the plain gradients with less memory (bf16, FP8)
 #   - NVML: the handle of the card torch uses (by UUID), telemetry, the energy counter
 #   - CUDA-event timing against wall clock
 #   - measured costs in bf16 and FP8 (delayed and current scaling), decode replayed from CUDA graphs,
@@ -32,6 +33,7 @@ GPU_TESTS=(
     tests/gpu/test_gpu_paths.py::test_cuda_event_timing_matches_wall_clock
     tests/gpu/test_gpu_paths.py::test_te_specs_load_local_checkpoint_and_match
     tests/gpu/test_gpu_paths.py::test_fp8_gkd_steps_lower_the_loss
+    tests/gpu/test_gpu_paths.py::test_on_policy_steps_generate_and_train_under_fp8
     tests/gpu/test_gpu_paths.py::test_recompute_matches_plain_backward_with_less_memory
     tests/gpu/test_gpu_paths.py::test_measured_costs_with_cuda_graphs_and_energy
     tests/gpu/test_gpu_paths.py::test_graphs_beat_eager_decode_and_fp8_beats_bf16_prefill

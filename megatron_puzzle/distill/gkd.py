@@ -537,9 +537,10 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
     forward with Megatron-Core's static KV cache (each pipeline stage keeps its own layers' cache).
     Under PP the stages run in turn, each handing its hidden states on; the last stage's logits are
     gathered over tensor-parallel ranks and its pick goes to every stage, so all ranks of a pipeline
-    hold the same rows. On a GPU under the training autocast (never FP8: one token per row is below
-    its shape limits); on a CPU in fp32, since CPU autocast casts every weight again at every token
-    (1.6x slower per token there, docs/gkd.md)."""
+    hold the same rows. On a GPU under the training autocast, FP8 off (`config.fp8` is cleared while it
+    runs: Megatron's blocks would open their FP8 context, and one token per row is below FP8's shape
+    limits); on a CPU in fp32, since CPU autocast casts every weight again at every token (1.6x
+    slower per token there, docs/gkd.md)."""
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -551,8 +552,9 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
     context = StaticInferenceContext(b, length)
     positions = torch.arange(length, device=device).expand(b, -1)
     rows, new = prefixes, prefixes
-    was_training = student.training
+    was_training, fp8 = student.training, student.config.fp8
     student.eval()  # Megatron-Core's inference path runs only in eval mode
+    student.config.fp8 = None
     try:
         with _autocast(cfg) if torch.cuda.is_available() else contextlib.nullcontext():
             while rows.shape[1] < length:
@@ -575,6 +577,7 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
                     dist.broadcast(new, src=ranks[-1], group=group)
                 rows = torch.cat([rows, new], dim=1)
     finally:
+        student.config.fp8 = fp8
         student.set_input_tensor(None)
         student.train(was_training)
     return rows

@@ -9,6 +9,8 @@ JSON report (path in $PUZZLE_GPU_REPORT) so the results can be recorded with the
   holds every variant kind (full, fewer KV heads, linear and no-op attention; narrower, linear, no-op FFN).
 - FP8 GKD: `distill.gkd.train_step` with `fp8="hybrid"` on TE specs lowers the KD loss on a fixed batch,
   with FP8 really engaged (fp8 logits differ from bf16 ones, but only by quantisation noise).
+- On-policy GKD steps (`gkd.unlikelihood`) with an FP8 student: KV-cache continuations against a full forward
+  per token, and finite losses with gradients over alternating on-policy and text steps.
 - Recompute on GPU: `gkd.recompute` (TE checkpoint under FP8, torch checkpoint in bf16) gives the
   gradients of the plain backward within rounding, with a lower peak of allocated memory.
 - NVML telemetry: `cost.nvml.NvmlMonitor` finds the card torch uses by UUID and samples clock, power and
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -209,6 +212,40 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert 0 < res["fp8_vs_bf16_rel_err"] < 0.25, "FP8 logits should differ from bf16 ones by quantisation noise only"
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_on_policy_steps_generate_and_train_under_fp8(mcore, tmp_path, report):
+    """gkd.unlikelihood on TE specs with an FP8 student: the KV-cache continuations equal a full forward
+    per token (bf16 autocast, FP8 off while generating), and on-policy steps alternating with text steps
+    keep finite losses with gradients."""
+    from megatron_puzzle.distill import gkd
+    from megatron_puzzle.model import checkpoint, forward
+
+    cfg = gkd.GKDConfig(fp8="hybrid", dtype="bfloat16", lr=1e-3, batch_size=8, seq_len=128, unlikelihood=1.0,
+                        on_policy_every=2, on_policy_prefix=32)
+    opts = cfg.runtime()
+    parent_cfg, child_cfg = _gpu_parent(), _gpu_child()
+    teacher = checkpoint.load(_save_local(parent_cfg, tmp_path / "parent", seed=2), opts).eval()
+    teacher.requires_grad_(False)
+    student = checkpoint.load(_save_local(child_cfg, tmp_path / "child", seed=3), opts).train()
+    engine = gkd.build_engine(student, teacher, cfg)
+    batch = _tokens(parent_cfg, cfg.batch_size, cfg.seq_len + 1, seed=4)
+    prefixes = batch[:, :cfg.on_policy_prefix]
+    rows = gkd.own_continuations(student, prefixes, 64, cfg)
+    assert student.config.fp8 == "hybrid" and student.training
+    student.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = prefixes
+        while ref.shape[1] < 64:
+            ref = torch.cat([ref, forward.full_logits(student, ref)[:, -1].argmax(-1, keepdim=True)], 1)
+    student.train()
+    same = (rows == ref).float().mean().item()
+    records = [gkd.train_step(engine, batch, cfg, cfg.lr, on_policy=s % 2 == 1) for s in range(6)]
+    report["on_policy_fp8"] = {"kv_cache_vs_full_forward_same_tokens": same,
+                               "own_repeats": [r["own_repeats"] for r in records if "own_repeats" in r],
+                               "grad_norms": [r["grad_norm"] for r in records]}
+    assert same > 0.9, "KV-cache decoding should pick the full forward's tokens up to bf16 ties"
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records), records
 
 
 @pytest.mark.parametrize("fp8", [None, "hybrid"])
