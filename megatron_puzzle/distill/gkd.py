@@ -535,19 +535,18 @@ def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dic
 def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConfig) -> torch.Tensor:
     """Rows [batch, length]: `prefixes` [batch, prefix] continued greedily by the child, one token per
     forward with Megatron-Core's static KV cache (each pipeline stage keeps its own layers' cache).
-    Under PP the stages run in turn, each handing its hidden states on; the last stage's logits are
+    Under PP the stages run in turn, each handing its hidden states on (`model.pipe.PipeStage`, Megatron-Core's
+    P2P layer, as scoring and BLD do); the last stage's logits are
     gathered over tensor-parallel ranks and its pick goes to every stage, so all ranks of a pipeline
     hold the same rows. On a GPU under the training autocast, FP8 off (`config.fp8` is cleared while it
     runs: Megatron's blocks would open their FP8 context, and one token per row is below FP8's shape
     limits); on a CPU in fp32, since CPU autocast casts every weight again at every token (1.6x
     slower per token there, docs/gkd.md)."""
-    from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    group = parallel_state.get_pipeline_model_parallel_group()
-    pp = dist.get_world_size(group) if dist.is_initialized() else 1
-    stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
-    ranks = dist.get_process_group_ranks(group) if pp > 1 else [0]
+    from ..model.pipe import PipeStage
+
+    stage = PipeStage(student)
     b, device = prefixes.shape[0], prefixes.device
     context = StaticInferenceContext(b, length)
     positions = torch.arange(length, device=device).expand(b, -1)
@@ -559,22 +558,16 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
         with _autocast(cfg) if torch.cuda.is_available() else contextlib.nullcontext():
             while rows.shape[1] < length:
                 start, n = context.sequence_len_offset, new.shape[1]
-                hidden = out = None
-                for k in range(pp):  # stage k runs while the others wait for its output
-                    if stage == k:
-                        student.set_input_tensor(hidden)
-                        out = student(input_ids=new, position_ids=positions[:, start:start + n], attention_mask=None,
-                                      inference_context=context, runtime_gather_output=True)
-                    if k < pp - 1:
-                        sent = out.float().contiguous() if stage == k else \
-                            torch.empty((n, b, student.config.hidden_size), dtype=torch.float32, device=device)
-                        dist.broadcast(sent, src=ranks[k], group=group)
-                        hidden = sent if stage == k + 1 else None
+                # each stage waits for the previous one's hidden states, runs its layers, hands them on
+                student.set_input_tensor(None if stage.is_first else stage.recv((n, b, student.config.hidden_size)))
+                out = student(input_ids=new, position_ids=positions[:, start:start + n], attention_mask=None,
+                              inference_context=context, runtime_gather_output=True)
+                stage.send(out)
                 context.sequence_len_offset += n
-                new = out[:, -1].argmax(dim=-1, keepdim=True) if stage == pp - 1 else \
+                new = out[:, -1].argmax(dim=-1, keepdim=True) if stage.is_last else \
                     torch.empty((b, 1), dtype=rows.dtype, device=device)
-                if pp > 1:
-                    dist.broadcast(new, src=ranks[-1], group=group)
+                if stage.size > 1:  # the last stage's pick, to every stage
+                    dist.broadcast(new, src=dist.get_process_group_ranks(stage.group())[-1], group=stage.group())
                 rows = torch.cat([rows, new], dim=1)
     finally:
         student.config.fp8 = fp8
