@@ -659,10 +659,11 @@ def test_unlikelihood_term_matches_float64(mcore):
 
 
 def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_path):
-    """An on-policy step: the child continues each row's prefix greedily with Megatron-Core's KV cache
-    (the same tokens as a full forward per token); the step's KL (own tokens that repeat no 3-gram),
-    unlikelihood (own tokens that do) and loop share equal float64 sums on those rows."""
-    from megatron_puzzle.distill.gkd import own_continuations, train_step
+    """An on-policy step: the child continues each row's prefix greedily, with Megatron-Core's KV cache
+    (GPUs, TP, PP) or the DeciLM runtime (CPU at TP 1 / PP 1), the same tokens as a full forward per token
+    either way; the step's KL (own tokens that repeat no 3-gram), unlikelihood (own tokens that do) and
+    loop share equal float64 sums on those rows."""
+    from megatron_puzzle.distill.gkd import RuntimeGenerator, own_continuations, runtime_generation, train_step
     from megatron_puzzle.model import forward
 
     cfg = GKDConfig(unlikelihood=0.5, on_policy_every=3, on_policy_prefix=6, **TINY)
@@ -676,6 +677,9 @@ def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_pat
         while ref.shape[1] < 33:
             ref = torch.cat([ref, forward.logits(student, ref)[:, -1].argmax(-1, keepdim=True)], 1)
         assert torch.equal(rows, ref)
+        runtime = RuntimeGenerator(student, torch.float32)
+        runtime.refresh(student)
+        assert torch.equal(runtime.continuations(batch[:, :6], 33), ref)
         s_logits = forward.logits(student, rows[:, :-1]).double()
         t_logits = forward.logits(teacher, rows[:, :-1]).double()
     targets = rows[:, 1:]
@@ -693,6 +697,11 @@ def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_pat
     plain = train_step(engine, batch, cfg, lr=1e-3)
     # generating left the engine intact: DDP's gradient hooks still fill the gradients
     assert "own_repeats" not in plain and "unlikelihood" not in plain and plain["grad_norm"] > 0
+    # the step generated through the runtime, whose copy follows the trained weights at every refresh
+    assert runtime_generation(cfg) and engine.generator is not None
+    engine.generator.refresh(student)
+    assert torch.equal(engine.generator.continuations(batch[:, :6], 33), own_continuations(student, batch[:, :6], 33, cfg))
+    assert not torch.equal(engine.generator.continuations(batch[:, :6], 33), ref), "two steps changed the child"
     with pytest.raises(ValueError, match="sequence_parallel: false"):
         GKDConfig(unlikelihood=1.0, on_policy_prefix=8, tp=2, sequence_parallel=True, **TINY)
     with pytest.raises(ValueError, match="on_policy_prefix"):

@@ -53,6 +53,27 @@ def decilm_config(cfg: ModelConfig, blocks: list[BlockConfig] | None = None) -> 
     )
 
 
+def load_canonical(model: DeciLMForCausalLM, cfg: ModelConfig, tensors) -> None:
+    """Copy canonical tensors into a `DeciLMForCausalLM` of `cfg`, one tensor at a time in the mapping's
+    order: a `CanonicalView` of a Megatron model then holds one layer beside the runtime model, never a
+    second copy of the whole model. Tied embeddings stay tied."""
+    params = model.state_dict(keep_vars=True)
+    names = list(tensors.keys())
+    missing = [k for k in params if k not in tensors and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    unexpected = [k for k in names if k not in params]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for k in names:
+            t = tensors[k]
+            if tuple(t.shape) != tuple(params[k].shape):
+                raise ValueError(f"weights do not fit the architecture: {k} has shape {tuple(t.shape)}, "
+                                 f"the model {tuple(params[k].shape)}")
+            params[k].copy_(t)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
 def fill_kv_cache(cache, layers: list[int], batch: int, length: int, kv_heads: list[int], head_dim: int,
                   dtype: torch.dtype, device: torch.device):
     """Put `length` random tokens of K and V into `cache` for each listed layer."""

@@ -60,28 +60,12 @@ def runtime_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor] | None =
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """A `DeciLMForCausalLM` of `cfg` (canonical tensors loaded when given, else random), in eval mode."""
     from ..convert.hf_modeling.modeling_decilm import DeciLMForCausalLM
-    from ..cost.decilm_runtime import decilm_config
+    from ..cost.decilm_runtime import decilm_config, load_canonical
 
     torch.manual_seed(0)
     model = DeciLMForCausalLM(decilm_config(cfg))
     if tensors is not None:
-        # copied one tensor at a time in the mapping's order: a `CanonicalView` of a Megatron model
-        # then holds one layer beside the runtime model, never a second copy of the whole model
-        params = model.state_dict(keep_vars=True)
-        names = list(tensors.keys())
-        missing = [k for k in params if k not in tensors and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-        unexpected = [k for k in names if k not in params]
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        with torch.no_grad():
-            for k in names:
-                t = tensors[k]
-                if tuple(t.shape) != tuple(params[k].shape):
-                    raise ValueError(f"weights do not fit the architecture: {k} has shape {tuple(t.shape)}, "
-                                     f"the model {tuple(params[k].shape)}")
-                params[k].copy_(t)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        load_canonical(model, cfg, tensors)
     return model.to(device=device, dtype=dtype).eval()
 
 
