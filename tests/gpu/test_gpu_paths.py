@@ -172,6 +172,20 @@ def test_te_specs_load_local_checkpoint_and_match(mcore, tmp_path, report):
     assert res["rel_err_te_ckpt_into_local_vs_local"] <= 1e-6, "same bf16 weights, same local kernels"
 
 
+def _fp8_engine(cfg, tmp_path):
+    """(engine, student, batch): the GPU parent and child built as run_gkd builds them (fp32 master weights,
+    TE specs, FP8 when cfg asks), in Megatron-Core's DDP and optimizer, and one batch of tokens."""
+    from megatron_puzzle.distill import gkd
+    from megatron_puzzle.model import checkpoint
+
+    opts = cfg.runtime()
+    parent_cfg, child_cfg = _gpu_parent(), _gpu_child()
+    teacher = checkpoint.load(_save_local(parent_cfg, tmp_path / "parent", seed=2), opts).eval()
+    teacher.requires_grad_(False)
+    student = checkpoint.load(_save_local(child_cfg, tmp_path / "child", seed=3), opts).train()
+    return gkd.build_engine(student, teacher, cfg), student, _tokens(parent_cfg, cfg.batch_size, cfg.seq_len + 1, seed=4)
+
+
 def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip(f"FP8 needs compute capability >= 9.0 (Hopper); this is {torch.cuda.get_device_name()}")
@@ -181,16 +195,9 @@ def test_fp8_gkd_steps_lower_the_loss(mcore, tmp_path, report):
         from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     from megatron_puzzle.distill import gkd
-    from megatron_puzzle.model import checkpoint
 
     cfg = gkd.GKDConfig(fp8="hybrid", dtype="bfloat16", lr=1e-3, clip=1.0, batch_size=4, seq_len=128)
-    parent_cfg, child_cfg = _gpu_parent(), _gpu_child()
-    opts = cfg.runtime()  # what run_gkd builds: fp32 master weights, TE specs, FP8
-    teacher = checkpoint.load(_save_local(parent_cfg, tmp_path / "parent", seed=2), opts).eval()
-    teacher.requires_grad_(False)
-    student = checkpoint.load(_save_local(child_cfg, tmp_path / "child", seed=3), opts).train()
-    engine = gkd.build_engine(student, teacher, cfg)  # Megatron-Core's DDP and optimizer, as run_gkd builds them
-    batch = _tokens(parent_cfg, cfg.batch_size, cfg.seq_len + 1, seed=4)
+    engine, student, batch = _fp8_engine(cfg, tmp_path)
 
     with gkd._fp8(student, cfg):
         assert FP8GlobalStateManager.is_fp8_enabled(), "Megatron-Core's FP8 context did not enable TE's fp8 autocast"
@@ -219,17 +226,11 @@ def test_on_policy_steps_generate_and_train_under_fp8(mcore, tmp_path, report):
     per token (bf16 autocast, FP8 off while generating), and on-policy steps alternating with text steps
     keep finite losses with gradients."""
     from megatron_puzzle.distill import gkd
-    from megatron_puzzle.model import checkpoint, forward
+    from megatron_puzzle.model import forward
 
     cfg = gkd.GKDConfig(fp8="hybrid", dtype="bfloat16", lr=1e-3, batch_size=8, seq_len=128, unlikelihood=1.0,
                         on_policy_every=2, on_policy_prefix=32)
-    opts = cfg.runtime()
-    parent_cfg, child_cfg = _gpu_parent(), _gpu_child()
-    teacher = checkpoint.load(_save_local(parent_cfg, tmp_path / "parent", seed=2), opts).eval()
-    teacher.requires_grad_(False)
-    student = checkpoint.load(_save_local(child_cfg, tmp_path / "child", seed=3), opts).train()
-    engine = gkd.build_engine(student, teacher, cfg)
-    batch = _tokens(parent_cfg, cfg.batch_size, cfg.seq_len + 1, seed=4)
+    engine, student, batch = _fp8_engine(cfg, tmp_path)
     prefixes = batch[:, :cfg.on_policy_prefix]
     rows = gkd.own_continuations(student, prefixes, 64, cfg)
     assert student.config.fp8 == "hybrid" and student.training
