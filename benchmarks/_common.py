@@ -22,12 +22,22 @@ def setup_logging() -> None:
 
 
 def run_gkd_settings(run: Path) -> dict:
-    """The run's own `gkd` section (RUN/config.yaml, written resolved by `megatron-puzzle run`), so a
-    benchmark trains with the settings the run used; {} when the run has no config.yaml."""
+    """The GKD settings a run used, so a benchmark trains as the run did: the `gkd` section of
+    RUN/config.yaml (written resolved by `megatron-puzzle run`), else RUN/gkd/config.json (what its GKD
+    stage recorded: a baseline's directory, RUN/baselines/NAME, has only that). Neither: SystemExit,
+    since the built-in defaults (fp32, no LM term) would train another way than the run."""
+    import json
+
     import yaml
 
     path = Path(run) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("gkd", {}) if path.exists() else {}
+    if path.exists():
+        return (yaml.safe_load(path.read_text()) or {}).get("gkd", {})
+    recorded = Path(run) / "gkd" / "config.json"
+    if recorded.exists():
+        return json.loads(recorded.read_text())
+    raise SystemExit(f"{run} has neither config.yaml nor gkd/config.json, so its GKD settings are unknown; "
+                     f"give the run directory that `megatron-puzzle run` wrote")
 
 
 def loss_weights(text: str) -> dict:

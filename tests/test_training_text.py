@@ -128,3 +128,25 @@ def test_repeating_positions_of_many_rows_are_each_rows_own():
     assert both.shape == rows.shape and both.any()
     for row, flags in zip(rows, both):
         assert flags.tolist() == mod.repeating_positions(row, prefix=4).tolist()
+
+
+def test_benchmarks_train_with_the_settings_the_run_used(tmp_path):
+    """A run directory's GKD settings come from its config.yaml, a baseline's directory (no config.yaml)
+    from the gkd/config.json its GKD stage recorded; with neither the benchmark stops rather than train
+    with the built-in defaults."""
+    import json
+
+    _module()  # puts benchmarks/ on the path for _common
+    from _common import run_gkd_settings
+
+    run = tmp_path / "run"
+    (run / "gkd").mkdir(parents=True)
+    (run / "config.yaml").write_text("gkd:\n  dtype: fastest\n  loss: {lm: 1.0}\n")
+    (run / "gkd" / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert run_gkd_settings(run) == {"dtype": "fastest", "loss": {"lm": 1.0}}
+    baseline = run / "baselines" / "depth"
+    (baseline / "gkd").mkdir(parents=True)
+    (baseline / "gkd" / "config.json").write_text(json.dumps({"dtype": "fastest", "steps": 300}))
+    assert run_gkd_settings(baseline) == {"dtype": "fastest", "steps": 300}
+    with pytest.raises(SystemExit, match="neither config.yaml nor gkd/config.json"):
+        run_gkd_settings(tmp_path / "empty")
