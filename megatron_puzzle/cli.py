@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # CPU runs: reuse freed memory instead of page-faulting it in every step
     from .utils.preempt import Preempted
 
+    groups_before = _process_groups_up()
     try:
         rc = args.func(args)
     except Preempted as e:  # state saved on every rank: exit 0 so a scheduler requeues and the rerun resumes
@@ -140,7 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         if launched:
             _exit_now(2)
         return 2
+    finally:
+        if not groups_before and _process_groups_up():
+            # while the interpreter is whole: a gloo group left to the interpreter's exit can abort a rank
+            # ("terminate called without an active exception") after its command succeeded. Every rank
+            # gets here only past its stage's last collective; groups a caller started stay theirs.
+            from .model import parallel
+
+            parallel.shutdown()
     return int(rc or 0)
+
+
+def _process_groups_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _exit_now(code: int) -> None:

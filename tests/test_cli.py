@@ -28,6 +28,11 @@ def boom(monkeypatch):
         b.add_argument("kind")
 
         def run(args):
+            if args.kind == "group":  # a command that starts a process group and succeeds
+                from megatron_puzzle.model import parallel
+
+                parallel.init_process_group()
+                return 0
             raise ERRORS[args.kind]
 
         b.set_defaults(func=run)
@@ -54,6 +59,24 @@ def test_bugs_keep_their_tracebacks(boom, kind):
 def test_verbose_shows_the_traceback_of_input_errors(boom):
     with pytest.raises(cli.UserError):
         cli.main(["-v", "boom", "user"])
+
+
+def test_a_command_destroys_the_process_group_it_started(boom):
+    """A gloo group left to the interpreter's exit can abort a rank after its command succeeded, so the
+    command destroys the group it started; one its caller started stays up."""
+    import torch.distributed as dist
+
+    from megatron_puzzle.model import parallel
+
+    parallel.shutdown()  # the session's group, if an earlier test started it (restored after this test)
+    assert cli.main(["boom", "group"]) == 0
+    assert not dist.is_initialized()
+    parallel.init_process_group()
+    try:
+        assert cli.main(["boom", "group"]) == 0
+        assert dist.is_initialized()
+    finally:
+        parallel.shutdown()
 
 
 def test_registered_input_errors_exist():
