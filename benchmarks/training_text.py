@@ -72,7 +72,7 @@ def sample_rows(model, prefixes: np.ndarray, new_tokens: int, batch: int, temper
     from transformers.cache_utils import DynamicCache
 
     from megatron_puzzle.report.make import canonical_of
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     runtime = runtime_model(*canonical_of(model), dtype=dtype or torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
@@ -179,7 +179,7 @@ def loop_agreement(model, rows: np.ndarray, prefix: int, batch: int = 8) -> dict
     import torch
 
     from megatron_puzzle.report.make import canonical_of
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     runtime = runtime_model(*canonical_of(model))
     sums = {key: np.zeros(3) for key in (True, False)}  # positions, argmax hits, probability
@@ -225,7 +225,7 @@ def judge(path, parent, tokenizer, heldout, parent_text, general, in_domain, gen
     from megatron_puzzle.model import checkpoint
     from megatron_puzzle.report.generations import decode, greedy, repeated_ngrams
     from megatron_puzzle.report.make import canonical_of
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
     from megatron_puzzle.score.evaluate import evaluate_model
 
     model = parent if path is None else checkpoint.load(path)

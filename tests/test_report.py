@@ -41,7 +41,7 @@ def test_parent_block_influence_matches_decilm_hooks(mcore):
     from megatron_puzzle.arch.shapes import random_canonical
     from megatron_puzzle.convert.megatron_layout import load_canonical
     from megatron_puzzle.model.gpt import build_model
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     cfg = tiny_parent(num_layers=4)
     w = random_canonical(cfg, seed=3, std=0.2)
@@ -163,7 +163,7 @@ class _Costed(torch.nn.Module):
 def test_measure_speed_interleaves_rounds_and_times_the_real_greedy_loop():
     from megatron_puzzle.cost.scenario import Scenario
     from megatron_puzzle.report.speed import SpeedConfig, measure_speed
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     cfg = tiny_parent(num_layers=2)
     clock, calls = [0.0], []
@@ -211,7 +211,7 @@ class _Varying(_Costed):
 def test_measure_speed_with_a_target_runs_until_the_interval_is_decided():
     from megatron_puzzle.cost.scenario import Scenario
     from megatron_puzzle.report.speed import SpeedConfig, measure_speed, ratio_interval
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     cfg = tiny_parent(num_layers=2)
     s = Scenario("t", 2, 8, 5, "float32", "float32", "cpu")

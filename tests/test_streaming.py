@@ -30,7 +30,7 @@ def _transient(fn):
 def test_report_runtime_model_copies_one_layer_at_a_time(mcore):
     from megatron_puzzle.convert.megatron_layout import canonical_state
     from megatron_puzzle.report.make import canonical_of
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     extra, whole = {}, {}
     for layers in (4, 16):

@@ -69,7 +69,7 @@ def test_sampling_narrows_to_greedy_and_is_seeded(mcore):
     from megatron_puzzle.model.gpt import build_model
     from megatron_puzzle.report.generations import greedy
     from megatron_puzzle.report.make import canonical_of
-    from megatron_puzzle.report.throughput import runtime_model
+    from megatron_puzzle.cost.decilm_runtime import runtime_model
 
     mod = _module()
     cfg = tiny_parent(num_layers=2)

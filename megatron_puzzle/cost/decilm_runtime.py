@@ -74,6 +74,17 @@ def load_canonical(model: DeciLMForCausalLM, cfg: ModelConfig, tensors) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def runtime_model(cfg: ModelConfig, tensors=None, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> DeciLMForCausalLM:
+    """A `DeciLMForCausalLM` of `cfg` (canonical tensors loaded when given, else random), in eval mode.
+    Seeds torch's generator (a random model is the same on every call)."""
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(decilm_config(cfg))
+    if tensors is not None:
+        load_canonical(model, cfg, tensors)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def fill_kv_cache(cache, layers: list[int], batch: int, length: int, kv_heads: list[int], head_dim: int,
                   dtype: torch.dtype, device: torch.device):
     """Put `length` random tokens of K and V into `cache` for each listed layer."""

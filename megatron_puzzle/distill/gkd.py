@@ -587,12 +587,11 @@ class RuntimeGenerator:
     The copy costs one model of host memory in that dtype, which only a small model on a CPU pays."""
 
     def __init__(self, student, dtype: torch.dtype):
-        from ..convert.hf_modeling.modeling_decilm import DeciLMForCausalLM
-        from ..cost.decilm_runtime import decilm_config
+        from ..cost.decilm_runtime import runtime_model
 
         self.cfg = student.puzzle_config
         with torch.random.fork_rng():  # its random init must not move the training's random stream
-            self.model = DeciLMForCausalLM(decilm_config(self.cfg)).to(dtype).eval()
+            self.model = runtime_model(self.cfg, dtype=dtype)
 
     def refresh(self, student) -> None:
         """Copy the child's current weights in (one layer gathered at a time)."""

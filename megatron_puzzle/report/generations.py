@@ -1,6 +1,6 @@
 """Greedy generations of several models from the same prompts, decoded with the parent's tokenizer.
 
-Models are `throughput.runtime_model`s (the DeciLM runtime with real weights), run
+Models are `cost.decilm_runtime.runtime_model`s (the DeciLM runtime with real weights), run
 one prompt at a time with a KV cache. Without a tokenizer (tiny test models) the
 prompt's characters are mapped to token ids and the output is shown as ids.
 

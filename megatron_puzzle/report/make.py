@@ -28,7 +28,7 @@ from ..utils.io import atomic_path, atomic_write_json, atomic_write_text, is_don
 from . import baselines as bl
 from .config import BaselinesConfig, ReportConfig, load_report_config
 from .speed import measure_speed
-from .throughput import measure_throughput, model_size, runtime_model
+from .throughput import measure_throughput, model_size
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,8 @@ def make_report(run_dir: str | Path, config: str | Path | dict | None = None) ->
         sections[name] = {"checkpoint": str(path.relative_to(run)),
                           **evaluate_checkpoint(run, name, path, model, parent, batches, settings)}
         # the runtime model that times and generates, copied from the checkpoint one layer at a time
+        from ..cost.decilm_runtime import runtime_model
+
         runtime[name] = runtime_model(*canonical_of(model))
         runtime[name].puzzle_config = model.puzzle_config
         del model

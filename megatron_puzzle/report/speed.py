@@ -123,7 +123,7 @@ def _median(xs: list[float]) -> float:
 
 def _runtime(spec, scenario: Scenario, device):
     from ..cost.decilm_runtime import TORCH_DTYPES
-    from .throughput import runtime_model
+    from ..cost.decilm_runtime import runtime_model
 
     if isinstance(spec, torch.nn.Module):
         return spec, spec.puzzle_config

@@ -56,19 +56,6 @@ def model_size(cfg: ModelConfig, scenario: Scenario) -> ModelSize:
     return ModelSize(params, weights, kv)
 
 
-def runtime_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor] | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """A `DeciLMForCausalLM` of `cfg` (canonical tensors loaded when given, else random), in eval mode."""
-    from ..convert.hf_modeling.modeling_decilm import DeciLMForCausalLM
-    from ..cost.decilm_runtime import decilm_config, load_canonical
-
-    torch.manual_seed(0)
-    model = DeciLMForCausalLM(decilm_config(cfg))
-    if tensors is not None:
-        load_canonical(model, cfg, tensors)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def _cache():
     from transformers.cache_utils import DynamicCache
 
@@ -179,7 +166,7 @@ def measure_throughput(models: Mapping[str, ModelConfig | tuple[ModelConfig, Map
     """
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
-    from ..cost.decilm_runtime import TORCH_DTYPES
+    from ..cost.decilm_runtime import TORCH_DTYPES, runtime_model
 
     device = _device(scenario)
     dtype, kv_dtype = TORCH_DTYPES[scenario.weight_dtype], TORCH_DTYPES[scenario.kv_dtype]
