@@ -257,6 +257,8 @@ def make_report(run_dir: str | Path, config: str | Path | dict | None = None) ->
         bar.update(1)
 
     step("evaluate")
+    from ..cost.decilm_runtime import runtime_model
+
     batches = _heldout(run, rcfg)
     settings = {"tokens": rcfg.eval_tokens, "seq_len": rcfg.eval_seq_len, "batch_size": rcfg.eval_batch_size}
     sections: dict[str, dict[str, Any]] = {}
@@ -267,8 +269,6 @@ def make_report(run_dir: str | Path, config: str | Path | dict | None = None) ->
         sections[name] = {"checkpoint": str(path.relative_to(run)),
                           **evaluate_checkpoint(run, name, path, model, parent, batches, settings)}
         # the runtime model that times and generates, copied from the checkpoint one layer at a time
-        from ..cost.decilm_runtime import runtime_model
-
         runtime[name] = runtime_model(*canonical_of(model))
         runtime[name].puzzle_config = model.puzzle_config
         del model

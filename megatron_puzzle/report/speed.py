@@ -122,8 +122,7 @@ def _median(xs: list[float]) -> float:
 
 
 def _runtime(spec, scenario: Scenario, device):
-    from ..cost.decilm_runtime import TORCH_DTYPES
-    from ..cost.decilm_runtime import runtime_model
+    from ..cost.decilm_runtime import TORCH_DTYPES, runtime_model
 
     if isinstance(spec, torch.nn.Module):
         return spec, spec.puzzle_config

@@ -13,7 +13,6 @@ log = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..model import parallel
     from ..utils.io import sweep_before_start
     from .stage import ScoreConfig, run_score
 
@@ -23,10 +22,7 @@ def _run(args: argparse.Namespace) -> int:
                       metrics=args.metric, variants=args.variants, tensor_parallel=args.tensor_parallel,
                       pipeline_parallel=args.pipeline_parallel, pp_first_stage_layers=args.pp_first_stage_layers,
                       pp_last_stage_layers=args.pp_last_stage_layers, max_entries=args.max_entries, force=args.force)
-    try:
-        scores = run_score(run, cfg)
-    finally:
-        parallel.shutdown()
+    scores = run_score(run, cfg)
     if scores is not None:
         n = sum(len(layer) for layer in scores["layers"])
         print(f"scored {n} (layer, variant) entries on {scores['tokens']} held-out tokens: {run / 'score' / 'scores.json'}")
