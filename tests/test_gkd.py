@@ -260,8 +260,9 @@ def test_resume_continues_the_same_curve_and_gkd_lowers_kl(base_run, tmp_path):
 
 def test_tp2_matches_tp1_and_vocab_parallel_losses(base_run, tmp_path):
     # step 2 is an on-policy step: the child's continuations (logits gathered over TP) and their terms
+    # half its rows continue prompts the parent wrote (sampled; TP ranks must draw alike)
     cfg = GKDConfig(steps=3, save_interval=0, unlikelihood=1.0, on_policy_every=2, on_policy_prefix=8,
-                    **{**TINY, "loss": {"cosine": 1.0, "kl": 1.0, "lm": 0.5}})
+                    on_policy_parent_rows=0.5, **{**TINY, "loss": {"cosine": 1.0, "kl": 1.0, "lm": 0.5}})
     tp1 = _copy_run(base_run, tmp_path / "tp1")
     run_gkd(tp1, cfg)
     tp2 = _copy_run(base_run, tmp_path / "tp2")
@@ -420,9 +421,10 @@ def test_pipeline_and_data_parallel_follow_one_process_and_resume_across_layouts
 def test_tp2_pp2_on_four_processes_and_resume_at_another_tp_and_pp(base_run, tmp_path):
     """TP 2 x PP 2 (4 processes) follows one process; a run stopped at TP 1 x PP 1 resumes at TP 2 x PP 2
     from its distributed checkpoint (model and optimizer state) and continues the same curve."""
-    # steps 2 and 4 are on-policy: the stages generate in turn (KV cache per stage), before and after the resume
+    # steps 2 and 4 are on-policy: the stages generate in turn (KV cache per stage), before and after the resume;
+    # the parent writes one row's prompt (drawn on the last stage, seeded by the step: the resume draws alike)
     cfg = GKDConfig(steps=4, save_interval=2, unlikelihood=1.0, on_policy_every=2, on_policy_prefix=8,
-                    **{**TINY, "eval_tokens": 128, "micro_batch_size": 2, "shard_optimizer": False,
+                    on_policy_parent_rows=0.25, **{**TINY, "eval_tokens": 128, "micro_batch_size": 2, "shard_optimizer": False,
                        "loss": {"lm": 0.5}})
     one = _copy_run(base_run, tmp_path / "one")
 
@@ -706,3 +708,52 @@ def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_pat
         GKDConfig(unlikelihood=1.0, on_policy_prefix=8, tp=2, sequence_parallel=True, **TINY)
     with pytest.raises(ValueError, match="on_policy_prefix"):
         GKDConfig(unlikelihood=1.0, on_policy_prefix=32, **TINY)
+
+
+def test_nucleus_draws_only_from_the_top_p_set():
+    """`next_tokens` with a generator: draws at `PROMPT_SAMPLING` only among the likeliest tokens whose
+    probabilities reach its top-p, in proportion to them; without one, the greedy pick."""
+    from megatron_puzzle.distill.gkd import PROMPT_SAMPLING, next_tokens
+
+    assert PROMPT_SAMPLING == (1.0, 0.95)
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # nucleus at 0.95: tokens 1, 3, 2 (0.95 reached with 2)
+    logits = probs.log().expand(20000, -1)
+    draws = next_tokens(logits, torch.Generator().manual_seed(0)).squeeze(1)
+    share = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert share[0] == 0
+    assert torch.allclose(share[1:], torch.tensor([0.5, 0.15, 0.3], dtype=torch.float64) / 0.95, atol=0.015)
+    assert torch.equal(next_tokens(logits[:3]), torch.ones(3, 1, dtype=torch.long))
+
+
+def test_on_policy_step_with_prompts_the_parent_writes(base_run, monkeypatch):
+    """With `on_policy_parent_rows`, the batch's last rows continue prompts the parent drew from the
+    document-start token: the same prompts from the DeciLM runtime (a CPU) and Megatron-Core's
+    inference path (GPUs, TP, PP) for the same step, other prompts at another step."""
+    from megatron_puzzle.distill import gkd
+    from megatron_puzzle.distill.gkd import own_continuations, parent_prompts, train_step
+
+    cfg = GKDConfig(unlikelihood=0.5, on_policy_every=1, on_policy_prefix=6, on_policy_parent_rows=0.5, **TINY)
+    engine, student, teacher = _engine(base_run, cfg)
+    engine.prompt_start = 3
+    first = parent_prompts(engine, 2, cfg, step=7)
+    assert first.shape == (2, 6) and (first[:, 0] == 3).all() and engine.prompter is not None
+    assert torch.equal(parent_prompts(engine, 2, cfg, step=7), first)
+    assert not torch.equal(parent_prompts(engine, 2, cfg, step=8), first)
+    start = torch.full((2, 1), 3, dtype=torch.long)
+    sampling = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 * 1009)
+    assert torch.equal(own_continuations(teacher, start, 6, cfg, sampling), first)
+    assert len({tuple(r) for r in parent_prompts(engine, 8, cfg, step=1).tolist()}) > 1, "rows draw apart"
+    batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(2))
+    seen, original = [], gkd.RuntimeGenerator.continuations
+
+    def spy(self, prefixes, length, sampling=None):  # the child's greedy continuations: which prompts
+        if sampling is None:
+            seen.append(prefixes.clone())
+        return original(self, prefixes, length, sampling)
+
+    monkeypatch.setattr(gkd.RuntimeGenerator, "continuations", spy)
+    record = train_step(engine, batch, cfg, lr=1e-3, on_policy=True, step=7)
+    assert len(seen) == 1 and torch.equal(seen[0][:2], batch[:2, :6]) and torch.equal(seen[0][2:], first)
+    assert record["grad_norm"] > 0 and "own_repeats" in record
+    with pytest.raises(ValueError, match="on_policy_parent_rows"):
+        GKDConfig(unlikelihood=1.0, on_policy_prefix=8, on_policy_parent_rows=1.5, **TINY)

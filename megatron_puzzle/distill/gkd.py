@@ -61,6 +61,8 @@ CKPT_DIR = "ckpt"
 FINAL_DIR = "final"
 TRAINER_STATE = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{7})$")
+# how the parent writes on-policy prompts (`GKDConfig.on_policy_parent_rows`): temperature and nucleus
+PROMPT_SAMPLING = (1.0, 0.95)
 # the optimizer state's layout in a checkpoint: model space (any TP x PP x DP); older checkpoints
 # (no such key) held the distributed optimizer's flat buffers (dp_reshardable: same TP x PP only)
 OPTIMIZER_FORMAT = "model_space"
@@ -109,6 +111,10 @@ class GKDConfig:
     unlikelihood: float = 0.0
     on_policy_every: int = 2
     on_policy_prefix: int = 32
+    # share of an on-policy batch's rows whose prompt the parent writes (sampled from the document-start
+    # token, `PROMPT_SAMPLING`) rather than the train text's first tokens: the child then also learns from
+    # the parent on its own continuations of the parent's kind of text, not only of the run's domain
+    on_policy_parent_rows: float = 0.0
     save_interval: int = 50  # steps between checkpoints; 0: only the final model
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     eval_tokens: int = 16384  # held-out tokens for the before/after evaluation; 0 skips it
@@ -166,6 +172,9 @@ class GKDConfig:
         if self.unlikelihood and not 0 < self.on_policy_prefix < self.seq_len:
             raise ValueError(f"gkd on_policy_prefix must be in [1, seq_len - 1] = [1, {self.seq_len - 1}], "
                              f"got {self.on_policy_prefix}")
+        if not 0.0 <= self.on_policy_parent_rows <= 1.0:
+            raise ValueError(f"gkd on_policy_parent_rows is a share of the batch's rows in [0, 1], "
+                             f"got {self.on_policy_parent_rows}")
         if self.unlikelihood and self.sequence_parallel:
             raise ValueError("gkd unlikelihood generates one token at a time, which sequence parallelism cannot "
                              "split: set sequence_parallel: false or unlikelihood: 0")
@@ -384,6 +393,8 @@ class Engine:
     stage: GKDStage
     scheduler: Any = None  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler (run_gkd sets it)
     generator: Any = None  # RuntimeGenerator of on-policy steps on a CPU (built at the first one)
+    prompter: Any = None  # RuntimeGenerator of the parent, writing on-policy prompts on a CPU (idem)
+    prompt_start: int = 0  # the token a parent-written prompt starts from (RUN/data's document separator)
 
 
 def build_engine(student, teacher, cfg: "GKDConfig") -> Engine:
@@ -532,8 +543,21 @@ def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dic
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
+def next_tokens(logits: torch.Tensor, sampling: torch.Generator | None = None) -> torch.Tensor:
+    """[batch, 1] next tokens from last-position logits [batch, vocab]: the greedy pick, or with
+    `sampling` a draw at `PROMPT_SAMPLING`'s temperature from the smallest set of tokens reaching its
+    top-p (nucleus sampling)."""
+    if sampling is None:
+        return logits.argmax(dim=-1, keepdim=True)
+    temperature, top_p = PROMPT_SAMPLING
+    probs, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
+    probs = probs * (probs.cumsum(dim=-1) - probs < top_p)
+    return order.gather(-1, torch.multinomial(probs, 1, generator=sampling))
+
+
 @torch.no_grad()
-def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConfig) -> torch.Tensor:
+def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConfig,
+                      sampling: torch.Generator | None = None) -> torch.Tensor:
     """Rows [batch, length]: `prefixes` [batch, prefix] continued greedily by the child, one token per
     forward with Megatron-Core's static KV cache (each pipeline stage keeps its own layers' cache).
     Under PP the stages run in turn, each handing its hidden states on (`model.pipe.PipeStage`, Megatron-Core's
@@ -542,7 +566,9 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
     hold the same rows. On a GPU under the training autocast, FP8 off (`config.fp8` is cleared while it
     runs: Megatron's blocks would open their FP8 context, and one token per row is below FP8's shape
     limits); on a CPU in fp32, since CPU autocast casts every weight again at every token (1.6x
-    slower per token there, docs/gkd.md)."""
+    slower per token there, docs/gkd.md). `sampling`: draw each token from `PROMPT_SAMPLING` with this
+    generator instead (the parent writing prompts); tensor-parallel ranks take their first rank's draw."""
+    from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from ..model.pipe import PipeStage
@@ -565,8 +591,11 @@ def own_continuations(student, prefixes: torch.Tensor, length: int, cfg: GKDConf
                               inference_context=context, runtime_gather_output=True)
                 stage.send(out)
                 context.sequence_len_offset += n
-                new = out[:, -1].argmax(dim=-1, keepdim=True) if stage.is_last else \
+                new = next_tokens(out[:, -1], sampling).to(rows.dtype) if stage.is_last else \
                     torch.empty((b, 1), dtype=rows.dtype, device=device)
+                if sampling is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
+                    dist.broadcast(new, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                                   group=parallel_state.get_tensor_model_parallel_group())
                 if stage.size > 1:  # the last stage's pick, to every stage
                     dist.broadcast(new, src=dist.get_process_group_ranks(stage.group())[-1], group=stage.group())
                 rows = torch.cat([rows, new], dim=1)
@@ -601,14 +630,16 @@ class RuntimeGenerator:
         load_canonical(self.model, self.cfg, CanonicalView(student))
 
     @torch.no_grad()
-    def continuations(self, prefixes: torch.Tensor, length: int) -> torch.Tensor:
-        """Rows [batch, length]: `prefixes` continued greedily, one token per forward on a KV cache."""
+    def continuations(self, prefixes: torch.Tensor, length: int,
+                      sampling: torch.Generator | None = None) -> torch.Tensor:
+        """Rows [batch, length]: `prefixes` continued greedily (or drawn, `next_tokens`), one token per
+        forward on a KV cache."""
         from transformers.cache_utils import DynamicCache
 
         cache, rows, new = DynamicCache(), prefixes, prefixes
         while rows.shape[1] < length:
             logits = self.model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1).logits
-            new = logits[:, -1].argmax(dim=-1, keepdim=True).to(rows.dtype)
+            new = next_tokens(logits[:, -1], sampling).to(rows.dtype)
             rows = torch.cat([rows, new], dim=1)
         return rows
 
@@ -619,13 +650,32 @@ def runtime_generation(cfg: GKDConfig) -> bool:
     return not torch.cuda.is_available() and cfg.tp == 1 and cfg.pp == 1
 
 
+def parent_prompts(engine: Engine, rows: int, cfg: GKDConfig, step: int) -> torch.Tensor:
+    """[rows, on_policy_prefix] prompts the parent writes from `engine.prompt_start`, drawn at
+    `PROMPT_SAMPLING` from a generator seeded by the run's seed, the step and the data-parallel rank (a
+    resumed run draws the same prompts; data-parallel ranks draw different ones)."""
+    from ..model.parallel import dp_rank
+
+    device = _device()
+    sampling = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dp_rank())
+    start = torch.full((rows, 1), engine.prompt_start, dtype=torch.long, device=device)
+    teacher = engine.stage.teacher
+    if runtime_generation(cfg):
+        if engine.prompter is None:  # the parent is frozen: one copy serves every step
+            engine.prompter = RuntimeGenerator(teacher, cfg.compute_dtype())
+            engine.prompter.refresh(teacher)
+        return engine.prompter.continuations(start, cfg.on_policy_prefix, sampling)
+    return own_continuations(teacher, start, cfg.on_policy_prefix, cfg, sampling)
+
+
 def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | None = None,
-               on_policy: bool = False) -> dict[str, float]:
+               on_policy: bool = False, step: int = 0) -> dict[str, float]:
     """One optimizer step on this rank's batch [batch, seq_len + 1]: Megatron-Core's schedule runs
     forward and backward of every micro-batch, `finalize_model_grads` reduces the gradients,
     its optimizer clips and steps. The LR is the one the scheduler set (or `lr` when given).
     `on_policy`: the rows are first replaced by the child's own continuations of their first
-    `cfg.on_policy_prefix` tokens (`GKDConfig.unlikelihood`).
+    `cfg.on_policy_prefix` tokens (`GKDConfig.unlikelihood`), the last `on_policy_parent_rows` of them
+    of prompts the parent writes (`parent_prompts`, seeded by `step`).
     Returns the loss terms averaged over data-parallel ranks."""
     from megatron.core import parallel_state
     from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
@@ -640,6 +690,10 @@ def train_step(engine: Engine, batch: torch.Tensor, cfg: GKDConfig, lr: float | 
     lr = get_canonical_lr_for_logging(engine.optimizer.param_groups)
     if on_policy:
         prefixes = batch[:, :cfg.on_policy_prefix].to(_device())
+        written = round(cfg.on_policy_parent_rows * prefixes.shape[0])
+        if written:
+            prefixes = torch.cat([prefixes[:prefixes.shape[0] - written],
+                                  parent_prompts(engine, written, cfg, step).to(prefixes.dtype)])
         if runtime_generation(cfg):
             if engine.generator is None:
                 engine.generator = RuntimeGenerator(engine.stage.student, cfg.compute_dtype())
@@ -836,6 +890,14 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
         raise ValueError(f"child has {student.puzzle_config.num_layers} layers, parent "
                          f"{teacher.puzzle_config.num_layers}: the cosine term needs equal counts; set loss.cosine: 0")
     engine = build_engine(student, teacher, cfg)
+    if cfg.unlikelihood and cfg.on_policy_parent_rows:  # parent-written prompts start as a document does
+        from ..data.shards import read_meta
+
+        eos = read_meta(run / "data").get("eos_id")
+        if eos is None:
+            raise InputError(f"{run / 'data'} records no document-start (eos_id) token for the parent's prompts; "
+                             f"rebuild it with `megatron-puzzle data`, or set gkd.on_policy_parent_rows: 0")
+        engine.prompt_start = int(eos)
     total = cfg.total_steps(dp_size())
     engine.scheduler = train_utils.lr_scheduler(engine.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup,
                                                 total=total, weight_decay=cfg.weight_decay)
@@ -884,7 +946,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
                     _write_log_csv(out / "log.csv", state["history"])
                 raise preempt.Preempted(f"gkd stopped at step {step} on request; the same command resumes it")
             engine.scheduler.step(1)  # the LR of step s + 1: warm-up starts above 0
-            record = train_step(engine, next(batches), cfg, on_policy=cfg.on_policy(step))
+            record = train_step(engine, next(batches), cfg, on_policy=cfg.on_policy(step), step=step)
             dt = time.perf_counter() - t0
             state["step"] = step + 1
             state["tokens"] += tokens_per_step

@@ -59,7 +59,7 @@ def make_run(run_dir, seed: int = 0, train_tokens: int = 8192, heldout_tokens: i
     for split, n in (("train", train_tokens), ("calib", 512), ("heldout", heldout_tokens)):
         np.save(data / f"{split}.npy", g.integers(0, VOCAB, n, dtype=np.uint32))
         splits[split] = {"file": f"{split}.npy", "tokens": n}
-    atomic_write_json(data / "meta.json", {"seed": seed, "vocab_size": VOCAB, "splits": splits})
+    atomic_write_json(data / "meta.json", {"seed": seed, "vocab_size": VOCAB, "eos_id": 0, "splits": splits})
     (data / "done").write_text("ok\n")
     return run
 
