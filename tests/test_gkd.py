@@ -710,6 +710,19 @@ def test_on_policy_step_trains_on_the_childs_own_continuations(base_run, tmp_pat
         GKDConfig(unlikelihood=1.0, on_policy_prefix=32, **TINY)
 
 
+def test_a_resume_tells_changed_settings_from_ones_the_checkpoint_predates():
+    """A setting missing from an older checkpoint trained as its default: resuming with the default is
+    no change, with another value it is; layout settings may always change."""
+    from megatron_puzzle.distill.gkd import changed_settings
+
+    now = GKDConfig(**TINY).to_dict()
+    older = {k: v for k, v in now.items() if k != "on_policy_parent_rows"}
+    assert changed_settings(older, now) == []
+    assert changed_settings(older, {**now, "on_policy_parent_rows": 0.5}) == ["on_policy_parent_rows"]
+    assert changed_settings({**now, "lr": 1.0, "tp": 4}, now) == ["lr"]
+    assert changed_settings(now, {**now, "loss": {"cosine": 1.0, "kl": 1.0, "lm": 1.0}}) == ["loss"]
+
+
 def test_nucleus_draws_only_from_the_top_p_set():
     """`next_tokens` with a generator: draws at `PROMPT_SAMPLING` only among the likeliest tokens whose
     probabilities reach its top-p, in proportion to them; without one, the greedy pick."""

@@ -38,7 +38,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -851,6 +851,13 @@ def _resume_optimizer_kind(latest: Path, cfg: GKDConfig) -> GKDConfig:
     return cfg
 
 
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """GKD settings a resume would change (`_RESUME_FREE` may change). A setting the checkpoint does not
+    record came after it was written, and it trained as that setting's default does."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(GKDConfig)}
+    return sorted(k for k in now if k not in _RESUME_FREE and saved.get(k, defaults.get(k)) != now[k])
+
+
 def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: bool = False,
             on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Uptrain RUN/child against RUN/parent; write RUN/gkd. Returns the eval.json content.
@@ -911,8 +918,7 @@ def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: 
                              "config": cfg_dict_global}
     if latest is not None:
         saved = read_json(latest / TRAINER_STATE)
-        changed = sorted(k for k in cfg_dict_global
-                         if k not in _RESUME_FREE and saved["config"].get(k) != cfg_dict_global[k])
+        changed = changed_settings(saved["config"], cfg_dict_global)
         if changed:
             raise InputError(f"{latest} was trained with other settings ({', '.join(changed)}); resume with the "
                              f"same config (any TP x PP x DP with the same global batch), or rerun with overwrite "
