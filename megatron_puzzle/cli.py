@@ -137,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _exit_now(1)
         where = f" (rank {os.environ.get('RANK')})" if launched else ""
-        print(f"megatron-puzzle {args.command}{where}: error: {e}", file=sys.stderr)
+        line = f"megatron-puzzle {args.command}{where}: error: {e}"
         if launched:
+            # ranks share one stderr pipe: one write of the whole line (atomic below PIPE_BUF) keeps
+            # another rank's line from landing inside it
+            sys.stderr.flush()
+            os.write(2, (line + "\n").encode())
             _exit_now(2)
+        print(line, file=sys.stderr)
         return 2
     finally:
         if not groups_before and _process_groups_up():
