@@ -71,8 +71,9 @@ def sample_rows(model, prefixes: np.ndarray, new_tokens: int, batch: int, temper
     import torch
     from transformers.cache_utils import DynamicCache
 
-    from megatron_puzzle.report.make import canonical_of
     from megatron_puzzle.cost.decilm_runtime import runtime_model
+    from megatron_puzzle.distill.gkd import next_tokens
+    from megatron_puzzle.report.make import canonical_of
 
     runtime = runtime_model(*canonical_of(model), dtype=dtype or torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
@@ -83,12 +84,7 @@ def sample_rows(model, prefixes: np.ndarray, new_tokens: int, batch: int, temper
             cache, out = DynamicCache(), [ids]
             for _ in range(new_tokens):
                 logits = runtime(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-                if temperature == 0:
-                    ids = logits.argmax(-1, keepdim=True)
-                else:
-                    probs, order = torch.softmax(logits / temperature, -1).sort(-1, descending=True)
-                    probs = probs * (probs.cumsum(-1) - probs < top_p)  # the nucleus: the smallest set reaching top_p
-                    ids = order.gather(-1, torch.multinomial(probs, 1, generator=gen))
+                ids = next_tokens(logits, None if temperature == 0 else gen, temperature, top_p)
                 out.append(ids)
             rows.append(torch.cat(out, 1).numpy())
             done = first + len(rows[-1])

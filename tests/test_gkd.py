@@ -736,6 +736,12 @@ def test_nucleus_draws_only_from_the_top_p_set():
     assert share[0] == 0
     assert torch.allclose(share[1:], torch.tensor([0.5, 0.15, 0.3], dtype=torch.float64) / 0.95, atol=0.015)
     assert torch.equal(next_tokens(logits[:3]), torch.ones(3, 1, dtype=torch.long))
+    # other settings (the benchmarks' samplers): at temperature 0.5 the probabilities square before the
+    # nucleus (0.25, 0.09, 0.0225, 0.0025 over 0.365), and top-p 0.9 keeps tokens 1 and 3 only
+    draws = next_tokens(logits, torch.Generator().manual_seed(1), temperature=0.5, top_p=0.9).squeeze(1)
+    share = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert share[0] == 0 and share[2] == 0
+    assert torch.allclose(share[[1, 3]], torch.tensor([0.25, 0.09], dtype=torch.float64) / 0.34, atol=0.015)
 
 
 def test_on_policy_step_with_prompts_the_parent_writes(base_run, monkeypatch):

@@ -543,13 +543,13 @@ def evaluate(engine: Engine, batches: list[torch.Tensor], cfg: GKDConfig) -> dic
             "parent_next_token_accuracy": float(sums[-1]) / n}
 
 
-def next_tokens(logits: torch.Tensor, sampling: torch.Generator | None = None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, sampling: torch.Generator | None = None,
+                temperature: float = PROMPT_SAMPLING[0], top_p: float = PROMPT_SAMPLING[1]) -> torch.Tensor:
     """[batch, 1] next tokens from last-position logits [batch, vocab]: the greedy pick, or with
-    `sampling` a draw at `PROMPT_SAMPLING`'s temperature from the smallest set of tokens reaching its
-    top-p (nucleus sampling)."""
+    `sampling` a draw at `temperature` from the smallest set of tokens reaching `top_p` (nucleus
+    sampling; by default `PROMPT_SAMPLING`)."""
     if sampling is None:
         return logits.argmax(dim=-1, keepdim=True)
-    temperature, top_p = PROMPT_SAMPLING
     probs, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
     probs = probs * (probs.cumsum(dim=-1) - probs < top_p)
     return order.gather(-1, torch.multinomial(probs, 1, generator=sampling))
