@@ -16,9 +16,15 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def setup_logging(level: int = logging.INFO) -> None:
+    """Logging as `megatron-puzzle` logs, and its host-memory setting for CPU runs: without it a
+    benchmark's GKD steps page-fault their large tensors in anew each step and run ~1.4x slower than
+    the pipeline's (utils/host_memory.py)."""
+    from megatron_puzzle.utils.host_memory import keep_freed_memory
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    keep_freed_memory()
 
 
 def run_gkd_settings(run: Path) -> dict:
