@@ -251,7 +251,7 @@ def run(args) -> dict:
     import yaml
 
     from megatron_puzzle.convert.megatron_io import load_checkpoint_tokenizer
-    from megatron_puzzle.distill.gkd import FINAL_DIR, STAGE_DIR, GKDConfig, run_gkd
+    from megatron_puzzle.distill.gkd import FINAL_DIR, RESUME_FREE, STAGE_DIR, GKDConfig, run_gkd
     from megatron_puzzle.model import checkpoint
     from megatron_puzzle.model.parallel import init_distributed
     from megatron_puzzle.score.stage import heldout_batches
@@ -325,23 +325,27 @@ def run(args) -> dict:
     gkd_cfg = run_gkd_settings(run_dir)
     if args.loss:
         gkd_cfg["loss"] = {**(gkd_cfg.get("loss") or {}), **loss_weights(args.loss)}
+    # the run's own checkpoint cadence is of no use here (none by default); a --gkd-set one is kept
+    gkd_cfg = {**gkd_cfg, "save_interval": 0}
     for item in args.gkd_set or []:
         key, _, value = item.partition("=")
         gkd_cfg[key] = yaml.safe_load(value)
+    # settings that leave the curve alone (checkpoint cadence, progress, ...) do not name the child
+    curve_set = [x for x in args.gkd_set or [] if x.partition("=")[0] not in RESUME_FREE]
     text = "parent text" if args.sampler == "parent" else "own samples"
     for share in args.parent_share:
         label = f"{args.steps} steps, {share:.0%} {text}" + (f", from {args.init_label}" if args.init else "") \
-            + (f", loss {args.loss}" if args.loss else "") + "".join(f", {x}" for x in args.gkd_set or [])
+            + (f", loss {args.loss}" if args.loss else "") + "".join(f", {x}" for x in curve_set)
         if label in data["models"]:
             continue
-        suffix = "".join(f"_{x}" for x in [args.loss] + (args.gkd_set or []) if x)
+        suffix = "".join(f"_{x}" for x in [args.loss] + curve_set if x)
         work = out / (f"share{share:g}" + suffix.replace(",", "_").replace("=", ""))
         work.mkdir(parents=True, exist_ok=True)
         for name, src in (("parent", run_dir / "parent"), ("child", init)):
             if not (work / name).exists():
                 (work / name).symlink_to(src.resolve(), target_is_directory=True)
         train_tokens = mixed_data(run_dir, work / "data", rows["train"], share)
-        gcfg = GKDConfig.from_dict({**gkd_cfg, "steps": args.steps, "eval_tokens": 0, "save_interval": 0,
+        gcfg = GKDConfig.from_dict({**gkd_cfg, "steps": args.steps, "eval_tokens": 0,
                                     "progress": not args.no_progress})
         t0 = time.perf_counter()
         run_gkd(work, gcfg)

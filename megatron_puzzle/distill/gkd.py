@@ -67,7 +67,7 @@ PROMPT_SAMPLING = (1.0, 0.95)
 # (no such key) held the distributed optimizer's flat buffers (dp_reshardable: same TP x PP only)
 OPTIMIZER_FORMAT = "model_space"
 # Fields that may change between a killed run and its resume without changing the curve.
-_RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute", "tp", "pp",
+RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute", "tp", "pp",
                 "pp_first_stage_layers", "pp_last_stage_layers", "micro_batch_size", "shard_optimizer",
                 "optimizer_cpu_offload"}
 
@@ -852,10 +852,10 @@ def _resume_optimizer_kind(latest: Path, cfg: GKDConfig) -> GKDConfig:
 
 
 def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """GKD settings a resume would change (`_RESUME_FREE` may change). A setting the checkpoint does not
+    """GKD settings a resume would change (`RESUME_FREE` may change). A setting the checkpoint does not
     record came after it was written, and it trained as that setting's default does."""
     defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(GKDConfig)}
-    return sorted(k for k in now if k not in _RESUME_FREE and saved.get(k, defaults.get(k)) != now[k])
+    return sorted(k for k in now if k not in RESUME_FREE and saved.get(k, defaults.get(k)) != now[k])
 
 
 def run_gkd(run_dir: str | Path, config: GKDConfig | None = None, *, overwrite: bool = False,
