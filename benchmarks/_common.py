@@ -16,7 +16,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_process(level: int = logging.INFO) -> None:
     """Logging as `megatron-puzzle` logs, and its host-memory setting for CPU runs: without it a
     benchmark's GKD steps page-fault their large tensors in anew each step and run ~1.4x slower than
     the pipeline's (utils/host_memory.py)."""

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup_logging  # a sibling of this script
+from _common import setup_process  # a sibling of this script
 
 
 def base_config(layers: int, quick: bool) -> dict:
@@ -89,7 +89,7 @@ def main() -> None:
                     "parent) instead of building a small one on a cut of the parent")
     ap.add_argument("--skip-gkd", action="store_true", help="leave out ablation 4 (GKD loss choices)")
     args = ap.parse_args()
-    setup_logging(logging.WARNING)
+    setup_process(logging.WARNING)
     import torch
 
     torch.set_num_threads(args.threads)

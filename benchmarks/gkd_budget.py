@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_eval_options, loss_weights, run_gkd_settings, setup_logging  # a sibling of this script
+from _common import add_eval_options, loss_weights, run_gkd_settings, setup_process  # a sibling of this script
 
 log = logging.getLogger("gkd_budget")
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="draw this gkd_budget.json instead of running")
     p.add_argument("--png", default="docs/gkd_budget.png")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_process()
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.png))
         return 0

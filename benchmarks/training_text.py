@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_eval_options, loss_weights, run_gkd_settings, setup_logging  # a sibling of this script
+from _common import add_eval_options, loss_weights, run_gkd_settings, setup_process  # a sibling of this script
 
 log = logging.getLogger("training_text")
 
@@ -433,7 +433,7 @@ def main(argv=None) -> int:
     p.add_argument("--png", help="draw the figures here")
     p.add_argument("--plot", help="print and draw this training_text.json instead of running")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_process()
     if args.plot:
         data = json.loads(Path(args.plot).read_text())
     else:

@@ -68,8 +68,8 @@ PROMPT_SAMPLING = (1.0, 0.95)
 OPTIMIZER_FORMAT = "model_space"
 # Fields that may change between a killed run and its resume without changing the curve.
 RESUME_FREE = {"save_interval", "progress", "log_every", "keep_checkpoints", "recompute", "tp", "pp",
-                "pp_first_stage_layers", "pp_last_stage_layers", "micro_batch_size", "shard_optimizer",
-                "optimizer_cpu_offload"}
+               "pp_first_stage_layers", "pp_last_stage_layers", "micro_batch_size", "shard_optimizer",
+               "optimizer_cpu_offload"}
 
 
 _DTYPES = ("auto", "fastest", "float32", "bfloat16")
